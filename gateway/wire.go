@@ -1,0 +1,121 @@
+// Package gateway speaks the sandbox gateway's HTTP API: create a sandbox,
+// start an exec in it, poll the exec, cancel it, terminate the sandbox.
+//
+// The wire types in this file are shared by the client (Client) and the
+// reference server (gateway/local), so both sides agree on every field name.
+package gateway
+
+// Exec statuses. Running means "keep polling"; the other four are terminal.
+const (
+	StatusRunning   = "running"
+	StatusCompleted = "completed" // exit 0
+	StatusFailed    = "failed"    // non-zero exit
+	StatusTimeout   = "timeout"   // rc 124
+	StatusCancelled = "cancelled" // rc 130
+)
+
+// Return codes the gateway and the client use for the non-exit outcomes.
+const (
+	ReturnCodeTimeout   = 124
+	ReturnCodeCancelled = 130
+)
+
+// Terminal reports whether status ends an exec.
+func Terminal(status string) bool {
+	switch status {
+	case StatusCompleted, StatusFailed, StatusTimeout, StatusCancelled:
+		return true
+	}
+	return false
+}
+
+// CreateRequest is the body of POST /v1/sandboxes.
+type CreateRequest struct {
+	Image                string  `json:"image"`
+	Cwd                  string  `json:"cwd"`
+	CPU                  float64 `json:"cpu"`
+	MemoryMiB            int     `json:"memoryMiB"`
+	TimeoutMs            int64   `json:"timeoutMs"`
+	IdleTimeoutMs        int64   `json:"idleTimeoutMs"`
+	PersistentFilesystem bool    `json:"persistentFilesystem"`
+	LogicalKey           string  `json:"logicalKey"`
+	DiskMiB              int     `json:"diskMiB,omitempty"`
+}
+
+// Defaults of a create, as the Python client sends them.
+const (
+	DefaultImage         = "python:3.11"
+	DefaultCwd           = "/root"
+	DefaultCPU           = 1
+	DefaultMemoryMiB     = 5120
+	DefaultTimeoutMs     = 3_600_000 // sandbox lifetime: 1 h
+	DefaultIdleTimeoutMs = 300_000   // 5 min
+)
+
+// CreateResponse is the answer to a create.
+type CreateResponse struct {
+	ID string `json:"id"`
+}
+
+// StartRequest is the body of POST /v1/sandboxes/{id}/execs.
+type StartRequest struct {
+	ExecID    string `json:"execId"`
+	Command   string `json:"command"`
+	Cwd       string `json:"cwd,omitempty"`
+	TimeoutMs int64  `json:"timeoutMs"`
+	StdinData string `json:"stdinData,omitempty"`
+}
+
+// ExecState is the answer to a start or a poll. ReturnCode is a pointer
+// because the API allows it to be missing or null, which means 1.
+type ExecState struct {
+	ExecID     string `json:"execId"`
+	Status     string `json:"status"`
+	Output     string `json:"output"`
+	ReturnCode *int   `json:"returncode"`
+}
+
+// RC returns the exec's return code, 1 when the gateway sent none.
+func (s ExecState) RC() int {
+	if s.ReturnCode == nil {
+		return 1
+	}
+	return *s.ReturnCode
+}
+
+// TerminateRequest is the body of POST /v1/sandboxes/{id}/terminate.
+type TerminateRequest struct {
+	SnapshotBeforeTerminate bool `json:"snapshotBeforeTerminate"`
+}
+
+// StatusResponse is the answer to cancel and terminate.
+type StatusResponse struct {
+	Status string `json:"status"`
+}
+
+// ErrorBody is the JSON body of every error answer.
+type ErrorBody struct {
+	Error string `json:"error"`
+}
+
+// SandboxInfo is one entry of GET /v1/sandboxes (an extension of the
+// reference gateway, not part of the hosted API).
+type SandboxInfo struct {
+	ID           string `json:"id"`
+	LogicalKey   string `json:"logicalKey"`
+	Status       string `json:"status"`
+	CreatedAt    string `json:"createdAt"`
+	LastActiveAt string `json:"lastActiveAt"`
+	RunningExecs int    `json:"runningExecs"`
+}
+
+// ListResponse is the answer to GET /v1/sandboxes.
+type ListResponse struct {
+	Sandboxes []SandboxInfo `json:"sandboxes"`
+}
+
+// WaitParam is the query parameter of a long poll: GET …/execs/{id}?waitMs=N.
+const WaitParam = "waitMs"
+
+// MaxWaitMs caps a long poll.
+const MaxWaitMs = 30_000
