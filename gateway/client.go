@@ -421,3 +421,20 @@ func redactURL(s string) string {
 	}
 	return u.Redacted()
 }
+
+// Ping checks that the gateway answers and accepts the token, without
+// side effects: it polls an exec that does not exist. A 404 (or any other
+// answer than 401/403) proves both; a transport error or a 401/403 is
+// returned.
+func (c *Client) Ping(ctx context.Context) error {
+	_, err := c.PollExec(ctx, "boxq-ping", "boxq-ping", 0)
+	switch {
+	case err == nil, errors.Is(err, ErrExecNotFound):
+		return nil
+	case errors.Is(err, ErrUnauthorized):
+		return err
+	case StatusCode(err) != 0 && StatusCode(err) < 500:
+		return nil
+	}
+	return err
+}
