@@ -1,0 +1,388 @@
+package sandboxpool
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"strconv"
+	"sync/atomic"
+	"time"
+)
+
+// Lease is the exclusive right to use a task's sandbox. Its holder renews
+// it in the background until Pool.Release (or the lease is found lost).
+//
+// The accessors are read-only views; Pool.Recreate changes what they
+// return. A Lease is used by one goroutine at a time, except Lost, which
+// may be watched from anywhere.
+type Lease struct {
+	pool      *Pool
+	taskID    string
+	token     int64
+	tokenArg  string
+	leaseKey  string
+	recordKey string
+
+	sandboxID string
+	cwd       string
+	gen       int64
+	spec      Spec
+	key       string // idempotency key of the current sandbox's create
+	created   bool
+	recreated bool
+	prevExec  string
+
+	released atomic.Bool
+	stop     func() // stops the renewal and waits for it; idempotent
+	lost     chan struct{}
+}
+
+// TaskID returns the task whose sandbox this is.
+func (l *Lease) TaskID() string { return l.taskID }
+
+// SandboxID returns the gateway's id of the sandbox.
+func (l *Lease) SandboxID() string { return l.sandboxID }
+
+// Cwd returns the tracked working directory, "" when none was stored yet
+// (the sandbox's default, Spec().Cwd, applies).
+func (l *Lease) Cwd() string { return l.cwd }
+
+// Generation returns 1 for the task's first sandbox, +1 per Recreate.
+func (l *Lease) Generation() int64 { return l.gen }
+
+// Token returns the lease's fencing token: tokens only grow, so a larger
+// token is a later lease.
+func (l *Lease) Token() int64 { return l.token }
+
+// Spec returns the spec the sandbox was created with.
+func (l *Lease) Spec() Spec { return l.spec }
+
+// Created reports whether the Acquire that returned l created the sandbox.
+func (l *Lease) Created() bool { return l.created }
+
+// PrevExecID returns the exec a previous holder of the task's sandbox left
+// running without releasing its lease (it crashed, or stopped waiting with
+// Abandon), "" when there is none. A holder must let that exec end before
+// it starts a command of its own, so that a task's commands never overlap;
+// when it is the holder's own exec id, it is a re-delivery that can simply
+// re-attach.
+func (l *Lease) PrevExecID() string { return l.prevExec }
+
+// Recreated reports whether Recreate replaced the sandbox under this lease.
+func (l *Lease) Recreated() bool { return l.recreated }
+
+// Lost is closed when a renewal finds that the lease expired (the holder
+// stalled longer than the TTL, or Redis lost it): the task may now be in
+// other hands, and writes through the lease will be refused.
+func (l *Lease) Lost() <-chan struct{} { return l.lost }
+
+// Waits for a busy lease or a free slot start at minPoll and double up to
+// maxPoll, with jitter so that waiters do not poll in step.
+const (
+	minPoll = time.Millisecond
+	maxPoll = 25 * time.Millisecond
+)
+
+// Acquire returns an exclusive lease on the sandbox of taskID, creating the
+// sandbox with spec (defaults applied) when the task has none, or finishing
+// a create that an earlier holder started (same idempotency key, so the same
+// sandbox). When the lease is held elsewhere, or a new sandbox would exceed
+// MaxSandboxes, it waits up to AcquireWait and then returns an error
+// wrapping ErrBusy.
+//
+// The common case, a task with a sandbox and a free lease, is one round
+// trip to Redis. The holder must call Release.
+//
+// execID names the exec the holder is about to run; it is recorded until
+// Release, so that if the holder vanishes, the next holder knows which exec
+// may still be running (Lease.PrevExecID). "" records none.
+func (p *Pool) Acquire(ctx context.Context, taskID string, spec Spec, execID string) (*Lease, error) {
+	if taskID == "" {
+		return nil, errors.New("sandboxpool: acquire: empty task id")
+	}
+	spec = spec.WithDefaults()
+	if err := spec.validate(); err != nil {
+		return nil, err
+	}
+	l, err := p.take(ctx, taskID, &spec, execID)
+	if err != nil {
+		return nil, err
+	}
+	if l.sandboxID != "" {
+		return l, nil
+	}
+	if err := p.create(ctx, l); err != nil {
+		// The pending record keeps its idempotency key: whoever retries
+		// gets the sandbox this create may have made.
+		p.Release(ctx, l, "")
+		return nil, err
+	}
+	l.created = true
+	return l, nil
+}
+
+// take takes the lease of taskID, waiting while it is busy. With a spec it
+// reserves a record (and a slot under the cap) for a task that has none;
+// without one it returns nil, nil for such a task.
+func (p *Pool) take(ctx context.Context, taskID string, spec *Spec, execID string) (*Lease, error) {
+	keys := []string{p.leaseKey(taskID), p.recordKey(taskID), p.indexKey, p.fenceKey}
+	var (
+		start time.Time
+		timer *time.Timer
+		poll  = minPoll
+	)
+	for {
+		now := p.nowArg()
+		reply, err := acquireScript.Run(ctx, p.rdb, keys, p.ttlArg, now, taskID, execID).Slice()
+		if err != nil {
+			return nil, fmt.Errorf("sandboxpool: acquire task %q: %w", taskID, err)
+		}
+		code, n, fields, prev, err := parseTake(reply)
+		if err == nil && code == codeMissing {
+			if spec == nil {
+				return nil, nil
+			}
+			args := make([]any, 0, 14)
+			args = spec.args(append(args, p.ttlArg, now, taskID, p.capArg, p.cfg.NewKey()))
+			args = append(args, execID)
+			reply, err = reserveScript.Run(ctx, p.rdb, keys, args...).Slice()
+			if err != nil {
+				return nil, fmt.Errorf("sandboxpool: reserve task %q: %w", taskID, err)
+			}
+			code, n, fields, prev, err = parseTake(reply)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("sandboxpool: acquire task %q: %w", taskID, err)
+		}
+		if code == codeTaken {
+			return p.newLease(ctx, taskID, keys, n, fields, prev)
+		}
+
+		if start.IsZero() {
+			start = time.Now()
+		}
+		left := p.cfg.AcquireWait - time.Since(start)
+		if left <= 0 {
+			if code == codeFull {
+				return nil, fmt.Errorf("sandboxpool: task %q: pool at capacity (%d sandboxes): %w", taskID, p.cfg.MaxSandboxes, ErrBusy)
+			}
+			return nil, fmt.Errorf("sandboxpool: task %q: lease held elsewhere: %w", taskID, ErrBusy)
+		}
+		d := poll/2 + rand.N(poll/2+1)
+		if code == codeBusy && n > 0 {
+			// A crashed holder's lease expires in n ms: be there then.
+			d = min(d, time.Duration(n)*time.Millisecond+time.Millisecond)
+		}
+		d = min(d, left)
+		if timer == nil {
+			timer = time.NewTimer(d)
+			defer timer.Stop()
+		} else {
+			timer.Reset(d)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("sandboxpool: task %q: waiting for the lease: %w", taskID, ctx.Err())
+		case <-timer.C:
+		}
+		poll = min(2*poll, maxPoll)
+	}
+}
+
+// parseTake reads a reply of acquireScript or reserveScript: the code, then
+// the lease's PTTL (busy) or token (taken), the record's fields and the
+// previous holder's in-flight exec id.
+func parseTake(reply []any) (code, n int64, fields []any, prev string, err error) {
+	if len(reply) == 0 {
+		return 0, 0, nil, "", errors.New("empty script reply")
+	}
+	code, ok := reply[0].(int64)
+	if !ok {
+		return 0, 0, nil, "", fmt.Errorf("script reply code is %T", reply[0])
+	}
+	if len(reply) > 1 {
+		if n, ok = reply[1].(int64); !ok {
+			return 0, 0, nil, "", fmt.Errorf("script reply value is %T", reply[1])
+		}
+	}
+	if code == codeTaken {
+		if len(reply) != 4 {
+			return 0, 0, nil, "", fmt.Errorf("script reply has %d elements, want 4", len(reply))
+		}
+		if fields, ok = reply[2].([]any); !ok {
+			return 0, 0, nil, "", fmt.Errorf("script reply record is %T", reply[2])
+		}
+		prev, _ = reply[3].(string)
+	}
+	return code, n, fields, prev, nil
+}
+
+// newLease makes the Lease for a taken lease and starts renewing it.
+func (p *Pool) newLease(ctx context.Context, taskID string, keys []string, token int64, fields []any, prevExec string) (*Lease, error) {
+	l := &Lease{
+		prevExec:  prevExec,
+		pool:      p,
+		taskID:    taskID,
+		token:     token,
+		tokenArg:  strconv.FormatInt(token, 10),
+		leaseKey:  keys[0],
+		recordKey: keys[1],
+		lost:      make(chan struct{}),
+	}
+	rec, err := parseRecord(taskID, fields)
+	if err != nil {
+		p.unlock(ctx, []string{l.leaseKey}, []any{l.tokenArg})
+		return nil, err
+	}
+	l.sandboxID, l.cwd, l.gen, l.key = rec.SandboxID, rec.Cwd, rec.Generation, rec.IdempotencyKey
+	l.spec = rec.Spec.WithDefaults()
+	l.stop = p.keepAlive(ctx, []string{l.leaseKey}, []any{p.ttlArg, l.tokenArg}, func() {
+		p.log.Warn("sandboxpool: lease lost", "task_id", taskID, "token", token)
+		close(l.lost)
+	})
+	return l, nil
+}
+
+// create creates the lease's sandbox under its idempotency key and records
+// the id.
+func (p *Pool) create(ctx context.Context, l *Lease) error {
+	id, err := p.gw.Create(ctx, l.key, l.spec.request(l.taskID))
+	if err != nil {
+		return fmt.Errorf("sandboxpool: create sandbox of task %q: %w", l.taskID, err)
+	}
+	if id == "" {
+		return fmt.Errorf("sandboxpool: create sandbox of task %q: the gateway returned no id", l.taskID)
+	}
+	// The sandbox exists now: record it even if ctx ends, or the next
+	// holder pays for another create call (which returns the same id).
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+	defer cancel()
+	ok, err := commitScript.Run(ctx, p.rdb, []string{l.leaseKey, l.recordKey, p.indexKey},
+		l.tokenArg, id, p.nowArg(), l.taskID).Int64()
+	if err != nil {
+		return fmt.Errorf("sandboxpool: record sandbox %s of task %q: %w", id, l.taskID, err)
+	}
+	if ok == 0 {
+		return fmt.Errorf("sandboxpool: record sandbox %s of task %q: %w", id, l.taskID, ErrStaleLease)
+	}
+	l.sandboxID = id
+	return nil
+}
+
+// keepAlive renews the leases keys (args: the TTL, then their tokens) every
+// LeaseTTL/3 until the returned stop is called. For a single lease, lost
+// is called, and renewal ends, when the lease turns out to be gone. The
+// renewal outlives ctx's cancellation on purpose: only stop ends it.
+func (p *Pool) keepAlive(ctx context.Context, keys []string, args []any, lost func()) (stop func()) {
+	ctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	done := make(chan struct{})
+	every := p.cfg.LeaseTTL / 3
+	go func() {
+		defer close(done)
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			rctx, rcancel := context.WithTimeout(ctx, every)
+			res, err := renewScript.Run(rctx, p.rdb, keys, args...).Slice()
+			rcancel()
+			if err != nil {
+				if ctx.Err() != nil {
+					return
+				}
+				// Keep trying: the lease holds for a full TTL, and a
+				// renewal after it expired reports the loss.
+				p.log.Warn("sandboxpool: renew leases", "leases", len(keys), "err", err)
+				continue
+			}
+			if lost != nil && len(res) == 1 && res[0] == int64(0) {
+				lost()
+				return
+			}
+		}
+	}()
+	return func() {
+		cancel()
+		<-done
+	}
+}
+
+// unlock frees leases without recording a use.
+func (p *Pool) unlock(ctx context.Context, keys []string, tokens []any) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+	defer cancel()
+	if err := unlockScript.Run(ctx, p.rdb, keys, tokens...).Err(); err != nil {
+		return fmt.Errorf("sandboxpool: unlock: %w", err)
+	}
+	return nil
+}
+
+// Release stores cwd as the task's tracked working directory (unless it is
+// "") and now as its last use, and frees the lease. It refuses, with an
+// error wrapping ErrStaleLease, when the lease expired meanwhile. It runs
+// even when ctx is cancelled, and a second call does nothing.
+//
+// One round trip to Redis.
+func (p *Pool) Release(ctx context.Context, l *Lease, cwd string) error {
+	if l == nil || !l.released.CompareAndSwap(false, true) {
+		return nil
+	}
+	l.stop()
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+	defer cancel()
+	setCwd := "0"
+	if cwd != "" {
+		setCwd = "1"
+	}
+	ok, err := releaseScript.Run(ctx, p.rdb, []string{l.leaseKey, l.recordKey, p.indexKey},
+		l.tokenArg, p.nowArg(), l.taskID, setCwd, cwd).Int64()
+	if err != nil {
+		return fmt.Errorf("sandboxpool: release task %q: %w", l.taskID, err)
+	}
+	if ok == 0 {
+		return fmt.Errorf("sandboxpool: release task %q: %w", l.taskID, ErrStaleLease)
+	}
+	if cwd != "" {
+		l.cwd = cwd
+	}
+	return nil
+}
+
+// Abandon frees the lease without recording a use and leaves the exec named
+// at Acquire marked as in flight: for a holder that stops waiting for an
+// exec that goes on running (a worker shutting down). The next holder sees
+// it in Lease.PrevExecID. It runs even when ctx is cancelled, and does
+// nothing after Release or a first Abandon.
+func (p *Pool) Abandon(ctx context.Context, l *Lease) error {
+	if l == nil || !l.released.CompareAndSwap(false, true) {
+		return nil
+	}
+	l.stop()
+	return p.unlock(ctx, []string{l.leaseKey}, []any{l.tokenArg})
+}
+
+// Recreate replaces the lease's sandbox, which the gateway says is gone: a
+// new generation under a new idempotency key, with the cwd back to the
+// spec's default. The new generation is recorded before the create, so a
+// crash during it leaves a create that the next holder finishes. It fails
+// with ErrStaleLease when the lease expired.
+func (p *Pool) Recreate(ctx context.Context, l *Lease) error {
+	if l.released.Load() {
+		return fmt.Errorf("sandboxpool: recreate sandbox of task %q: lease released: %w", l.taskID, ErrStaleLease)
+	}
+	key := p.cfg.NewKey()
+	gen, err := recreateScript.Run(ctx, p.rdb, []string{l.leaseKey, l.recordKey}, l.tokenArg, key, l.spec.Cwd).Int64()
+	if err != nil {
+		return fmt.Errorf("sandboxpool: recreate sandbox of task %q: %w", l.taskID, err)
+	}
+	if gen == 0 {
+		return fmt.Errorf("sandboxpool: recreate sandbox of task %q: %w", l.taskID, ErrStaleLease)
+	}
+	l.gen, l.key, l.sandboxID, l.cwd, l.recreated = gen, key, "", l.spec.Cwd, true
+	return p.create(ctx, l)
+}

@@ -1,0 +1,897 @@
+package sandboxpool
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/boxq/boxq/gateway"
+	"github.com/boxq/boxq/internal/redistest"
+	"github.com/google/go-cmp/cmp"
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/goleak"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(redistest.Wrap(m))
+}
+
+// fakeGateway is a gateway that keeps sandboxes in a map. Like the real
+// one, a create with a known idempotency key returns the same sandbox.
+type fakeGateway struct {
+	// afterCreate, when set, runs after the sandbox exists; an error it
+	// returns is the create's answer (the reply was lost).
+	afterCreate func(key string) error
+	// beforeTerminate, when set, answers a terminate before it happens.
+	beforeTerminate func(id string) error
+
+	mu         sync.Mutex
+	next       int
+	byKey      map[string]string // idempotency key → sandbox id
+	creates    map[string]int    // create calls per idempotency key
+	requests   []gateway.CreateRequest
+	live       map[string]bool
+	maxLive    int
+	terminates map[string]int  // terminate calls per sandbox id
+	snapshots  map[string]bool // snapshot flag of the last terminate
+}
+
+func newFakeGateway() *fakeGateway {
+	return &fakeGateway{
+		byKey:      map[string]string{},
+		creates:    map[string]int{},
+		live:       map[string]bool{},
+		terminates: map[string]int{},
+		snapshots:  map[string]bool{},
+	}
+}
+
+func (g *fakeGateway) Create(_ context.Context, key string, req gateway.CreateRequest) (string, error) {
+	g.mu.Lock()
+	g.creates[key]++
+	g.requests = append(g.requests, req)
+	id, ok := g.byKey[key]
+	if !ok {
+		g.next++
+		id = "sb-" + strconv.Itoa(g.next)
+		g.byKey[key] = id
+		g.live[id] = true
+		g.maxLive = max(g.maxLive, len(g.live))
+	}
+	hook := g.afterCreate
+	g.mu.Unlock()
+	if hook != nil {
+		if err := hook(key); err != nil {
+			return "", err
+		}
+	}
+	return id, nil
+}
+
+func (g *fakeGateway) Terminate(_ context.Context, id string, snapshot bool) error {
+	if g.beforeTerminate != nil {
+		if err := g.beforeTerminate(id); err != nil {
+			return err
+		}
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.terminates[id]++
+	g.snapshots[id] = snapshot
+	if !g.live[id] {
+		return fmt.Errorf("fake: %w", &gateway.APIError{StatusCode: 404, Method: "POST", Path: "/v1/sandboxes/" + id + "/terminate", Message: "no such sandbox"})
+	}
+	delete(g.live, id)
+	return nil
+}
+
+func (g *fakeGateway) sandboxes() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return len(g.byKey)
+}
+
+func (g *fakeGateway) liveCount() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return len(g.live)
+}
+
+// newPool returns a pool on a fresh database and its client.
+func newPool(t testing.TB, gw Gateway, cfg Config) (*Pool, *redis.Client) {
+	t.Helper()
+	rdb, _ := redistest.New(t)
+	p, err := New(rdb, gw, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p, rdb
+}
+
+// secondPool returns another Pool, over its own client, sharing p's
+// database: another worker process.
+func secondPool(t testing.TB, p *Pool, gw Gateway, cfg Config) *Pool {
+	t.Helper()
+	opt := p.rdb.(*redis.Client).Options()
+	rdb := redis.NewClient(opt)
+	t.Cleanup(func() { rdb.Close() })
+	q, err := New(rdb, gw, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return q
+}
+
+func mustAcquire(t testing.TB, p *Pool, task string, spec Spec) *Lease {
+	t.Helper()
+	l, err := p.Acquire(context.Background(), task, spec, "")
+	if err != nil {
+		t.Fatalf("Acquire(%q): %v", task, err)
+	}
+	return l
+}
+
+func mustRelease(t testing.TB, p *Pool, l *Lease, cwd string) {
+	t.Helper()
+	if err := p.Release(context.Background(), l, cwd); err != nil {
+		t.Fatalf("Release(%q): %v", l.TaskID(), err)
+	}
+}
+
+func mustGet(t testing.TB, p *Pool, task string) Record {
+	t.Helper()
+	rec, ok, err := p.Get(context.Background(), task)
+	if err != nil || !ok {
+		t.Fatalf("Get(%q) = _, %v, %v; want a record", task, ok, err)
+	}
+	return rec
+}
+
+func TestNewValidates(t *testing.T) {
+	rdb, _ := redistest.New(t)
+	gw := newFakeGateway()
+	for _, tc := range []struct {
+		name string
+		rdb  redis.UniversalClient
+		gw   Gateway
+		cfg  Config
+		want string
+	}{
+		{"nil redis", nil, gw, Config{}, "nil redis client"},
+		{"nil gateway", rdb, nil, Config{}, "nil gateway"},
+		{"short lease", rdb, gw, Config{LeaseTTL: time.Millisecond}, "lease TTL"},
+		{"negative cap", rdb, gw, Config{MaxSandboxes: -1}, "max sandboxes"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := New(tc.rdb, tc.gw, tc.cfg)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("New: %v; want an error containing %q", err, tc.want)
+			}
+		})
+	}
+	p, err := New(rdb, gw, Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.cfg.Prefix != "boxq:" || p.cfg.LeaseTTL != 30*time.Second || p.cfg.AcquireWait != 2*time.Second {
+		t.Fatalf("defaults: prefix %q, lease TTL %v, acquire wait %v", p.cfg.Prefix, p.cfg.LeaseTTL, p.cfg.AcquireWait)
+	}
+}
+
+func TestAcquireCreatesOnceThenReuses(t *testing.T) {
+	ctx := context.Background()
+	gw := newFakeGateway()
+	now := time.UnixMilli(1_700_000_000_000)
+	p, rdb := newPool(t, gw, Config{Prefix: "t:", Now: func() time.Time { return now }, NewKey: func() string { return "key-1" }})
+
+	l := mustAcquire(t, p, "task-a", Spec{Image: "alpine", Persistent: true})
+	wantSpec := Spec{
+		Image: "alpine", CPU: gateway.DefaultCPU, MemoryMiB: gateway.DefaultMemoryMiB, Persistent: true,
+		Cwd: gateway.DefaultCwd, TimeoutMs: gateway.DefaultTimeoutMs, IdleTimeoutMs: gateway.DefaultIdleTimeoutMs,
+	}
+	if diff := cmp.Diff(wantSpec, l.Spec()); diff != "" {
+		t.Errorf("Lease.Spec() (-want +got):\n%s", diff)
+	}
+	if !l.Created() || l.Recreated() || l.SandboxID() != "sb-1" || l.Generation() != 1 || l.Cwd() != "" || l.TaskID() != "task-a" {
+		t.Errorf("first lease: created %v, recreated %v, sandbox %q, gen %d, cwd %q, task %q; want true, false, sb-1, 1, \"\", task-a",
+			l.Created(), l.Recreated(), l.SandboxID(), l.Generation(), l.Cwd(), l.TaskID())
+	}
+	wantReq := []gateway.CreateRequest{{
+		Image: "alpine", Cwd: "/root", CPU: 1, MemoryMiB: 5120, TimeoutMs: 3_600_000, IdleTimeoutMs: 300_000,
+		PersistentFilesystem: true, LogicalKey: "task-a",
+	}}
+	if diff := cmp.Diff(wantReq, gw.requests); diff != "" {
+		t.Errorf("create requests (-want +got):\n%s", diff)
+	}
+	now = now.Add(time.Second)
+	mustRelease(t, p, l, "/root/src")
+
+	want := Record{
+		TaskID: "task-a", SandboxID: "sb-1", Generation: 1, Cwd: "/root/src", Spec: wantSpec,
+		IdempotencyKey: "key-1", CreatedAt: time.UnixMilli(1_700_000_000_000), LastUsed: now,
+	}
+	if diff := cmp.Diff(want, mustGet(t, p, "task-a")); diff != "" {
+		t.Errorf("record after release (-want +got):\n%s", diff)
+	}
+	if score, err := rdb.ZScore(ctx, "t:sandboxes", "task-a").Result(); err != nil || int64(score) != now.UnixMilli() {
+		t.Errorf("index score = %v, %v; want %d", score, err, now.UnixMilli())
+	}
+
+	// The second acquire reuses the sandbox and sees the cwd, whatever spec
+	// it asks for; a release with "" keeps the cwd.
+	l2 := mustAcquire(t, p, "task-a", Spec{Image: "other"})
+	if l2.Created() || l2.SandboxID() != "sb-1" || l2.Cwd() != "/root/src" || l2.Spec().Image != "alpine" || l2.Token() <= l.Token() {
+		t.Errorf("second lease: created %v, sandbox %q, cwd %q, image %q, token %d after %d",
+			l2.Created(), l2.SandboxID(), l2.Cwd(), l2.Spec().Image, l2.Token(), l.Token())
+	}
+	mustRelease(t, p, l2, "")
+	if got := mustGet(t, p, "task-a").Cwd; got != "/root/src" {
+		t.Errorf("cwd after release with \"\" = %q; want /root/src", got)
+	}
+	if n, err := p.Live(ctx); err != nil || n != 1 {
+		t.Errorf("Live = %d, %v; want 1", n, err)
+	}
+	if len(gw.requests) != 1 {
+		t.Errorf("%d creates; want 1", len(gw.requests))
+	}
+	if _, ok, err := p.Get(ctx, "task-b"); ok || err != nil {
+		t.Errorf("Get of an unknown task = _, %v, %v; want false, nil", ok, err)
+	}
+}
+
+func TestAcquireRejectsBadInput(t *testing.T) {
+	p, _ := newPool(t, newFakeGateway(), Config{})
+	if _, err := p.Acquire(context.Background(), "", Spec{}, ""); err == nil {
+		t.Error("Acquire with an empty task id succeeded")
+	}
+	if _, err := p.Acquire(context.Background(), "t", Spec{MemoryMiB: -1}, ""); err == nil {
+		t.Error("Acquire with a negative memory size succeeded")
+	}
+}
+
+// TestAcquireExclusive races many holders of one task, in one Pool and in
+// two (two workers), and checks that they are never inside together.
+func TestAcquireExclusive(t *testing.T) {
+	for _, pools := range []int{1, 2} {
+		t.Run(fmt.Sprintf("pools=%d", pools), func(t *testing.T) {
+			gw := newFakeGateway()
+			cfg := Config{AcquireWait: 20 * time.Second}
+			p, _ := newPool(t, gw, cfg)
+			ps := []*Pool{p}
+			if pools == 2 {
+				ps = append(ps, secondPool(t, p, gw, cfg))
+			}
+			const workers, iterations = 8, 40
+			var inside, entered atomic.Int64
+			var wg sync.WaitGroup
+			errs := make(chan error, workers)
+			for w := range workers {
+				pool := ps[w%len(ps)]
+				wg.Go(func() {
+					ctx := context.Background()
+					for range iterations {
+						l, err := pool.Acquire(ctx, "task", Spec{}, "")
+						if err != nil {
+							errs <- err
+							return
+						}
+						if n := inside.Add(1); n != 1 {
+							errs <- fmt.Errorf("%d holders inside at once", n)
+						}
+						entered.Add(1)
+						inside.Add(-1)
+						if err := pool.Release(ctx, l, "/w"+strconv.Itoa(w)); err != nil {
+							errs <- err
+							return
+						}
+					}
+				})
+			}
+			wg.Wait()
+			close(errs)
+			for err := range errs {
+				t.Error(err)
+			}
+			if got := entered.Load(); got != workers*iterations {
+				t.Errorf("%d entries; want %d", got, workers*iterations)
+			}
+			if n := gw.sandboxes(); n != 1 {
+				t.Errorf("%d sandboxes created; want 1", n)
+			}
+		})
+	}
+}
+
+func TestLeaseExpiresAfterCrash(t *testing.T) {
+	gw := newFakeGateway()
+	cfg := Config{LeaseTTL: 200 * time.Millisecond, AcquireWait: 5 * time.Second}
+	a, _ := newPool(t, gw, cfg)
+	b := secondPool(t, a, gw, cfg)
+
+	crashed := mustAcquire(t, a, "task", Spec{})
+	crashed.stop() // the holder dies: no more renewals, no release
+
+	start := time.Now()
+	l := mustAcquire(t, b, "task", Spec{})
+	if waited := time.Since(start); waited > 2*time.Second {
+		t.Errorf("took %v to get a crashed holder's lease with a TTL of %v", waited, cfg.LeaseTTL)
+	}
+	if l.Token() <= crashed.Token() || l.SandboxID() != crashed.SandboxID() {
+		t.Errorf("new lease: token %d, sandbox %q; want a token above %d, sandbox %q", l.Token(), l.SandboxID(), crashed.Token(), crashed.SandboxID())
+	}
+	if err := a.Release(context.Background(), crashed, "/stale"); !errors.Is(err, ErrStaleLease) {
+		t.Errorf("stale holder's Release: %v; want ErrStaleLease", err)
+	}
+	if err := a.Recreate(context.Background(), crashed); !errors.Is(err, ErrStaleLease) {
+		t.Errorf("stale holder's Recreate: %v; want ErrStaleLease", err)
+	}
+	mustRelease(t, b, l, "/fresh")
+	if got := mustGet(t, a, "task").Cwd; got != "/fresh" {
+		t.Errorf("cwd = %q; want /fresh (the stale write refused)", got)
+	}
+}
+
+func TestLeaseRenewedWhileHeld(t *testing.T) {
+	gw := newFakeGateway()
+	p, _ := newPool(t, gw, Config{LeaseTTL: 150 * time.Millisecond, AcquireWait: 600 * time.Millisecond})
+	l := mustAcquire(t, p, "task", Spec{})
+	// Four TTLs of trying: only renewals keep the lease this long.
+	if _, err := p.Acquire(context.Background(), "task", Spec{}, ""); !errors.Is(err, ErrBusy) {
+		t.Fatalf("Acquire of a held task: %v; want ErrBusy", err)
+	}
+	select {
+	case <-l.Lost():
+		t.Fatal("lease reported lost while renewed")
+	default:
+	}
+	mustRelease(t, p, l, "")
+}
+
+func TestLeaseLost(t *testing.T) {
+	gw := newFakeGateway()
+	p, rdb := newPool(t, gw, Config{LeaseTTL: 150 * time.Millisecond})
+	l := mustAcquire(t, p, "task", Spec{})
+	// Redis forgets the lease (a failover, an eviction, a long stall).
+	if err := rdb.Del(context.Background(), p.leaseKey("task")).Err(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-l.Lost():
+	case <-time.After(5 * time.Second):
+		t.Fatal("lease loss not reported")
+	}
+	if err := p.Release(context.Background(), l, "/x"); !errors.Is(err, ErrStaleLease) {
+		t.Fatalf("Release of a lost lease: %v; want ErrStaleLease", err)
+	}
+}
+
+func TestReleaseTwiceAndCancelled(t *testing.T) {
+	p, _ := newPool(t, newFakeGateway(), Config{})
+	l := mustAcquire(t, p, "task", Spec{})
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := p.Release(ctx, l, "/done"); err != nil {
+		t.Fatalf("Release with a cancelled context: %v", err)
+	}
+	if err := p.Release(ctx, l, "/again"); err != nil {
+		t.Fatalf("second Release: %v", err)
+	}
+	if got := mustGet(t, p, "task").Cwd; got != "/done" {
+		t.Fatalf("cwd = %q; want /done", got)
+	}
+	if err := p.Release(ctx, nil, ""); err != nil {
+		t.Fatalf("Release(nil): %v", err)
+	}
+	// The lease is free: an attempt that does not wait gets it.
+	q := secondPool(t, p, newFakeGateway(), Config{AcquireWait: -1})
+	mustRelease(t, q, mustAcquire(t, q, "task", Spec{}), "")
+}
+
+// TestCreateCrashKeepsOneSandbox: the create reached the gateway, but its
+// answer never made it into the record (here: the reply was lost; a crash
+// leaves the same state). The retry uses the same idempotency key and gets
+// the same sandbox.
+func TestCreateCrashKeepsOneSandbox(t *testing.T) {
+	gw := newFakeGateway()
+	var calls atomic.Int64
+	gw.afterCreate = func(string) error {
+		if calls.Add(1) == 1 {
+			return errors.New("connection reset")
+		}
+		return nil
+	}
+	keys := 0
+	p, _ := newPool(t, gw, Config{NewKey: func() string { keys++; return "key-" + strconv.Itoa(keys) }})
+
+	if _, err := p.Acquire(context.Background(), "task", Spec{}, ""); err == nil || !strings.Contains(err.Error(), "connection reset") {
+		t.Fatalf("Acquire with a failing create: %v; want the create's error", err)
+	}
+	rec := mustGet(t, p, "task")
+	if rec.SandboxID != "" || rec.IdempotencyKey != "key-1" {
+		t.Fatalf("record after the failed create: sandbox %q, key %q; want \"\", key-1", rec.SandboxID, rec.IdempotencyKey)
+	}
+
+	// Another worker retries; no wait: the failed attempt freed the lease.
+	q := secondPool(t, p, gw, Config{AcquireWait: -1, NewKey: func() string { return "other-key" }})
+	l := mustAcquire(t, q, "task", Spec{})
+	if !l.Created() || l.SandboxID() != "sb-1" {
+		t.Fatalf("retry: created %v, sandbox %q; want true, sb-1", l.Created(), l.SandboxID())
+	}
+	mustRelease(t, q, l, "")
+	if n := gw.sandboxes(); n != 1 {
+		t.Errorf("%d distinct sandboxes; want 1", n)
+	}
+	if diff := cmp.Diff(map[string]int{"key-1": 2}, gw.creates); diff != "" {
+		t.Errorf("creates per key (-want +got):\n%s", diff)
+	}
+}
+
+func TestRecreate(t *testing.T) {
+	gw := newFakeGateway()
+	keys := 0
+	p, _ := newPool(t, gw, Config{NewKey: func() string { keys++; return "key-" + strconv.Itoa(keys) }})
+	mustRelease(t, p, mustAcquire(t, p, "task", Spec{Cwd: "/home"}), "/home/deep")
+
+	l := mustAcquire(t, p, "task", Spec{})
+	if err := p.Recreate(context.Background(), l); err != nil {
+		t.Fatal(err)
+	}
+	if !l.Recreated() || l.Generation() != 2 || l.Cwd() != "/home" || l.SandboxID() != "sb-2" {
+		t.Errorf("after Recreate: recreated %v, gen %d, cwd %q, sandbox %q; want true, 2, /home, sb-2",
+			l.Recreated(), l.Generation(), l.Cwd(), l.SandboxID())
+	}
+	mustRelease(t, p, l, "")
+	rec := mustGet(t, p, "task")
+	if rec.Generation != 2 || rec.IdempotencyKey != "key-2" || rec.SandboxID != "sb-2" || rec.Cwd != "/home" {
+		t.Errorf("record: gen %d, key %q, sandbox %q, cwd %q; want 2, key-2, sb-2, /home", rec.Generation, rec.IdempotencyKey, rec.SandboxID, rec.Cwd)
+	}
+
+	// A failed recreate leaves a pending create under the new key, which
+	// the next Acquire finishes.
+	gw.afterCreate = func(key string) error {
+		if key == "key-3" && gw.creates[key] == 1 {
+			return errors.New("gateway down")
+		}
+		return nil
+	}
+	l = mustAcquire(t, p, "task", Spec{})
+	if err := p.Recreate(context.Background(), l); err == nil {
+		t.Fatal("Recreate with a failing create succeeded")
+	}
+	mustRelease(t, p, l, "")
+	l = mustAcquire(t, p, "task", Spec{})
+	if !l.Created() || l.Generation() != 3 || l.SandboxID() != "sb-3" {
+		t.Errorf("after a failed recreate: created %v, gen %d, sandbox %q; want true, 3, sb-3", l.Created(), l.Generation(), l.SandboxID())
+	}
+	mustRelease(t, p, l, "")
+}
+
+func TestTerminate(t *testing.T) {
+	ctx := context.Background()
+	t.Run("persistent", func(t *testing.T) {
+		gw := newFakeGateway()
+		p, _ := newPool(t, gw, Config{})
+		mustRelease(t, p, mustAcquire(t, p, "task", Spec{Persistent: true}), "")
+		for i := range 2 { // the second one finds no record
+			if err := p.Terminate(ctx, "task"); err != nil {
+				t.Fatalf("Terminate #%d: %v", i+1, err)
+			}
+		}
+		if gw.terminates["sb-1"] != 1 || !gw.snapshots["sb-1"] {
+			t.Errorf("gateway terminates: %v, snapshot %v; want one, with a snapshot", gw.terminates, gw.snapshots)
+		}
+		if _, ok, _ := p.Get(ctx, "task"); ok {
+			t.Error("record still there")
+		}
+		if n, _ := p.Live(ctx); n != 0 {
+			t.Errorf("Live = %d; want 0", n)
+		}
+		// A new Acquire makes a new sandbox.
+		if l := mustAcquire(t, p, "task", Spec{}); l.SandboxID() != "sb-2" || !l.Created() {
+			t.Errorf("after terminate: sandbox %q, created %v", l.SandboxID(), l.Created())
+		} else {
+			mustRelease(t, p, l, "")
+		}
+	})
+	t.Run("gone at the gateway", func(t *testing.T) {
+		gw := newFakeGateway()
+		p, _ := newPool(t, gw, Config{})
+		mustRelease(t, p, mustAcquire(t, p, "task", Spec{}), "")
+		delete(gw.live, "sb-1") // reaped by the gateway's idle timeout
+		if err := p.Terminate(ctx, "task"); err != nil {
+			t.Fatalf("Terminate of a sandbox the gateway does not know: %v", err)
+		}
+		if _, ok, _ := p.Get(ctx, "task"); ok {
+			t.Error("record still there")
+		}
+	})
+	t.Run("gateway error", func(t *testing.T) {
+		gw := newFakeGateway()
+		p, _ := newPool(t, gw, Config{AcquireWait: -1})
+		mustRelease(t, p, mustAcquire(t, p, "task", Spec{}), "")
+		gw.beforeTerminate = func(string) error { return &gateway.APIError{StatusCode: 502, Message: "bad gateway"} }
+		if err := p.Terminate(ctx, "task"); err == nil {
+			t.Fatal("Terminate with a failing gateway succeeded")
+		}
+		// The record stays, and its lease is free at once.
+		mustRelease(t, p, mustAcquire(t, p, "task", Spec{}), "")
+		gw.beforeTerminate = nil
+		if err := p.Terminate(ctx, "task"); err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Run("busy", func(t *testing.T) {
+		gw := newFakeGateway()
+		p, _ := newPool(t, gw, Config{AcquireWait: 50 * time.Millisecond})
+		l := mustAcquire(t, p, "task", Spec{})
+		if err := p.Terminate(ctx, "task"); !errors.Is(err, ErrBusy) {
+			t.Fatalf("Terminate of a held task: %v; want ErrBusy", err)
+		}
+		mustRelease(t, p, l, "")
+		if err := p.Terminate(ctx, "task"); err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Run("pending create", func(t *testing.T) {
+		gw := newFakeGateway()
+		gw.afterCreate = func(string) error { return errors.New("lost reply") }
+		p, _ := newPool(t, gw, Config{})
+		if _, err := p.Acquire(ctx, "task", Spec{}, ""); err == nil {
+			t.Fatal("Acquire succeeded")
+		}
+		if err := p.Terminate(ctx, "task"); err != nil {
+			t.Fatal(err)
+		}
+		if n, _ := p.Live(ctx); n != 0 {
+			t.Errorf("Live = %d; want 0", n)
+		}
+	})
+}
+
+func TestAcquireContextCancelledWhileWaiting(t *testing.T) {
+	p, _ := newPool(t, newFakeGateway(), Config{AcquireWait: time.Minute})
+	l := mustAcquire(t, p, "task", Spec{})
+	defer mustRelease(t, p, l, "")
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err := p.Acquire(ctx, "task", Spec{}, "")
+	if !errors.Is(err, context.DeadlineExceeded) || errors.Is(err, ErrBusy) {
+		t.Fatalf("Acquire with an expiring context: %v; want context.DeadlineExceeded", err)
+	}
+	if waited := time.Since(start); waited > time.Second {
+		t.Fatalf("Acquire returned %v after its context ended", waited)
+	}
+}
+
+func TestCapacity(t *testing.T) {
+	const limit = 5
+	t.Run("at capacity", func(t *testing.T) {
+		p, _ := newPool(t, newFakeGateway(), Config{MaxSandboxes: limit, AcquireWait: 50 * time.Millisecond})
+		for i := range limit {
+			mustRelease(t, p, mustAcquire(t, p, "task-"+strconv.Itoa(i), Spec{}), "")
+		}
+		_, err := p.Acquire(context.Background(), "one-more", Spec{}, "")
+		if !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), "pool at capacity") {
+			t.Fatalf("Acquire beyond the cap: %v; want ErrBusy, pool at capacity", err)
+		}
+		// Tasks that have a sandbox are not held back.
+		mustRelease(t, p, mustAcquire(t, p, "task-0", Spec{}), "")
+	})
+	t.Run("50 concurrent tasks", func(t *testing.T) {
+		gw := newFakeGateway()
+		cfg := Config{MaxSandboxes: limit, AcquireWait: 20 * time.Second}
+		p, _ := newPool(t, gw, cfg)
+		q := secondPool(t, p, gw, cfg)
+		var wg sync.WaitGroup
+		var maxLive atomic.Int64
+		errs := make(chan error, 50)
+		for i := range 50 {
+			pool := []*Pool{p, q}[i%2]
+			wg.Go(func() {
+				ctx := context.Background()
+				task := "task-" + strconv.Itoa(i)
+				l, err := pool.Acquire(ctx, task, Spec{}, "")
+				if err != nil {
+					errs <- err
+					return
+				}
+				n, err := pool.Live(ctx)
+				if err != nil {
+					errs <- err
+				}
+				for {
+					m := maxLive.Load()
+					if n <= m || maxLive.CompareAndSwap(m, n) {
+						break
+					}
+				}
+				if err := pool.Release(ctx, l, ""); err != nil {
+					errs <- err
+				}
+				if err := pool.Terminate(ctx, task); err != nil {
+					errs <- err
+				}
+			})
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Error(err)
+		}
+		if m := maxLive.Load(); m > limit || m == 0 {
+			t.Errorf("max live seen by holders = %d; want 1..%d", m, limit)
+		}
+		if gw.maxLive > limit {
+			t.Errorf("max live at the gateway = %d; want ≤ %d", gw.maxLive, limit)
+		}
+		if n := gw.sandboxes(); n != 50 {
+			t.Errorf("%d sandboxes created; want 50", n)
+		}
+		if n := gw.liveCount(); n != 0 {
+			t.Errorf("%d sandboxes left; want 0", n)
+		}
+	})
+}
+
+// seed writes n records straight to Redis (as n earlier acquires would),
+// sandbox "sb-<task>", last used at used(i). It is fast enough for 100,000.
+func seed(tb testing.TB, p *Pool, rdb *redis.Client, from, n int, used func(i int) time.Time) {
+	tb.Helper()
+	ctx := context.Background()
+	const batch = 2000
+	for start := from; start < from+n; start += batch {
+		end := min(start+batch, from+n)
+		pipe := rdb.Pipeline()
+		members := make([]redis.Z, 0, end-start)
+		for i := start; i < end; i++ {
+			task := seedTask(i)
+			ms := used(i).UnixMilli()
+			pipe.HSet(ctx, p.recordKey(task), "sandbox_id", "sb-"+task, "gen", 1, "persistent", 1, "used", ms, "key", "k-"+task)
+			members = append(members, redis.Z{Score: float64(ms), Member: task})
+		}
+		pipe.ZAdd(ctx, p.indexKey, members...)
+		if _, err := pipe.Exec(ctx); err != nil {
+			tb.Fatal(err)
+		}
+	}
+}
+
+func seedTask(i int) string { return fmt.Sprintf("task-%06d", i) }
+
+// liveGateway returns a fake gateway that knows the seeded sandboxes.
+func liveGateway(from, n int) *fakeGateway {
+	gw := newFakeGateway()
+	for i := from; i < from+n; i++ {
+		gw.live["sb-"+seedTask(i)] = true
+	}
+	return gw
+}
+
+func TestReapIdle(t *testing.T) {
+	ctx := context.Background()
+	const total, expired = 100_000, 101 // one of them leased
+	gw := liveGateway(0, total)
+	p, rdb := newPool(t, gw, Config{})
+	now := time.Now()
+	// Spread the expired ones over the task ids, to show the index, not
+	// the ids, finds them.
+	isExpired := func(i int) bool { return i%(total/expired) == 0 && i/(total/expired) < expired }
+	seed(t, p, rdb, 0, total, func(i int) time.Time {
+		if isExpired(i) {
+			return now.Add(-time.Hour + time.Duration(i)*time.Millisecond)
+		}
+		return now.Add(-time.Minute)
+	})
+	busy := seedTask(total / expired * 7)
+	// A holder that has run one command for an hour: its record is old,
+	// but it is in use.
+	if err := rdb.Set(ctx, p.leaseKey(busy), 1, time.Minute).Err(); err != nil {
+		t.Fatal(err)
+	}
+
+	reaped, err := p.ReapIdle(ctx, now, 5*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if reaped != expired-1 {
+		t.Errorf("reaped %d; want %d", reaped, expired-1)
+	}
+	for i := range total {
+		id := "sb-" + seedTask(i)
+		want := 0
+		if isExpired(i) && seedTask(i) != busy {
+			want = 1
+		}
+		if got := gw.terminates[id]; got != want {
+			t.Fatalf("sandbox %s terminated %d times; want %d", id, got, want)
+		}
+		if want == 1 && !gw.snapshots[id] {
+			t.Fatalf("sandbox %s terminated without a snapshot; it is persistent", id)
+		}
+	}
+	if n, _ := p.Live(ctx); n != total-expired+1 {
+		t.Errorf("Live = %d; want %d", n, total-expired+1)
+	}
+	if _, ok, _ := p.Get(ctx, busy); !ok {
+		t.Errorf("the leased task's record was reaped")
+	}
+	// Nothing left to do; the busy one is still skipped.
+	if reaped, err := p.ReapIdle(ctx, now, 5*time.Minute); reaped != 0 || err != nil {
+		t.Errorf("second ReapIdle = %d, %v; want 0, nil", reaped, err)
+	}
+}
+
+func TestReapIdleConcurrent(t *testing.T) {
+	ctx := context.Background()
+	const n = 2000
+	gw := liveGateway(0, n)
+	p, rdb := newPool(t, gw, Config{})
+	q := secondPool(t, p, gw, Config{})
+	now := time.Now()
+	seed(t, p, rdb, 0, n, func(i int) time.Time { return now.Add(-time.Hour) })
+	// Interleave the reapers' terminations.
+	gw.beforeTerminate = func(string) error {
+		runtime.Gosched()
+		return nil
+	}
+
+	var wg sync.WaitGroup
+	var counts [2]int
+	var errs [2]error
+	for i, pool := range []*Pool{p, q} {
+		wg.Go(func() { counts[i], errs[i] = pool.ReapIdle(ctx, now, time.Minute) })
+	}
+	wg.Wait()
+	if errs[0] != nil || errs[1] != nil {
+		t.Fatal(errs)
+	}
+	t.Logf("reaped %v", counts)
+	if counts[0]+counts[1] != n {
+		t.Errorf("reaped %d + %d; want %d in all", counts[0], counts[1], n)
+	}
+	for id, c := range gw.terminates {
+		if c != 1 {
+			t.Errorf("sandbox %s terminated %d times", id, c)
+		}
+	}
+	if len(gw.terminates) != n {
+		t.Errorf("%d sandboxes terminated; want %d", len(gw.terminates), n)
+	}
+	if l, _ := p.Live(ctx); l != 0 {
+		t.Errorf("Live = %d; want 0", l)
+	}
+}
+
+func TestReapIdleFailures(t *testing.T) {
+	ctx := context.Background()
+	gw := liveGateway(0, 10)
+	p, rdb := newPool(t, gw, Config{})
+	now := time.Now()
+	seed(t, p, rdb, 0, 10, func(int) time.Time { return now.Add(-time.Hour) })
+	gw.beforeTerminate = func(id string) error {
+		if id == "sb-"+seedTask(3) {
+			return &gateway.APIError{StatusCode: 503, Message: "unavailable"}
+		}
+		return nil
+	}
+	reaped, err := p.ReapIdle(ctx, now, time.Minute)
+	if reaped != 9 || err == nil || !strings.Contains(err.Error(), "1 terminations failed") {
+		t.Fatalf("ReapIdle = %d, %v; want 9 and one failure", reaped, err)
+	}
+	// The failed one stays, not marked used, and its claim is freed.
+	gw.beforeTerminate = nil
+	if reaped, err := p.ReapIdle(ctx, now, time.Minute); reaped != 1 || err != nil {
+		t.Fatalf("second ReapIdle = %d, %v; want 1, nil", reaped, err)
+	}
+	if _, err := p.ReapIdle(ctx, now, 0); err == nil {
+		t.Error("ReapIdle with a zero TTL succeeded")
+	}
+}
+
+// roundTrips counts the commands and pipelines a client sends.
+type roundTrips struct{ n atomic.Int64 }
+
+func (h *roundTrips) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h *roundTrips) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		h.n.Add(1)
+		return next(ctx, cmd)
+	}
+}
+
+func (h *roundTrips) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		h.n.Add(1)
+		return next(ctx, cmds)
+	}
+}
+
+// TestRoundTrips pins the cost of the common path: one round trip to
+// acquire a task's existing sandbox, one to release it.
+func TestRoundTrips(t *testing.T) {
+	p, _ := newPool(t, newFakeGateway(), Config{})
+	var rt roundTrips
+	p.rdb.AddHook(&rt)
+	// The first uses load the scripts into Redis.
+	mustRelease(t, p, mustAcquire(t, p, "task", Spec{}), "")
+	mustRelease(t, p, mustAcquire(t, p, "task", Spec{}), "")
+
+	rt.n.Store(0)
+	l := mustAcquire(t, p, "task", Spec{})
+	if n := rt.n.Load(); n != 1 {
+		t.Errorf("Acquire took %d round trips; want 1", n)
+	}
+	rt.n.Store(0)
+	mustRelease(t, p, l, "/tmp")
+	if n := rt.n.Load(); n != 1 {
+		t.Errorf("Release took %d round trips; want 1", n)
+	}
+}
+
+func TestInFlightExecIsHandedToTheNextHolder(t *testing.T) {
+	ctx := context.Background()
+	p, _ := newPool(t, newFakeGateway(), Config{})
+	l1, err := p.Acquire(ctx, "task", Spec{}, "exec-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := l1.PrevExecID(); got != "" {
+		t.Errorf("first lease PrevExecID = %q, want none", got)
+	}
+	// The holder stops waiting for exec-1, which goes on running.
+	if err := p.Abandon(ctx, l1); err != nil {
+		t.Fatalf("Abandon: %v", err)
+	}
+	if err := p.Release(ctx, l1, "/x"); err != nil {
+		t.Errorf("Release after Abandon = %v, want a no-op", err)
+	}
+	l2, err := p.Acquire(ctx, "task", Spec{}, "exec-2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := l2.PrevExecID(); got != "exec-1" {
+		t.Errorf("PrevExecID after Abandon = %q, want exec-1", got)
+	}
+	mustRelease(t, p, l2, "")
+	l3, err := p.Acquire(ctx, "task", Spec{}, "exec-3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := l3.PrevExecID(); got != "" {
+		t.Errorf("PrevExecID after a Release = %q, want none", got)
+	}
+	if l3.Cwd() != "" {
+		t.Errorf("Abandon stored cwd %q; it must change nothing", l3.Cwd())
+	}
+	mustRelease(t, p, l3, "")
+}
+
+func TestInFlightExecAfterCrash(t *testing.T) {
+	ctx := context.Background()
+	cfg := Config{LeaseTTL: 300 * time.Millisecond, AcquireWait: 5 * time.Second}
+	gw := newFakeGateway()
+	a, _ := newPool(t, gw, cfg)
+	b := secondPool(t, a, gw, cfg)
+	crashed, err := a.Acquire(ctx, "task", Spec{}, "exec-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	crashed.stop() // the process died: no renewal, no release
+	l, err := b.Acquire(ctx, "task", Spec{}, "exec-b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := l.PrevExecID(); got != "exec-a" {
+		t.Errorf("PrevExecID after a crash = %q, want exec-a", got)
+	}
+	mustRelease(t, b, l, "")
+}

@@ -1,0 +1,234 @@
+package sandboxpool
+
+import "github.com/redis/go-redis/v9"
+
+// The Lua scripts below are the pool's only writers: each one checks and
+// changes a task's lease, record and index entry in one atomic step and one
+// round trip. Every write made on behalf of a lease first checks that the
+// lease key still holds the lease's token (fencing), so a holder whose
+// lease expired cannot touch a record that someone else now owns.
+//
+// Key layout (P = Config.Prefix):
+//
+//	P sandbox:<task>  hash    the task's record (fields: recordFields)
+//	P lease:<task>    string  the fencing token of the lease, with a TTL
+//	P sandboxes       zset    task id → last use (unix ms); its size is the
+//	                          live count the capacity cap checks
+//	P fence           string  counter handing out fencing tokens
+//
+// The scripts touch keys of several tasks and the shared index, so the pool
+// needs a single Redis (or a replicated primary), not a Redis Cluster.
+
+// Record hash fields, in the order hmgetRecord returns them.
+const (
+	fSandboxID = iota
+	fGen
+	fCwd
+	fKey
+	fCreated
+	fUsed
+	fImage
+	fCPU
+	fMemoryMiB
+	fDiskMiB
+	fPersistent
+	fDefaultCwd
+	fTimeoutMs
+	fIdleTimeoutMs
+	numFields
+)
+
+// recordFields names the hash fields, indexed by the f* constants.
+var recordFields = [numFields]string{
+	"sandbox_id", "gen", "cwd", "key", "created", "used",
+	"image", "cpu", "memory_mib", "disk_mib", "persistent", "default_cwd",
+	"timeout_ms", "idle_timeout_ms",
+}
+
+const hmgetRecord = `redis.call('HMGET', KEYS[2], 'sandbox_id', 'gen', 'cwd', 'key', 'created', 'used',
+	'image', 'cpu', 'memory_mib', 'disk_mib', 'persistent', 'default_cwd', 'timeout_ms', 'idle_timeout_ms')`
+
+// Replies of acquireScript and reserveScript: {codeBusy, pttl},
+// {codeMissing}, {codeTaken, token, fields}, {codeFull}.
+const (
+	codeBusy    = 0
+	codeMissing = 1
+	codeTaken   = 2
+	codeFull    = 3
+)
+
+// takeLease is shared by the acquire and reserve scripts: a new fencing
+// token, the lease with its TTL, and a touch of the record and index so the
+// reaper does not pick a sandbox that was just in use.
+//
+// The last ARGV is the exec id the holder is about to run ("" for none).
+// It is stored in the record's "exec" field until Release clears it, and
+// the field's previous value is returned: an exec left running by a holder
+// that crashed or stopped waiting (Abandon), which the new holder must let
+// end before it runs a command of its own.
+const takeLease = `
+local tok = redis.call('INCR', KEYS[4])
+redis.call('SET', KEYS[1], tok, 'PX', ARGV[1])
+local prev = redis.call('HGET', KEYS[2], 'exec') or ''
+if ARGV[#ARGV] ~= '' then
+	redis.call('HSET', KEYS[2], 'used', ARGV[2], 'exec', ARGV[#ARGV])
+else
+	redis.call('HSET', KEYS[2], 'used', ARGV[2])
+end
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+return {2, tok, ` + hmgetRecord + `, prev}
+`
+
+// acquireScript takes the lease of a task that has a record.
+//
+// KEYS: lease, record, index, fence. ARGV: lease TTL ms, now ms, task id,
+// exec id.
+var acquireScript = redis.NewScript(`
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl ~= -2 then return {0, pttl} end
+if redis.call('HEXISTS', KEYS[2], 'gen') == 0 then return {1} end
+` + takeLease)
+
+// reserveScript creates a pending record (no sandbox id yet, a fixed
+// idempotency key) for a task that has none, within the capacity cap, and
+// takes its lease. A record created meanwhile by someone else is just
+// acquired.
+//
+// KEYS: lease, record, index, fence. ARGV: lease TTL ms, now ms, task id,
+// cap (0: none), idempotency key, then the spec: image, cpu, memory MiB,
+// disk MiB, persistent (1/0), default cwd, timeout ms, idle timeout ms,
+// exec id.
+var reserveScript = redis.NewScript(`
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl ~= -2 then return {0, pttl} end
+if redis.call('HEXISTS', KEYS[2], 'gen') == 0 then
+	local cap = tonumber(ARGV[4])
+	if cap > 0 and redis.call('ZCARD', KEYS[3]) >= cap then return {3} end
+	redis.call('HSET', KEYS[2], 'sandbox_id', '', 'gen', 1, 'cwd', '', 'key', ARGV[5],
+		'created', ARGV[2], 'image', ARGV[6], 'cpu', ARGV[7], 'memory_mib', ARGV[8],
+		'disk_mib', ARGV[9], 'persistent', ARGV[10], 'default_cwd', ARGV[11],
+		'timeout_ms', ARGV[12], 'idle_timeout_ms', ARGV[13])
+end
+` + takeLease)
+
+// commitScript records the sandbox id a create returned.
+//
+// KEYS: lease, record, index. ARGV: token, sandbox id, now ms, task id.
+var commitScript = redis.NewScript(`
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[2], 'sandbox_id', ARGV[2], 'created', ARGV[3], 'used', ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+return 1
+`)
+
+// releaseScript stores the cwd (when ARGV[4] is 1) and the last use, clears
+// the in-flight exec, and frees the lease.
+//
+// KEYS: lease, record, index. ARGV: token, now ms, task id, set cwd (1/0), cwd.
+var releaseScript = redis.NewScript(`
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+	if ARGV[4] == '1' then
+		redis.call('HSET', KEYS[2], 'used', ARGV[2], 'cwd', ARGV[5])
+	else
+		redis.call('HSET', KEYS[2], 'used', ARGV[2])
+	end
+	redis.call('HDEL', KEYS[2], 'exec')
+	redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+end
+redis.call('DEL', KEYS[1])
+return 1
+`)
+
+// recreateScript starts a new generation: a new idempotency key, no sandbox
+// id until the create answers, the cwd back to the spec's default. It
+// returns the new generation, 0 when the lease is stale.
+//
+// KEYS: lease, record. ARGV: token, idempotency key, cwd.
+var recreateScript = redis.NewScript(`
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+local gen = redis.call('HINCRBY', KEYS[2], 'gen', 1)
+redis.call('HSET', KEYS[2], 'key', ARGV[2], 'sandbox_id', '', 'cwd', ARGV[3])
+return gen
+`)
+
+// renewScript extends leases still held with their tokens; it returns 1
+// for each renewed lease and 0 for each lost one.
+//
+// KEYS: leases. ARGV: lease TTL ms, then one token per lease.
+var renewScript = redis.NewScript(`
+local out = {}
+for i = 1, #KEYS do
+	if redis.call('GET', KEYS[i]) == ARGV[i + 1] then
+		redis.call('PEXPIRE', KEYS[i], ARGV[1])
+		out[i] = 1
+	else
+		out[i] = 0
+	end
+end
+return out
+`)
+
+// unlockScript frees leases still held with their tokens, changing nothing
+// else (a failed terminate must not look like a use).
+//
+// KEYS: leases. ARGV: one token per lease.
+var unlockScript = redis.NewScript(`
+for i = 1, #KEYS do
+	if redis.call('GET', KEYS[i]) == ARGV[i] then redis.call('DEL', KEYS[i]) end
+end
+return 1
+`)
+
+// claimScript is the reaper's: for each task still expired (last use before
+// the cutoff) and free, it takes the lease. Replies per task: {0} no longer
+// expired or no record (a stale index entry is dropped), {1} busy,
+// {2, token, sandbox id, persistent}.
+//
+// KEYS: index, fence, then lease and record of each task. ARGV: lease TTL
+// ms, cutoff ms, then the task ids.
+var claimScript = redis.NewScript(`
+local out = {}
+local cutoff = tonumber(ARGV[2])
+for i = 1, #ARGV - 2 do
+	local task = ARGV[i + 2]
+	local lease, rec = KEYS[2 * i + 1], KEYS[2 * i + 2]
+	local score = redis.call('ZSCORE', KEYS[1], task)
+	if not score or tonumber(score) >= cutoff then
+		out[i] = {0}
+	elseif redis.call('EXISTS', lease) == 1 then
+		out[i] = {1}
+	elseif redis.call('EXISTS', rec) == 0 then
+		redis.call('ZREM', KEYS[1], task)
+		out[i] = {0}
+	else
+		local tok = redis.call('INCR', KEYS[2])
+		redis.call('SET', lease, tok, 'PX', ARGV[1])
+		local r = redis.call('HMGET', rec, 'sandbox_id', 'persistent')
+		out[i] = {2, tok, r[1] or '', r[2] or '0'}
+	end
+end
+return out
+`)
+
+// deleteScript removes the record, index entry and lease of each task whose
+// lease is still held with the given token; it returns 1 per task removed,
+// 0 per stale lease.
+//
+// KEYS: index, then lease and record of each task. ARGV: token and task id
+// of each task.
+var deleteScript = redis.NewScript(`
+local out = {}
+for i = 1, #ARGV / 2 do
+	local lease, rec = KEYS[2 * i], KEYS[2 * i + 1]
+	if redis.call('GET', lease) == ARGV[2 * i - 1] then
+		redis.call('DEL', rec, lease)
+		redis.call('ZREM', KEYS[1], ARGV[2 * i])
+		out[i] = 1
+	else
+		out[i] = 0
+	end
+end
+return out
+`)
