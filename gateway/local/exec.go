@@ -1,0 +1,276 @@
+package local
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/boxq/boxq/gateway"
+)
+
+// outputGrace bounds how long an exec's end waits for its output pipe to
+// close after its process group is killed. Only a process that left the
+// group (setsid, without isolation) can hold the pipe that long; its later
+// output is dropped.
+const outputGrace = time.Second
+
+// readBufSize is the read buffer of one running exec. Small, so that a
+// thousand running execs cost a few MiB: pipes hand over 64 KiB at most
+// per read anyway.
+const readBufSize = 8 << 10
+
+// execution is one exec: a `bash -c` process and, once it ends, its state.
+type execution struct {
+	id   string
+	log  *slog.Logger
+	done chan struct{} // closed when the exec has ended
+
+	// Set before done is closed, read-only after.
+	status     string
+	rc         int
+	output     string
+	finishedAt time.Time
+
+	mu         sync.Mutex
+	pgid       int    // the process group; 0 until the process started
+	exited     bool   // the process was reaped: its pgid may be reused
+	killReason string // gateway.StatusTimeout or StatusCancelled, once killed
+}
+
+func newExecution(id string, log *slog.Logger) *execution {
+	return &execution{id: id, log: log, done: make(chan struct{})}
+}
+
+// state is the exec's answer to a start or a poll.
+func (e *execution) state() gateway.ExecState {
+	select {
+	case <-e.done:
+		rc := e.rc
+		return gateway.ExecState{ExecID: e.id, Status: e.status, Output: e.output, ReturnCode: &rc}
+	default:
+		return gateway.ExecState{ExecID: e.id, Status: gateway.StatusRunning}
+	}
+}
+
+// ended reports whether the exec has ended.
+func (e *execution) ended() bool {
+	select {
+	case <-e.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// kill ends the exec's whole process group, for reason (a timeout or a
+// cancel); the first reason wins. Before the process starts, it only
+// records the reason, and the start kills at once. After the process is
+// reaped it does nothing: its group id may belong to someone else by then.
+func (e *execution) kill(reason string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.exited || e.killReason != "" {
+		return
+	}
+	e.killReason = reason
+	if e.pgid != 0 {
+		_ = syscall.Kill(-e.pgid, syscall.SIGKILL)
+	}
+}
+
+// finish records the exec's end and wakes every waiter.
+func (e *execution) finish(status string, rc int, output string, at time.Time) {
+	e.log.Debug("exec ended", "status", status, "returncode", rc, "output_bytes", len(output))
+	e.status, e.rc, e.output, e.finishedAt = status, rc, output, at
+	close(e.done)
+}
+
+// execSpec is what the process of an exec needs.
+type execSpec struct {
+	dirs    fsDirs
+	cwd     string // as the sandbox sees it
+	command string
+	stdin   string
+	timeout time.Duration // 0: none (the sandbox's lifetime still ends it)
+}
+
+// launch starts the process of e and returns once it runs or has failed
+// to start; a goroutine then supervises it to its end, finishes e and
+// calls ended. A process that cannot start ends e as failed.
+func (s *Server) launch(e *execution, spec execSpec, ended func()) {
+	fail := func(rc int, msg string) {
+		e.log.Warn("exec could not start", "error", msg)
+		e.finish(gateway.StatusFailed, rc, msg+"\n", s.cfg.Now())
+		ended()
+	}
+	if s.launcher.mode == IsolationNone {
+		// bwrap says itself when it cannot chdir; without it, the start
+		// would fail with an error that does not say which path is wrong.
+		dir := hostPath(spec.dirs, spec.cwd)
+		if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
+			fail(1, fmt.Sprintf("gateway: can't chdir to %s: no such directory", spec.cwd))
+			return
+		}
+	}
+	cmd := s.launcher.command(spec.dirs, spec.cwd, spec.command)
+
+	if spec.stdin != "" {
+		f, err := s.stdinFile(spec.stdin)
+		if err != nil {
+			fail(126, "gateway: stdin: "+err.Error())
+			return
+		}
+		defer f.Close() // the child has its own copy once started
+		cmd.Stdin = f
+	}
+
+	// One pipe for stdout and stderr, so that their order is kept.
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		fail(126, "gateway: output pipe: "+err.Error())
+		return
+	}
+	cmd.Stdout, cmd.Stderr = pw, pw
+	err = cmd.Start()
+	pw.Close()
+	if err != nil {
+		pr.Close()
+		fail(126, "gateway: start: "+err.Error())
+		return
+	}
+	pid := cmd.Process.Pid
+
+	e.mu.Lock()
+	e.pgid = pid
+	if e.killReason != "" {
+		_ = syscall.Kill(-pid, syscall.SIGKILL)
+	}
+	e.mu.Unlock()
+
+	var timer *time.Timer
+	if spec.timeout > 0 {
+		timer = time.AfterFunc(spec.timeout, func() { e.kill(gateway.StatusTimeout) })
+	}
+
+	out := newCapBuffer(s.cfg.OutputLimit)
+	readDone := make(chan struct{})
+	go func() {
+		defer close(readDone)
+		buf := make([]byte, readBufSize)
+		for {
+			n, err := pr.Read(buf)
+			_, _ = out.Write(buf[:n])
+			if err != nil {
+				return
+			}
+		}
+	}()
+
+	go func() {
+		awaitExit(pid)
+		waitErr := cmd.Wait()
+		if timer != nil {
+			timer.Stop()
+		}
+		e.mu.Lock()
+		e.exited = true
+		reason := e.killReason
+		e.mu.Unlock()
+		// What the command left running in its group ends with it, as it
+		// does under bubblewrap when its PID namespace goes: an exec's
+		// processes never outlive the exec.
+		_ = syscall.Kill(-pid, syscall.SIGKILL)
+		select {
+		case <-readDone:
+		case <-time.After(outputGrace):
+			pr.Close() // unblocks the reader
+			<-readDone
+		}
+		pr.Close()
+		status, rc := outcome(cmd.ProcessState, waitErr, reason)
+		e.finish(status, rc, out.String(), s.cfg.Now())
+		ended()
+	}()
+}
+
+// outcome turns how a process ended into an exec status and return code.
+func outcome(ps *os.ProcessState, waitErr error, killReason string) (string, int) {
+	switch killReason {
+	case gateway.StatusTimeout:
+		return gateway.StatusTimeout, gateway.ReturnCodeTimeout
+	case gateway.StatusCancelled:
+		return gateway.StatusCancelled, gateway.ReturnCodeCancelled
+	}
+	if ps == nil {
+		return gateway.StatusFailed, 1
+	}
+	if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		return gateway.StatusFailed, 128 + int(ws.Signal())
+	}
+	var exitErr *exec.ExitError
+	if waitErr != nil && !errors.As(waitErr, &exitErr) {
+		return gateway.StatusFailed, 1
+	}
+	if rc := ps.ExitCode(); rc != 0 {
+		return gateway.StatusFailed, rc
+	}
+	return gateway.StatusCompleted, 0
+}
+
+// stdinFile returns an unlinked file holding data, to be a command's
+// stdin: unlike a pipe it needs no goroutine, and a command that never
+// reads it blocks nothing.
+func (s *Server) stdinFile(data string) (*os.File, error) {
+	f, err := os.CreateTemp(s.runDir, "stdin-")
+	if err != nil {
+		return nil, err
+	}
+	_ = os.Remove(f.Name())
+	if _, err := f.WriteString(data); err != nil {
+		f.Close()
+		return nil, err
+	}
+	if _, err := f.Seek(0, 0); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
+}
+
+// sysPidfdOpen is pidfd_open(2), the same number on every architecture;
+// package syscall predates it.
+const sysPidfdOpen = 434
+
+// awaitExit returns when process pid has exited, without reaping it. It
+// waits in the runtime's poller on a pidfd of its own, where cmd.Wait
+// would block an OS thread: a thousand running execs then cost a thousand
+// parked goroutines, not a thousand threads. Where pidfds do not work it
+// returns at once, and cmd.Wait does the waiting.
+func awaitExit(pid int) {
+	// pid is our child and not yet reaped: it cannot name another process.
+	fd, _, errno := syscall.Syscall(sysPidfdOpen, uintptr(pid), uintptr(syscall.O_NONBLOCK), 0)
+	if errno != 0 {
+		return
+	}
+	// Non-blocking, so os.NewFile registers it with the poller.
+	f := os.NewFile(fd, "pidfd")
+	defer f.Close()
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return
+	}
+	// A pidfd is readable once its process has exited. The first call
+	// cannot know, so it asks to wait; the next comes when readable. Were a
+	// wakeup ever spurious, cmd.Wait would still wait for real, on the
+	// runtime's own blocking pidfd.
+	calls := 0
+	_ = rc.Read(func(uintptr) bool {
+		calls++
+		return calls > 1
+	})
+}

@@ -1,0 +1,235 @@
+package local
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+	"unicode/utf8"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+func TestCapBuffer(t *testing.T) {
+	tests := []struct {
+		name   string
+		limit  int
+		writes []string
+		want   string
+	}{
+		{"empty", 10, nil, ""},
+		{"under the limit", 10, []string{"abc", "def"}, "abcdef"},
+		{"at the limit", 10, []string{"abcde", "fghij"}, "abcdefghij"},
+		{"one over", 10, []string{"abcdefghijk"}, "abcde\n[... 1 bytes omitted ...]\nghijk"},
+		{"one big write", 10, []string{strings.Repeat("x", 5) + strings.Repeat("-", 100) + "12345"}, "xxxxx\n[... 100 bytes omitted ...]\n12345"},
+		{"many small writes wrap the tail", 6, []string{"a", "b", "c", "d", "e", "f", "g", "h", "i", "j"}, "abc\n[... 4 bytes omitted ...]\nhij"},
+		{"a write larger than the tail after small ones", 6, []string{"abc", "de", "fghijklmn"}, "abc\n[... 8 bytes omitted ...]\nlmn"},
+		{"odd limit", 5, []string{"0123456789"}, "01\n[... 5 bytes omitted ...]\n789"},
+		{"limit 1", 1, []string{"abc"}, "\n[... 2 bytes omitted ...]\nc"},
+		{"UTF-8 kept whole at both cuts", 8, []string{"aaaé" + strings.Repeat("-", 10) + "ééb"}, "aaa\n[... 14 bytes omitted ...]\néb"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := newCapBuffer(tt.limit)
+			total := 0
+			for _, w := range tt.writes {
+				n, err := b.Write([]byte(w))
+				if n != len(w) || err != nil {
+					t.Fatalf("Write(%q): got %d, %v, want %d, nil", w, n, err, len(w))
+				}
+				total += n
+			}
+			if got := b.String(); got != tt.want {
+				t.Errorf("got %q, want %q", got, tt.want)
+			}
+			if b.total != int64(total) {
+				t.Errorf("got total %d, want %d", b.total, total)
+			}
+		})
+	}
+}
+
+func TestCapBufferValidUTF8(t *testing.T) {
+	// Whatever the cut points, text stays text.
+	text := strings.Repeat("héllo wörld ✓ 🚀 ", 50)
+	for limit := 2; limit < 64; limit++ {
+		b := newCapBuffer(limit)
+		for i := 0; i < len(text); i += 7 {
+			_, _ = b.Write([]byte(text[i:min(i+7, len(text))]))
+		}
+		if got := b.String(); !utf8.ValidString(got) {
+			t.Errorf("limit %d: got invalid UTF-8 %q", limit, got)
+		}
+	}
+}
+
+func TestSafeName(t *testing.T) {
+	keys := []string{"task-1", "task_1", "task/1", "task 1", "../../etc", "..", "", "ü", strings.Repeat("k", 5000), strings.Repeat("k", 5001)}
+	seen := map[string]string{}
+	for _, k := range keys {
+		name := safeName(k)
+		if prev, dup := seen[name]; dup {
+			t.Errorf("keys %q and %q share the name %q", prev, k, name)
+		}
+		seen[name] = k
+		if strings.ContainsAny(name, "/.\\ \x00") || filepath.Base(name) != name || len(name) > 60 {
+			t.Errorf("safeName(%q) = %q: want a short name of [A-Za-z0-9_-]", k, name)
+		}
+	}
+	if got := safeName("task-1"); !strings.HasPrefix(got, "task-1-") {
+		t.Errorf("safeName(task-1) = %q: want it readable", got)
+	}
+}
+
+func TestHostPath(t *testing.T) {
+	dirs := fsDirs{home: "/s/fs/root", tmp: "/s/fs/tmp"}
+	tests := []struct{ in, want string }{
+		{"/root", "/s/fs/root"},
+		{"/root/", "/s/fs/root"},
+		{"/root/work/x", "/s/fs/root/work/x"},
+		{"/root/../etc", "/etc"},
+		{"/rootkit", "/rootkit"},
+		{"/tmp", "/s/fs/tmp"},
+		{"/tmp/a", "/s/fs/tmp/a"},
+		{"/usr/bin", "/usr/bin"},
+		{"/", "/"},
+	}
+	for _, tt := range tests {
+		if got := hostPath(dirs, tt.in); got != tt.want {
+			t.Errorf("hostPath(%q) = %q, want %q", tt.in, got, tt.want)
+		}
+	}
+}
+
+func TestBwrapArgs(t *testing.T) {
+	l := launcher{mode: IsolationBwrap, bwrap: "bwrap", stateDir: "/state"}
+	args := l.bwrapArgs(fsDirs{home: "/state/s/root", tmp: "/state/s/tmp"}, "/root/w", "echo hi")
+	joined := strings.Join(args, " ")
+	for _, want := range []string{
+		"--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
+		"--ro-bind / /", "--tmpfs /state", "--dev /dev", "--proc /proc",
+		"--bind /state/s/root /root", "--bind /state/s/tmp /tmp",
+		"--setenv HOME /root", "--chdir /root/w", "-- bash -c echo hi",
+	} {
+		if !strings.Contains(joined, want) {
+			t.Errorf("bwrap args %q: want %q in them", joined, want)
+		}
+	}
+	// Later mounts cover earlier ones: the root first, the state dir
+	// hidden after it, the sandbox's own dirs last.
+	order := []string{"--ro-bind / /", "--tmpfs /state", "--bind /state/s/root /root"}
+	last := -1
+	for _, o := range order {
+		i := strings.Index(joined, o)
+		if i < last {
+			t.Errorf("bwrap args %q: want %q after the mounts before it", joined, o)
+		}
+		last = i
+	}
+}
+
+func TestConfig(t *testing.T) {
+	t.Run("defaults", func(t *testing.T) {
+		got := Config{Token: "t"}.withDefaults()
+		want := map[string]any{
+			"Isolation": IsolationAuto, "BwrapPath": "bwrap", "MaxSandboxes": 64, "MaxRunningExecs": 2048,
+			"OutputLimit": 1 << 20, "StartWait": 50 * time.Millisecond, "ExecRetention": 10 * time.Minute,
+			"JanitorInterval": time.Second,
+		}
+		have := map[string]any{
+			"Isolation": got.Isolation, "BwrapPath": got.BwrapPath, "MaxSandboxes": got.MaxSandboxes, "MaxRunningExecs": got.MaxRunningExecs,
+			"OutputLimit": got.OutputLimit, "StartWait": got.StartWait, "ExecRetention": got.ExecRetention,
+			"JanitorInterval": got.JanitorInterval,
+		}
+		if diff := cmp.Diff(want, have); diff != "" {
+			t.Errorf("defaults (-want +got):\n%s", diff)
+		}
+		if got.Logger == nil || got.Now == nil {
+			t.Errorf("got a nil Logger or Now, want defaults")
+		}
+	})
+	tests := []struct {
+		name string
+		cfg  Config
+		want string
+	}{
+		{"no token", Config{}, "token is empty"},
+		{"unknown isolation", Config{Token: "t", Isolation: "docker"}, `isolation "docker"`},
+		{"negative max sandboxes", Config{Token: "t", MaxSandboxes: -1}, "max sandboxes -1"},
+		{"negative max execs", Config{Token: "t", MaxRunningExecs: -1}, "max running execs -1"},
+		{"negative output limit", Config{Token: "t", OutputLimit: -1}, "output limit -1"},
+		{"negative retention", Config{Token: "t", ExecRetention: -time.Second}, "exec retention -1s"},
+		{"negative janitor interval", Config{Token: "t", JanitorInterval: -time.Second}, "janitor interval -1s"},
+		{"bwrap missing", Config{Token: "t", Isolation: IsolationBwrap, BwrapPath: "/nonexistent/bwrap"}, "bubblewrap not found"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if tt.cfg.StateDir == "" {
+				tt.cfg.StateDir = t.TempDir()
+			}
+			srv, err := New(tt.cfg)
+			if err == nil {
+				_ = srv.Close(context.Background())
+				t.Fatalf("New: got no error, want one with %q", tt.want)
+			}
+			if !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("New: got %q, want it to hold %q", err, tt.want)
+			}
+		})
+	}
+	t.Run("auto without bubblewrap falls back to none", func(t *testing.T) {
+		srv, err := New(Config{Token: "t", StateDir: t.TempDir(), BwrapPath: "/nonexistent/bwrap"})
+		if err != nil {
+			t.Fatalf("New: %v", err)
+		}
+		defer srv.Close(context.Background())
+		if got := srv.Isolation(); got != IsolationNone {
+			t.Errorf("got isolation %q, want none", got)
+		}
+	})
+	t.Run("no state dir: a temporary one, removed by Close", func(t *testing.T) {
+		srv, err := New(Config{Token: "t", Isolation: IsolationNone})
+		if err != nil {
+			t.Fatalf("New: %v", err)
+		}
+		dir := srv.StateDir()
+		if err := srv.Close(context.Background()); err != nil {
+			t.Fatalf("Close: %v", err)
+		}
+		if _, err := os.Stat(dir); !os.IsNotExist(err) {
+			t.Errorf("state dir %s: got %v, want it removed", dir, err)
+		}
+	})
+}
+
+func TestKeyedMutex(t *testing.T) {
+	var k keyedMutex
+	unlockA := k.lock("a")
+	// Another key is not blocked by a.
+	unlockB := k.lock("b")
+	unlockB()
+	done := make(chan struct{})
+	go func() {
+		unlock := k.lock("a")
+		unlock()
+		close(done)
+	}()
+	select {
+	case <-done:
+		t.Fatal("a second lock of a got it while a was locked")
+	case <-time.After(50 * time.Millisecond): // what "never" looks like, briefly
+	}
+	unlockA()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the second lock of a never got it")
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if len(k.m) != 0 {
+		t.Errorf("got %d keys left, want none", len(k.m))
+	}
+}

@@ -1,0 +1,172 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/hibiken/asynq"
+	"github.com/hibiken/asynqmon"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/boxq/boxq/gateway"
+	"github.com/boxq/boxq/jobs"
+	"github.com/boxq/boxq/sandboxpool"
+)
+
+// WorkerOptions are the worker's settings, as its flags give them.
+type WorkerOptions struct {
+	RedisURL          string
+	GatewayURL, Token string
+	Concurrency       int
+	IdleTTL           time.Duration
+	ReapEvery         time.Duration
+	MaxSandboxes      int
+	TaskCheckInterval time.Duration
+	ShutdownTimeout   time.Duration
+	Queues            map[string]int
+	// HTTPAddr serves /metrics, /healthz and /monitoring/ ("" = none).
+	HTTPAddr string
+	Logger   *slog.Logger
+	// OnReady, when set, is called once the worker serves, with the
+	// address the HTTP endpoints listen on ("" without HTTPAddr).
+	OnReady func(httpAddr string)
+}
+
+// ConnectRedis opens a client for url and checks that Redis answers.
+// poolSize 0 keeps go-redis's default.
+func ConnectRedis(ctx context.Context, url string, poolSize int) (*redis.Client, error) {
+	opt, err := redis.ParseURL(url)
+	if err != nil {
+		return nil, fmt.Errorf("redis URL %q: %w (want redis://host:port/db)", RedactURL(url), err)
+	}
+	if poolSize > 0 {
+		opt.PoolSize = poolSize
+	}
+	rdb := redis.NewClient(opt)
+	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := rdb.Ping(pctx).Err(); err != nil {
+		rdb.Close()
+		return nil, fmt.Errorf("cannot reach Redis at %s: %w (is redis-server running? set -redis or REDIS_URL)", opt.Addr, err)
+	}
+	return rdb, nil
+}
+
+// RunWorker runs a worker until ctx ends. It fails fast, with a message
+// that says what to fix, when Redis or the gateway cannot be reached or the
+// gateway rejects the token.
+func RunWorker(ctx context.Context, o WorkerOptions) error {
+	log := o.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	concurrency := o.Concurrency
+	if concurrency == 0 {
+		concurrency = 256
+	}
+	// Each job makes a few short Redis calls and holds no connection while
+	// it waits on the gateway, so a fraction of the concurrency suffices.
+	rdb, err := ConnectRedis(ctx, o.RedisURL, max(32, concurrency/4))
+	if err != nil {
+		return err
+	}
+	defer rdb.Close()
+
+	gw, err := gateway.New(gateway.Config{BaseURL: o.GatewayURL, Token: o.Token, Logger: log.With("component", "gateway")})
+	if err != nil {
+		return err
+	}
+	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	err = gw.Ping(pctx)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("gateway at %s is not usable: %w", RedactURL(o.GatewayURL), err)
+	}
+
+	pool, err := sandboxpool.New(rdb, gw, sandboxpool.Config{MaxSandboxes: o.MaxSandboxes, Logger: log.With("component", "pool")})
+	if err != nil {
+		return err
+	}
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	insp := asynq.NewInspectorFromRedisClient(rdb)
+	metrics, err := jobs.NewMetrics(reg, pool.Live, insp)
+	if err != nil {
+		return fmt.Errorf("register metrics: %w", err)
+	}
+
+	w, err := jobs.NewWorker(jobs.WorkerConfig{
+		Redis: rdb, Gateway: gw, Pool: pool,
+		Concurrency: concurrency, Queues: o.Queues,
+		TaskCheckInterval: o.TaskCheckInterval, ShutdownTimeout: o.ShutdownTimeout,
+		IdleTTL: o.IdleTTL, ReapEvery: o.ReapEvery,
+		Logger: log, Metrics: metrics,
+	})
+	if err != nil {
+		return err
+	}
+
+	httpAddr := ""
+	var httpSrv *http.Server
+	served := make(chan error, 1)
+	if o.HTTPAddr != "" {
+		ln, err := net.Listen("tcp", o.HTTPAddr)
+		if err != nil {
+			return fmt.Errorf("-http %s: %w", o.HTTPAddr, err)
+		}
+		httpAddr = ln.Addr().String()
+		httpSrv = &http.Server{Handler: httpHandler(rdb, reg), ReadHeaderTimeout: 10 * time.Second}
+		go func() { served <- httpSrv.Serve(ln) }()
+		log.Info("serving metrics, health and dashboard", "addr", httpAddr,
+			"metrics", "http://"+httpAddr+"/metrics", "dashboard", "http://"+httpAddr+"/monitoring/")
+	}
+	log.Info("worker started", "concurrency", concurrency, "gateway", RedactURL(o.GatewayURL), "idle_ttl", o.IdleTTL)
+	if o.OnReady != nil {
+		o.OnReady(httpAddr)
+	}
+	err = w.Run(ctx)
+	if httpSrv != nil {
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		_ = httpSrv.Shutdown(sctx)
+		cancel()
+		if serr := <-served; !errors.Is(serr, http.ErrServerClosed) {
+			err = errors.Join(err, serr)
+		}
+	}
+	log.Info("worker stopped")
+	return err
+}
+
+// sharedRedis hands asynqmon the worker's own Redis client.
+type sharedRedis struct{ c redis.UniversalClient }
+
+func (s sharedRedis) MakeRedisClient() any { return s.c }
+
+func httpHandler(rdb redis.UniversalClient, reg *prometheus.Registry) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		defer cancel()
+		w.Header().Set("Content-Type", "application/json")
+		if err := rdb.Ping(ctx).Err(); err != nil {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintf(w, "{\"status\":\"unhealthy\",\"error\":%q}\n", "redis: "+err.Error())
+			return
+		}
+		fmt.Fprintln(w, `{"status":"ok"}`)
+	})
+	mon := asynqmon.New(asynqmon.Options{RootPath: "/monitoring", RedisConnOpt: sharedRedis{rdb}})
+	mux.Handle("/monitoring/", mon)
+	mux.Handle("GET /{$}", http.RedirectHandler("/monitoring/", http.StatusFound))
+	return mux
+}

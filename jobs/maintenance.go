@@ -1,0 +1,98 @@
+package jobs
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"time"
+
+	"github.com/hibiken/asynq"
+)
+
+// TerminateHandler runs TypeTerminate tasks: it ends a task's sandbox now.
+type TerminateHandler struct {
+	pool Pool
+	log  *slog.Logger
+}
+
+// ProcessTask implements asynq.Handler.
+func (h *TerminateHandler) ProcessTask(ctx context.Context, t *asynq.Task) error {
+	var p TerminatePayload
+	if err := json.Unmarshal(t.Payload(), &p); err != nil || p.TaskID == "" {
+		return fmt.Errorf("invalid terminate job: task_id is required: %w", asynq.SkipRetry)
+	}
+	if err := h.pool.Terminate(ctx, p.TaskID); err != nil {
+		return fmt.Errorf("terminate sandbox of task %q: %w", p.TaskID, err)
+	}
+	h.log.Info("terminated sandbox", "task_id", p.TaskID)
+	out, _ := json.Marshal(map[string]string{"task_id": p.TaskID, "status": "terminated"})
+	_, _ = t.ResultWriter().Write(out)
+	return nil
+}
+
+// ReapHandler runs TypeReap tasks: it terminates sandboxes idle for longer
+// than ttl.
+type ReapHandler struct {
+	pool    Pool
+	ttl     time.Duration
+	now     func() time.Time
+	log     *slog.Logger
+	metrics *Metrics
+}
+
+// ProcessTask implements asynq.Handler.
+func (h *ReapHandler) ProcessTask(ctx context.Context, _ *asynq.Task) error {
+	n, err := h.pool.ReapIdle(ctx, h.now(), h.ttl)
+	h.metrics.addReaped(n)
+	if n > 0 {
+		h.log.Info("reaped idle sandboxes", "count", n, "idle_ttl", h.ttl)
+	}
+	if err != nil {
+		return fmt.Errorf("reap idle sandboxes: %w", err)
+	}
+	return nil
+}
+
+// Reaper enqueues one reap task per tick. Every worker runs one; the task
+// id is derived from the tick, so however many workers tick at once,
+// asynq accepts one task per tick and the others get a conflict.
+type Reaper struct {
+	client *asynq.Client
+	every  time.Duration
+	queue  string
+	now    func() time.Time
+	log    *slog.Logger
+}
+
+// Run ticks until ctx ends.
+func (r *Reaper) Run(ctx context.Context) error {
+	t := time.NewTicker(r.every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+			if err := r.enqueue(ctx); err != nil {
+				r.log.Warn("schedule reap failed", "err", err)
+			}
+		}
+	}
+}
+
+func (r *Reaper) enqueue(ctx context.Context) error {
+	tick := r.now().Truncate(r.every)
+	id := "boxq-reap-" + strconv.FormatInt(tick.Unix(), 10)
+	_, err := r.client.EnqueueContext(ctx, NewReapTask(),
+		asynq.TaskID(id), asynq.Queue(r.queue), asynq.MaxRetry(0),
+		// Keep the finished task (and so its id) past the tick, so a
+		// worker that ticks late cannot enqueue the same tick again.
+		asynq.Retention(2*r.every), asynq.Timeout(r.every+time.Minute))
+	if errors.Is(err, asynq.ErrTaskIDConflict) {
+		return nil
+	}
+	return err
+}

@@ -1,0 +1,548 @@
+package jobs_test
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hibiken/asynq"
+
+	"github.com/boxq/boxq/internal/app"
+	"github.com/boxq/boxq/jobs"
+)
+
+func TestCwdCarriesAcrossJobsOfATask(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.startWorker(t, nil)
+	r1 := s.run1(t, jobs.Job{TaskID: "t1", Command: "cd /tmp"})
+	if r1.Status != jobs.StatusCompleted || r1.ReturnCode != 0 || r1.Cwd != "/tmp" {
+		t.Fatalf("cd /tmp: %+v, want completed/0 with cwd /tmp", r1)
+	}
+	r2 := s.run1(t, jobs.Job{TaskID: "t1", Command: "pwd"})
+	if got := strings.TrimSpace(r2.Output); got != "/tmp" {
+		t.Errorf("pwd after cd /tmp printed %q, want /tmp", got)
+	}
+	if r2.SandboxID != r1.SandboxID {
+		t.Errorf("second job ran in sandbox %s, first in %s: want the task's one sandbox", r2.SandboxID, r1.SandboxID)
+	}
+	// An explicit cwd wins over the tracked one.
+	r3 := s.run1(t, jobs.Job{TaskID: "t1", Command: "pwd", Cwd: "/"})
+	if got := strings.TrimSpace(r3.Output); got != "/" {
+		t.Errorf("pwd with cwd / printed %q", got)
+	}
+}
+
+func TestResultsOfCommands(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.startWorker(t, nil)
+	tests := []struct {
+		name       string
+		job        jobs.Job
+		wantStatus string
+		wantRC     int
+		wantOutput string
+	}{
+		{"exit 0", jobs.Job{Command: "echo hello"}, jobs.StatusCompleted, 0, "hello\n"},
+		{"exit 3", jobs.Job{Command: "echo oops >&2; exit 3"}, jobs.StatusCompleted, 3, "oops\n"},
+		{"not found", jobs.Job{Command: "no-such-command-xyz 2>/dev/null"}, jobs.StatusCompleted, 127, ""},
+		{"stdin", jobs.Job{Command: "tr a-z A-Z", Stdin: "line one\nline two\n"}, jobs.StatusCompleted, 0, "LINE ONE\nLINE TWO\n"},
+		{"stdin compound", jobs.Job{Command: "read a; read b; echo \"$b-$a\"", Stdin: "1\n2\n"}, jobs.StatusCompleted, 0, "2-1\n"},
+		{"no trailing newline", jobs.Job{Command: "printf abc"}, jobs.StatusCompleted, 0, "abc"},
+		{"missing cwd", jobs.Job{Command: "pwd", Cwd: "/no/such/dir"}, jobs.StatusCompleted, 126, ""},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			tt.job.TaskID = fmt.Sprintf("results-%d", i)
+			r := s.run1(t, tt.job)
+			if r.Status != tt.wantStatus || r.ReturnCode != tt.wantRC {
+				t.Errorf("status %s rc %d, want %s %d (result %+v)", r.Status, r.ReturnCode, tt.wantStatus, tt.wantRC, r)
+			}
+			if tt.wantOutput != "" || tt.wantRC == 0 {
+				if r.Output != tt.wantOutput {
+					t.Errorf("output %q, want %q", r.Output, tt.wantOutput)
+				}
+			}
+			if r.Attempts != 1 || r.ExecID != jobs.ExecID(r.ID) || r.SandboxID == "" || r.FinishedAt.Before(r.StartedAt) {
+				t.Errorf("bookkeeping fields wrong: %+v", r)
+			}
+		})
+	}
+}
+
+func TestTimeoutKillsTheCommand(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.startWorker(t, nil)
+	marker := "boxq-timeout-" + randID()
+	start := time.Now()
+	r := s.run1(t, jobs.Job{TaskID: "slow", Command: "sleep 30 # " + marker, TimeoutS: ptr(1.0)})
+	if r.Status != jobs.StatusTimeout || r.ReturnCode != 124 {
+		t.Fatalf("result %+v, want timeout/124", r)
+	}
+	if d := time.Since(start); d > 15*time.Second {
+		t.Errorf("timeout result took %v", d)
+	}
+	if pids := findProcesses(marker); len(pids) > 0 {
+		t.Errorf("processes of the timed-out command still run: %v", pids)
+	}
+}
+
+func TestLargeOutputIsTruncated(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.startWorker(t, nil)
+	r := s.run1(t, jobs.Job{TaskID: "big", Command: "head -c 2000000 /dev/zero | tr '\\0' x; echo; echo END"})
+	if r.Status != jobs.StatusCompleted || r.ReturnCode != 0 {
+		t.Fatalf("result %s/%d: %s", r.Status, r.ReturnCode, r.Error)
+	}
+	if !r.Truncated {
+		t.Errorf("truncated = false for a 2 MB output")
+	}
+	if len(r.Output) > 1<<20+200 || !strings.HasSuffix(r.Output, "END\n") || !strings.Contains(r.Output, "bytes omitted") {
+		t.Errorf("output is %d bytes, ends %q: want ≤ 1 MiB with the tail kept and the cut said", len(r.Output), r.Output[max(0, len(r.Output)-20):])
+	}
+	if r.OutputBytes != 2000000+1+4 {
+		t.Errorf("output_bytes = %d, want %d", r.OutputBytes, 2000005)
+	}
+	if r.Cwd != "/root" {
+		t.Errorf("cwd after truncated output = %q, want /root (the marker is in the tail)", r.Cwd)
+	}
+}
+
+func TestInvalidJobFailsAtOnceWithClearError(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.startWorker(t, nil)
+	client := asynq.NewClientFromRedisClient(s.rdb)
+	ctx := context.Background()
+	w, err := s.prod.Subscribe(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	tests := []struct {
+		name    string
+		payload string
+		want    string
+	}{
+		{"not json", `{"task_id": "x", "command": `, "invalid job"},
+		{"no command", `{"task_id": "x"}`, "command is required"},
+		{"no task", `{"command": "true"}`, "task_id is required"},
+		{"negative timeout", `{"task_id": "x", "command": "true", "timeout_s": -1}`, "timeout_s must be a positive"},
+		{"wrong type", `{"task_id": "x", "command": 42}`, `"command" must be a string`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			id := "bad-" + strings.ReplaceAll(tt.name, " ", "-")
+			payload := tt.payload
+			if strings.HasSuffix(payload, "}") {
+				payload = payload[:len(payload)-1] + fmt.Sprintf(`, "notify": %q}`, w.Channel())
+			}
+			if _, err := client.Enqueue(asynq.NewTask(jobs.TypeExec, []byte(payload)), asynq.TaskID(id), asynq.MaxRetry(5)); err != nil {
+				t.Fatal(err)
+			}
+			w.Add(jobs.Enqueued{ID: id, Queue: jobs.DefaultQueue})
+			rctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+			defer cancel()
+			r, err := w.Next(rctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.Status != jobs.StatusError || r.ReturnCode != 1 || !strings.Contains(r.Error, tt.want) {
+				t.Errorf("result %+v, want status error with %q", r, tt.want)
+			}
+			// The result is written before the handler returns; asynq
+			// archives the task right after.
+			waitFor(t, 5*time.Second, "the task to be archived", func() bool {
+				return taskInfo(t, s.rdb, id).State == asynq.TaskStateArchived
+			})
+			if info := taskInfo(t, s.rdb, id); info.Retried != 0 {
+				t.Errorf("task retried %d times, want archived at once with no retry", info.Retried)
+			}
+		})
+	}
+	// The producer refuses the same jobs before they reach the queue.
+	if _, err := s.prod.Enqueue(ctx, jobs.Job{TaskID: "x"}, ""); err == nil || !strings.Contains(err.Error(), "command is required") {
+		t.Errorf("Enqueue without command: %v", err)
+	}
+}
+
+func TestFanOutGetsOneSandboxPerTask(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.startWorker(t, func(c *jobs.WorkerConfig) { c.Concurrency = 64 })
+	var js []jobs.Job
+	for i := range 50 {
+		js = append(js, jobs.Job{ID: fmt.Sprintf("fan-%d", i), TaskID: fmt.Sprintf("fan-task-%d", i), Command: "echo $HOME; sleep 0.2"})
+	}
+	res := s.runJobs(t, 90*time.Second, js...)
+	sandboxes := map[string]bool{}
+	for _, r := range res {
+		if r.Status != jobs.StatusCompleted || r.ReturnCode != 0 {
+			t.Errorf("job %s: %s/%d %s", r.ID, r.Status, r.ReturnCode, r.Error)
+		}
+		sandboxes[r.SandboxID] = true
+	}
+	if len(res) != 50 || len(sandboxes) != 50 {
+		t.Errorf("%d results over %d sandboxes, want 50 over 50", len(res), len(sandboxes))
+	}
+}
+
+func TestJobsOfOneTaskNeverOverlap(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.startWorker(t, func(c *jobs.WorkerConfig) { c.Concurrency = 16 })
+	// A second worker on the same Redis and gateway: exclusion must hold
+	// across workers, not just inside one.
+	s.startWorker(t, func(c *jobs.WorkerConfig) { c.Concurrency = 16 })
+	var js []jobs.Job
+	for i := range 8 {
+		js = append(js, jobs.Job{ID: fmt.Sprintf("ovl-%d", i), TaskID: "shared",
+			Command: fmt.Sprintf("echo start %d >> ~/log; sleep 0.15; echo end %d >> ~/log", i, i)})
+	}
+	res := s.runJobs(t, 90*time.Second, js...)
+	for _, r := range res {
+		if r.Status != jobs.StatusCompleted || r.ReturnCode != 0 {
+			t.Fatalf("job %s: %+v", r.ID, r)
+		}
+	}
+	log := s.run1(t, jobs.Job{TaskID: "shared", Command: "cat ~/log"})
+	lines := strings.Split(strings.TrimSpace(log.Output), "\n")
+	if len(lines) != 16 {
+		t.Fatalf("log has %d lines, want 16:\n%s", len(lines), log.Output)
+	}
+	for i := 0; i < len(lines); i += 2 {
+		var a, b string
+		var n, m int
+		fmt.Sscanf(lines[i], "%s %d", &a, &n)
+		fmt.Sscanf(lines[i+1], "%s %d", &b, &m)
+		if a != "start" || b != "end" || n != m {
+			t.Fatalf("commands overlapped at line %d:\n%s", i+1, log.Output)
+		}
+	}
+}
+
+func TestCancelRunningJob(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.startWorker(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	w, err := s.prod.Subscribe(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	marker := "boxq-cancel-" + randID()
+	e, err := s.prod.Enqueue(ctx, jobs.Job{ID: "cancel-me", TaskID: "c1", Command: "echo started; sleep 60 # " + marker}, w.Channel())
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Add(e)
+	waitFor(t, 20*time.Second, "the command to start", func() bool { return len(findProcesses(marker)) > 0 })
+	if err := s.prod.Cancel(ctx, e.ID); err != nil {
+		t.Fatalf("Cancel: %v", err)
+	}
+	r, err := w.Next(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Status != jobs.StatusCancelled || r.ReturnCode != 130 {
+		t.Errorf("result %+v, want cancelled/130", r)
+	}
+	waitFor(t, 5*time.Second, "the cancelled command's processes to go", func() bool { return len(findProcesses(marker)) == 0 })
+	// The task's sandbox is free for the next command.
+	if r2 := s.run1(t, jobs.Job{TaskID: "c1", Command: "echo next"}); r2.Output != "next\n" {
+		t.Errorf("next job after cancel: %+v", r2)
+	}
+}
+
+func TestCancelPendingJobNeverRuns(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	w, err := s.prod.Subscribe(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	e, err := s.prod.Enqueue(ctx, jobs.Job{ID: "pending-cancel", TaskID: "pc", Command: "touch ~/ran"}, w.Channel())
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Add(e)
+	if err := s.prod.Cancel(ctx, e.ID); err != nil {
+		t.Fatalf("Cancel: %v", err)
+	}
+	s.startWorker(t, nil) // only now is there a worker
+	r, err := w.Next(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Status != jobs.StatusCancelled || r.ReturnCode != 130 {
+		t.Errorf("result %+v, want cancelled/130", r)
+	}
+	if r2 := s.run1(t, jobs.Job{TaskID: "pc", Command: "ls ~/ran 2>&1 || echo absent"}); !strings.Contains(r2.Output, "absent") {
+		t.Errorf("the cancelled pending job ran: %q", r2.Output)
+	}
+}
+
+func TestSigtermMidExecReattaches(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	stopA := s.startWorker(t, func(c *jobs.WorkerConfig) { c.ShutdownTimeout = 300 * time.Millisecond })
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	w, err := s.prod.Subscribe(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	marker := "boxq-sigterm-" + randID()
+	e, err := s.prod.Enqueue(ctx, jobs.Job{ID: "survivor", TaskID: "st",
+		Command: "echo run >> ~/runs; sleep 2 # " + marker + "\ncat ~/runs | wc -l"}, w.Channel())
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Add(e)
+	waitFor(t, 20*time.Second, "the command to start", func() bool { return len(findProcesses(marker)) > 0 })
+	stopA() // like SIGTERM: graceful shutdown with a short timeout
+	if len(findProcesses(marker)) == 0 {
+		t.Fatalf("stopping the worker killed the command; it should be left running")
+	}
+	s.startWorker(t, nil)
+	r, err := w.Next(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Status != jobs.StatusCompleted || strings.TrimSpace(r.Output) != "1" {
+		t.Errorf("result %+v, want completed with output 1 (the command ran once)", r)
+	}
+}
+
+func TestSandboxGoneIsRecreated(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.startWorker(t, nil)
+	r1 := s.run1(t, jobs.Job{TaskID: "gone", Command: "cd /tmp", Persistent: ptr(false)})
+	if err := s.client.Terminate(context.Background(), r1.SandboxID, false); err != nil {
+		t.Fatalf("terminate behind the pool's back: %v", err)
+	}
+	r2 := s.run1(t, jobs.Job{TaskID: "gone", Command: "pwd", Persistent: ptr(false)})
+	if r2.Status != jobs.StatusCompleted || !r2.SandboxRecreated || r2.SandboxID == r1.SandboxID {
+		t.Fatalf("result %+v, want completed in a new sandbox with sandbox_recreated", r2)
+	}
+	if got := strings.TrimSpace(r2.Output); got != "/root" {
+		t.Errorf("pwd in the recreated sandbox = %q, want the default /root", got)
+	}
+}
+
+func TestReaperTerminatesIdleSandboxesOnly(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.startWorker(t, func(c *jobs.WorkerConfig) {
+		c.IdleTTL = 500 * time.Millisecond
+		c.ReapEvery = 200 * time.Millisecond
+	})
+	idle := s.run1(t, jobs.Job{TaskID: "idle", Command: "true"})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	w, err := s.prod.Subscribe(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	e, err := s.prod.Enqueue(ctx, jobs.Job{ID: "busy", TaskID: "busy", Command: "sleep 3; echo survived"}, w.Channel())
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Add(e)
+	waitFor(t, 20*time.Second, "the idle sandbox to be reaped", func() bool {
+		_, ok, err := s.pool.Get(ctx, "idle")
+		return err == nil && !ok
+	})
+	live, err := s.client.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, sb := range live {
+		if sb.ID == idle.SandboxID {
+			t.Errorf("reaped sandbox %s is still live at the gateway", sb.ID)
+		}
+	}
+	r, err := w.Next(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Status != jobs.StatusCompleted || r.Output != "survived\n" {
+		t.Errorf("busy job: %+v, want it untouched by the reaper", r)
+	}
+}
+
+func TestGatewayCapacityWaitDoesNotUseRetries(t *testing.T) {
+	var refused atomic.Int32
+	s := newStack(t, stackOptions{front: func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.Method == http.MethodPost && strings.HasSuffix(r.URL.Path, "/execs") && refused.Add(1) <= 3 {
+				w.Header().Set("Retry-After", "0")
+				w.WriteHeader(http.StatusTooManyRequests)
+				_, _ = w.Write([]byte(`{"error":"too many execs"}`))
+				return
+			}
+			next.ServeHTTP(w, r)
+		})
+	}})
+	s.startWorker(t, nil)
+	r := s.run1(t, jobs.Job{ID: "cap", TaskID: "cap", Command: "echo through"})
+	if r.Status != jobs.StatusCompleted || r.Output != "through\n" {
+		t.Fatalf("result %+v", r)
+	}
+	if r.Attempts != 1 {
+		t.Errorf("attempts = %d after 3 capacity waits, want 1 (capacity waits are not failures)", r.Attempts)
+	}
+	if n := refused.Load(); n < 4 {
+		t.Errorf("gateway saw %d starts, want at least 4", n)
+	}
+}
+
+func TestResultVisibleToInspector(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.startWorker(t, nil)
+	r := s.run1(t, jobs.Job{ID: "insp", TaskID: "insp", Command: "echo hi"})
+	info := taskInfo(t, s.rdb, "insp")
+	if info.State != asynq.TaskStateCompleted {
+		t.Errorf("state %v, want completed", info.State)
+	}
+	if got := decodeResult(t, info.Result); got.Output != r.Output || got.ID != "insp" {
+		t.Errorf("inspector result %+v, want the published one %+v", got, r)
+	}
+	res, state, ok, err := s.prod.Lookup(context.Background(), "insp")
+	if err != nil || !ok || state != "completed" || res.Output != "hi\n" {
+		t.Errorf("Lookup = %+v %q %v %v", res, state, ok, err)
+	}
+}
+
+func TestSameIDTwiceIsOneJob(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.startWorker(t, nil)
+	j := jobs.Job{ID: "once", TaskID: "once", Command: "echo x >> ~/n; wc -l < ~/n"}
+	r1 := s.run1(t, j)
+	e, err := s.prod.Enqueue(context.Background(), j, "")
+	if err != nil || !e.Existed {
+		t.Fatalf("second Enqueue = %+v, %v; want Existed", e, err)
+	}
+	r2 := s.runJobs(t, 30*time.Second, j)["once"]
+	if r1.Output != "1\n" || r2.Output != "1\n" {
+		t.Errorf("outputs %q then %q, want 1 both times (one run)", r1.Output, r2.Output)
+	}
+}
+
+// findProcesses returns the pids whose command line contains s.
+func findProcesses(s string) []string {
+	ents, _ := os.ReadDir("/proc")
+	var pids []string
+	for _, e := range ents {
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil || e.Name() == "self" {
+			continue
+		}
+		if strings.Contains(string(b), s) && !strings.Contains(string(b), "go test") {
+			pids = append(pids, e.Name())
+		}
+	}
+	return pids
+}
+
+// helperWorkerEnv makes the test binary run as a worker process (for the
+// SIGKILL test): a real process that can really die.
+const helperWorkerEnv = "BOXQ_TEST_HELPER_WORKER"
+
+func helperWorkerMain() int {
+	ctx, stop := context.WithCancel(context.Background())
+	defer stop()
+	err := app.RunWorker(ctx, app.WorkerOptions{
+		RedisURL: os.Getenv("REDIS_URL"), GatewayURL: os.Getenv("GATEWAY_URL"), Token: os.Getenv("GATEWAY_TOKEN"),
+		Concurrency: 8, IdleTTL: time.Hour, ReapEvery: time.Hour,
+		OnReady: func(string) { fmt.Println("ready") },
+	})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
+}
+
+func startWorkerProcess(t *testing.T, s *stack) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), helperWorkerEnv+"=1", "REDIS_URL="+s.redisURL, "GATEWAY_URL="+s.gwURL, "GATEWAY_TOKEN="+testToken)
+	cmd.Stderr = os.Stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	ready := make(chan bool, 1)
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			if sc.Text() == "ready" {
+				ready <- true
+			}
+		}
+		close(ready)
+	}()
+	select {
+	case ok := <-ready:
+		if !ok {
+			t.Fatal("worker process exited before it was ready")
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("worker process not ready after 30s")
+	}
+	return cmd
+}
+
+func TestSigkillMidExecRunsOnce(t *testing.T) {
+	if testing.Short() {
+		t.Skip("waits for asynq's crash recovery (up to ~90 s)")
+	}
+	t.Parallel()
+	s := newStack(t, stackOptions{})
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	w, err := s.prod.Subscribe(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	a := startWorkerProcess(t, s)
+	marker := "boxq-sigkill-" + randID()
+	e, err := s.prod.Enqueue(ctx, jobs.Job{ID: "killed", TaskID: "sk",
+		Command: "echo run >> ~/runs; sleep 2 # " + marker + "\nwc -l < ~/runs"}, w.Channel())
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Add(e)
+	waitFor(t, 20*time.Second, "the command to start", func() bool { return len(findProcesses(marker)) > 0 })
+	if err := a.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	_ = a.Wait()
+	killedAt := time.Now()
+	startWorkerProcess(t, s)
+	r, err := w.Next(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("result arrived %v after the SIGKILL (asynq recovers a dead worker's jobs after their lease expires)", time.Since(killedAt).Round(time.Second))
+	if r.Status != jobs.StatusCompleted || strings.TrimSpace(r.Output) != "1" {
+		t.Errorf("result %+v, want completed with output 1 (ran once)", r)
+	}
+	b, _ := json.Marshal(r)
+	t.Logf("result: %s", b)
+}

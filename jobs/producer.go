@@ -1,0 +1,316 @@
+package jobs
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/hibiken/asynq"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/boxq/boxq/wrap"
+)
+
+// ProducerConfig configures a Producer.
+type ProducerConfig struct {
+	// Retention is how long results are kept after a job ends. Default 24h.
+	Retention time.Duration
+	// MaxRetry is how many times a job is retried after infrastructure
+	// faults (capacity waits do not count). Default 8.
+	MaxRetry int
+	// Prefix of boxq's own Redis keys; must match the workers'. Default "boxq:".
+	Prefix string
+	// Sweep is how often a Waiter looks results up in Redis, besides
+	// listening for them: the safety net for a missed notification.
+	// Default 1s.
+	Sweep  time.Duration
+	Logger *slog.Logger
+}
+
+// Producer enqueues jobs and finds their results.
+type Producer struct {
+	rdb    redis.UniversalClient
+	client *asynq.Client
+	insp   *asynq.Inspector
+	store  store
+	cfg    ProducerConfig
+}
+
+// NewProducer returns a Producer on rdb. Close it when done.
+func NewProducer(rdb redis.UniversalClient, cfg ProducerConfig) (*Producer, error) {
+	if rdb == nil {
+		return nil, errors.New("jobs: producer needs a Redis client")
+	}
+	if cfg.Retention == 0 {
+		cfg.Retention = 24 * time.Hour
+	}
+	if cfg.MaxRetry == 0 {
+		cfg.MaxRetry = 8
+	}
+	if cfg.Prefix == "" {
+		cfg.Prefix = "boxq:"
+	}
+	if cfg.Sweep == 0 {
+		cfg.Sweep = time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Retention < 0 || cfg.MaxRetry < 0 {
+		return nil, errors.New("jobs: retention and max retry must not be negative")
+	}
+	return &Producer{
+		rdb:    rdb,
+		client: asynq.NewClientFromRedisClient(rdb),
+		insp:   asynq.NewInspectorFromRedisClient(rdb),
+		store:  store{rdb: rdb, prefix: cfg.Prefix},
+		cfg:    cfg,
+	}, nil
+}
+
+// Enqueued describes an enqueued job.
+type Enqueued struct {
+	ID    string
+	Queue string
+	// Existed is true when a job with this id was already enqueued: the
+	// same id twice is one job.
+	Existed bool
+}
+
+// Enqueue validates j and enqueues it. notify is the channel of a Waiter
+// that will wait for the result ("" if nobody waits).
+func (p *Producer) Enqueue(ctx context.Context, j Job, notify string) (Enqueued, error) {
+	if err := j.Validate(); err != nil {
+		return Enqueued{}, err
+	}
+	if j.ID == "" {
+		j.ID = uuid.NewString()
+	}
+	e := Enqueued{ID: j.ID, Queue: j.QueueName()}
+	task, err := NewExecTask(ExecPayload{Job: j, Nonce: wrap.NewNonce(), Notify: notify, QueuedAtMs: time.Now().UnixMilli()})
+	if err != nil {
+		return Enqueued{}, err
+	}
+	_, err = p.client.EnqueueContext(ctx, task,
+		asynq.TaskID(j.ID), asynq.Queue(e.Queue), asynq.MaxRetry(p.cfg.MaxRetry),
+		asynq.Retention(p.cfg.Retention),
+		// asynq's own deadline sits well past the client's (timeout + 10s
+		// grace), so that the gateway loop, not asynq, ends a slow command.
+		asynq.Timeout(j.Timeout()+2*time.Minute))
+	if errors.Is(err, asynq.ErrTaskIDConflict) {
+		e.Existed = true
+		return e, nil
+	}
+	if err != nil {
+		return Enqueued{}, fmt.Errorf("jobs: enqueue %s: %w", j.ID, err)
+	}
+	return e, nil
+}
+
+// Terminate enqueues a job that ends taskID's sandbox now.
+func (p *Producer) Terminate(ctx context.Context, taskID string) (string, error) {
+	t, err := NewTerminateTask(taskID)
+	if err != nil {
+		return "", err
+	}
+	info, err := p.client.EnqueueContext(ctx, t, asynq.MaxRetry(p.cfg.MaxRetry), asynq.Retention(p.cfg.Retention))
+	if err != nil {
+		return "", fmt.Errorf("jobs: enqueue terminate of %q: %w", taskID, err)
+	}
+	return info.ID, nil
+}
+
+// ErrJobNotFound is returned when no queue holds the job.
+var ErrJobNotFound = errors.New("job not found")
+
+// Cancel cancels a job: a pending one never runs, a running one has its
+// exec cancelled; both end with a "cancelled" result (rc 130). A job that
+// already has a result is left as it is.
+func (p *Producer) Cancel(ctx context.Context, jobID string) error {
+	info, err := p.find(jobID)
+	if err != nil {
+		return err
+	}
+	if len(info.Result) > 0 {
+		return nil
+	}
+	// The flag first: a job that starts after this line sees it, one
+	// running now gets the cancel message below.
+	if err := p.store.markCancelled(ctx, jobID, p.cfg.Retention); err != nil {
+		return err
+	}
+	if err := p.insp.CancelProcessing(jobID); err != nil {
+		return fmt.Errorf("jobs: cancel %s: %w", jobID, err)
+	}
+	if info.State == asynq.TaskStateRetry || info.State == asynq.TaskStateScheduled {
+		// Bring it forward so its cancelled result is written now.
+		_ = p.insp.RunTask(info.Queue, jobID)
+	}
+	return nil
+}
+
+// Lookup returns a job's result. ok is false while the job has none yet.
+func (p *Producer) Lookup(ctx context.Context, jobID string) (res Result, state string, ok bool, err error) {
+	info, err := p.find(jobID)
+	if err != nil {
+		return Result{}, "", false, err
+	}
+	if len(info.Result) == 0 {
+		return Result{}, info.State.String(), false, nil
+	}
+	if err := json.Unmarshal(info.Result, &res); err != nil {
+		return Result{}, info.State.String(), false, fmt.Errorf("jobs: decode result of %s: %w", jobID, err)
+	}
+	return res, info.State.String(), true, nil
+}
+
+// find looks a job up in every queue.
+func (p *Producer) find(jobID string) (*asynq.TaskInfo, error) {
+	queues, err := p.insp.Queues()
+	if err != nil {
+		return nil, fmt.Errorf("jobs: list queues: %w", err)
+	}
+	for _, q := range queues {
+		info, err := p.insp.GetTaskInfo(q, jobID)
+		if err == nil {
+			return info, nil
+		}
+		if !errors.Is(err, asynq.ErrTaskNotFound) && !errors.Is(err, asynq.ErrQueueNotFound) {
+			return nil, fmt.Errorf("jobs: look up %s: %w", jobID, err)
+		}
+	}
+	return nil, fmt.Errorf("%w: %s", ErrJobNotFound, jobID)
+}
+
+// Waiter collects the results of jobs as they finish. Subscribe before
+// enqueueing, pass Channel() to Enqueue, Add each enqueued job, then call
+// Next until it has returned every job's result.
+//
+// Results arrive by Redis pub/sub, so a waiting producer hears of a result
+// the moment it is written; a periodic sweep reads the results of jobs still
+// outstanding, so a notification lost (a Redis restart, a job enqueued
+// earlier by someone else) delays a result but never loses it.
+type Waiter struct {
+	p       *Producer
+	channel string
+	pubsub  *redis.PubSub
+	msgs    <-chan *redis.Message
+	pending map[string]pendingJob
+	ready   []Result
+}
+
+type pendingJob struct {
+	queue string
+	added time.Time
+}
+
+// Subscribe returns a Waiter listening on a fresh channel.
+func (p *Producer) Subscribe(ctx context.Context) (*Waiter, error) {
+	ch := p.cfg.Prefix + "notify:" + uuid.NewString()
+	ps := p.rdb.Subscribe(ctx, ch)
+	// Wait for the subscription to be confirmed, or a result published
+	// right after enqueueing could be missed.
+	if _, err := ps.Receive(ctx); err != nil {
+		ps.Close()
+		return nil, fmt.Errorf("jobs: subscribe for results: %w", err)
+	}
+	return &Waiter{
+		p: p, channel: ch, pubsub: ps,
+		msgs:    ps.Channel(redis.WithChannelSize(4096)),
+		pending: make(map[string]pendingJob),
+	}, nil
+}
+
+// Channel is the notify channel to pass to Enqueue.
+func (w *Waiter) Channel() string { return w.channel }
+
+// Add registers a job to wait for.
+func (w *Waiter) Add(e Enqueued) {
+	w.pending[e.ID] = pendingJob{queue: e.Queue, added: time.Now()}
+}
+
+// Pending returns how many jobs have no result yet.
+func (w *Waiter) Pending() int { return len(w.pending) + len(w.ready) }
+
+// Next returns the next result. It returns an error only when ctx ends or
+// Redis fails; jobs that vanish without a result get an "error" result.
+func (w *Waiter) Next(ctx context.Context) (Result, error) {
+	sweep := time.NewTimer(w.p.cfg.Sweep)
+	defer sweep.Stop()
+	for {
+		if len(w.ready) > 0 {
+			r := w.ready[0]
+			w.ready = w.ready[1:]
+			return r, nil
+		}
+		if len(w.pending) == 0 {
+			return Result{}, errors.New("jobs: no job to wait for")
+		}
+		select {
+		case <-ctx.Done():
+			return Result{}, ctx.Err()
+		case m := <-w.msgs:
+			var r Result
+			if err := json.Unmarshal([]byte(m.Payload), &r); err != nil {
+				continue
+			}
+			if _, ok := w.pending[r.ID]; ok {
+				delete(w.pending, r.ID)
+				return r, nil
+			}
+		case <-sweep.C:
+			if err := w.sweep(ctx); err != nil {
+				return Result{}, err
+			}
+			sweep.Reset(w.p.cfg.Sweep)
+		}
+	}
+}
+
+// sweep reads the results of outstanding jobs in one pipelined round trip
+// per queue.
+func (w *Waiter) sweep(ctx context.Context) error {
+	byQueue := map[string][]string{}
+	for id, pj := range w.pending {
+		byQueue[pj.queue] = append(byQueue[pj.queue], id)
+	}
+	for queue, ids := range byQueue {
+		states, err := w.p.store.lookup(ctx, queue, ids)
+		if err != nil {
+			return err
+		}
+		for i, st := range states {
+			id := ids[i]
+			switch {
+			case st.result != nil:
+				var r Result
+				if err := json.Unmarshal(st.result, &r); err != nil {
+					r = Result{ID: id, Status: StatusError, ReturnCode: 1, Error: "unreadable result: " + err.Error()}
+				}
+				w.deliver(id, r)
+			case !st.exists:
+				w.deliver(id, Result{ID: id, Status: StatusError, ReturnCode: 1,
+					Error: "job no longer exists and left no result (deleted, or its result expired)"})
+			case st.state == "archived":
+				msg := "job failed without a result"
+				if info, err := w.p.insp.GetTaskInfo(queue, id); err == nil && info.LastErr != "" {
+					msg += ": " + info.LastErr
+				}
+				w.deliver(id, Result{ID: id, Status: StatusError, ReturnCode: 1, Error: msg})
+			}
+		}
+	}
+	return nil
+}
+
+func (w *Waiter) deliver(id string, r Result) {
+	delete(w.pending, id)
+	w.ready = append(w.ready, r)
+}
+
+// Close stops listening.
+func (w *Waiter) Close() error { return w.pubsub.Close() }

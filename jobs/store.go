@@ -1,0 +1,114 @@
+package jobs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Results live where asynq keeps them: the "result" field of the task's
+// hash, so asynq's inspector, the dashboard and its retention all see them.
+// boxq writes that field itself rather than through asynq.ResultWriter for
+// two reasons: the write and the publish to a waiting producer go in one
+// round trip, and a job whose context was cancelled (CancelProcessing) can
+// still record its "cancelled" result. The key layout is asynq's
+// (base.TaskKey) at the pinned version; TestResultVisibleToInspector guards it.
+func taskKey(queue, id string) string {
+	return "asynq:{" + queue + "}:t:" + id
+}
+
+// writeResultScript stores a result and publishes it in one round trip.
+// It never creates the task hash: a result for a task that asynq has
+// already deleted would otherwise linger without expiry.
+var writeResultScript = redis.NewScript(`
+if redis.call("EXISTS", KEYS[1]) == 1 then
+	redis.call("HSET", KEYS[1], "result", ARGV[1])
+end
+if ARGV[2] ~= "" then
+	redis.call("PUBLISH", ARGV[2], ARGV[1])
+end
+return 1
+`)
+
+// store holds the few Redis keys boxq keeps next to asynq's.
+type store struct {
+	rdb    redis.UniversalClient
+	prefix string
+}
+
+func (s store) cancelKey(jobID string) string { return s.prefix + "cancel:" + jobID }
+
+// writeResult stores the encoded result with the task and publishes it on
+// notify ("" = nobody waits). It uses its own bounded context: a result
+// must be written even when the job's context is gone.
+func (s store) writeResult(ctx context.Context, queue, jobID, notify string, data []byte) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if err := writeResultScript.Run(ctx, s.rdb, []string{taskKey(queue, jobID)}, data, notify).Err(); err != nil {
+		return fmt.Errorf("jobs: write result of %s: %w", jobID, err)
+	}
+	return nil
+}
+
+// deliveryState is what a delivery of a job checks before it runs: a result
+// already written (an earlier delivery finished but asynq did not record
+// it) and a cancel request. One round trip.
+func (s store) deliveryState(ctx context.Context, queue, jobID string) (result []byte, cancelled bool, err error) {
+	pipe := s.rdb.Pipeline()
+	res := pipe.HGet(ctx, taskKey(queue, jobID), "result")
+	can := pipe.Exists(ctx, s.cancelKey(jobID))
+	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
+		return nil, false, fmt.Errorf("jobs: read state of %s: %w", jobID, err)
+	}
+	b, err := res.Bytes()
+	if err != nil && !errors.Is(err, redis.Nil) {
+		return nil, false, fmt.Errorf("jobs: read result of %s: %w", jobID, err)
+	}
+	return b, can.Val() == 1, nil
+}
+
+// markCancelled records that jobID must not run (or must stop). It is kept
+// as long as results are.
+func (s store) markCancelled(ctx context.Context, jobID string, ttl time.Duration) error {
+	if err := s.rdb.Set(ctx, s.cancelKey(jobID), 1, ttl).Err(); err != nil {
+		return fmt.Errorf("jobs: mark %s cancelled: %w", jobID, err)
+	}
+	return nil
+}
+
+// taskState is one job's entry as the producer's sweep sees it.
+type taskState struct {
+	exists bool
+	state  string // asynq's state name: pending, active, retry, archived, completed, …
+	result []byte
+}
+
+// lookup reads the state and result of many jobs in one round trip.
+func (s store) lookup(ctx context.Context, queue string, ids []string) ([]taskState, error) {
+	pipe := s.rdb.Pipeline()
+	cmds := make([]*redis.SliceCmd, len(ids))
+	for i, id := range ids {
+		cmds[i] = pipe.HMGet(ctx, taskKey(queue, id), "state", "result")
+	}
+	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
+		return nil, fmt.Errorf("jobs: look up %d jobs: %w", len(ids), err)
+	}
+	out := make([]taskState, len(ids))
+	for i, c := range cmds {
+		v := c.Val()
+		if len(v) != 2 {
+			continue
+		}
+		if st, ok := v[0].(string); ok {
+			out[i].exists = true
+			out[i].state = st
+		}
+		if r, ok := v[1].(string); ok && r != "" {
+			out[i].result = []byte(r)
+		}
+	}
+	return out, nil
+}

@@ -1,0 +1,231 @@
+package jobs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"github.com/hibiken/asynq"
+	"github.com/redis/go-redis/v9"
+)
+
+// WorkerConfig configures a Worker. Zero values take the documented defaults.
+type WorkerConfig struct {
+	// Redis is the one client shared by asynq and the pool. Required.
+	Redis redis.UniversalClient
+	// Gateway runs execs. Required.
+	Gateway Gateway
+	// Pool lends sandboxes. Required.
+	Pool Pool
+	// Concurrency is how many jobs run at once. Most of a job is waiting on
+	// the gateway, so the default is high: 256.
+	Concurrency int
+	// Queues and their priorities; default {"default": 1}.
+	Queues map[string]int
+	// TaskCheckInterval is how long an idle worker waits before asking
+	// Redis for a job again: the main term of pickup latency on an idle
+	// worker (it averages about this much) against the idle load on Redis
+	// (one dequeue script per interval per worker). Default 10ms.
+	TaskCheckInterval time.Duration
+	// DelayedTaskCheckInterval is how often retries and capacity waits are
+	// moved back to their queue. Default 500ms.
+	DelayedTaskCheckInterval time.Duration
+	// ShutdownTimeout is how long running jobs may go on after a stop
+	// signal; after it their execs are left running and the jobs go back to
+	// the queue, to be re-attached by the next worker. Default 25s.
+	ShutdownTimeout time.Duration
+	// IdleTTL: sandboxes unused for this long are terminated. Default 5m.
+	IdleTTL time.Duration
+	// ReapEvery is the reaper's tick; 0 = default 30s, negative = no reaper.
+	ReapEvery time.Duration
+	// MaxOutput caps a result's output (head and tail kept). Default 1 MiB.
+	MaxOutput int
+	// Prefix of boxq's own Redis keys (cancel flags). Default "boxq:".
+	Prefix  string
+	Logger  *slog.Logger
+	Metrics *Metrics
+	Now     func() time.Time
+}
+
+func (c *WorkerConfig) withDefaults() {
+	if c.Concurrency == 0 {
+		c.Concurrency = 256
+	}
+	if len(c.Queues) == 0 {
+		c.Queues = map[string]int{DefaultQueue: 1}
+	}
+	if c.TaskCheckInterval == 0 {
+		c.TaskCheckInterval = 10 * time.Millisecond
+	}
+	if c.DelayedTaskCheckInterval == 0 {
+		c.DelayedTaskCheckInterval = 500 * time.Millisecond
+	}
+	if c.ShutdownTimeout == 0 {
+		c.ShutdownTimeout = 25 * time.Second
+	}
+	if c.IdleTTL == 0 {
+		c.IdleTTL = 5 * time.Minute
+	}
+	if c.ReapEvery == 0 {
+		c.ReapEvery = 30 * time.Second
+	}
+	if c.MaxOutput == 0 {
+		c.MaxOutput = 1 << 20
+	}
+	if c.Prefix == "" {
+		c.Prefix = "boxq:"
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+}
+
+func (c *WorkerConfig) validate() error {
+	switch {
+	case c.Redis == nil:
+		return errors.New("jobs: worker needs a Redis client")
+	case c.Gateway == nil:
+		return errors.New("jobs: worker needs a gateway")
+	case c.Pool == nil:
+		return errors.New("jobs: worker needs a sandbox pool")
+	case c.Concurrency < 1:
+		return fmt.Errorf("jobs: concurrency must be at least 1, got %d", c.Concurrency)
+	case c.IdleTTL < 0:
+		return fmt.Errorf("jobs: idle TTL must not be negative, got %v", c.IdleTTL)
+	}
+	return nil
+}
+
+// Worker serves boxq's task types with an asynq server and runs the reaper
+// scheduler.
+type Worker struct {
+	cfg      WorkerConfig
+	srv      *asynq.Server
+	mux      *asynq.ServeMux
+	reaper   *Reaper
+	client   *asynq.Client
+	stopping chan struct{}
+	handlers sync.WaitGroup // handlers still running, aborted ones included
+}
+
+// NewWorker builds a Worker; Run starts it.
+func NewWorker(cfg WorkerConfig) (*Worker, error) {
+	cfg.withDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	w := &Worker{cfg: cfg, stopping: make(chan struct{})}
+	log := cfg.Logger
+	w.srv = asynq.NewServerFromRedisClient(cfg.Redis, asynq.Config{
+		Concurrency:              cfg.Concurrency,
+		Queues:                   cfg.Queues,
+		TaskCheckInterval:        cfg.TaskCheckInterval,
+		DelayedTaskCheckInterval: cfg.DelayedTaskCheckInterval,
+		ShutdownTimeout:          cfg.ShutdownTimeout,
+		IsFailure:                isFailure,
+		RetryDelayFunc:           retryDelay,
+		Logger:                   asynqLogger{log.With("component", "asynq")},
+		LogLevel:                 asynq.WarnLevel,
+		ErrorHandler: asynq.ErrorHandlerFunc(func(ctx context.Context, t *asynq.Task, err error) {
+			id, _ := asynq.GetTaskID(ctx)
+			var rl *retryLater
+			switch {
+			case errors.As(err, &rl), errors.Is(err, context.Canceled):
+				log.Debug("job will come back", "job_id", id, "type", t.Type(), "err", err)
+			default:
+				log.Warn("job attempt failed", "job_id", id, "type", t.Type(), "err", err)
+			}
+		}),
+	})
+	exec := &ExecHandler{
+		pool: cfg.Pool, gw: cfg.Gateway, store: store{rdb: cfg.Redis, prefix: cfg.Prefix},
+		log: log, now: cfg.Now, stopping: w.stopping, maxOutput: cfg.MaxOutput, metrics: cfg.Metrics,
+	}
+	w.mux = asynq.NewServeMux()
+	w.mux.Use(w.track)
+	w.mux.Handle(TypeExec, exec)
+	w.mux.Handle(TypeTerminate, &TerminateHandler{pool: cfg.Pool, log: log})
+	w.mux.Handle(TypeReap, &ReapHandler{pool: cfg.Pool, ttl: cfg.IdleTTL, now: cfg.Now, log: log, metrics: cfg.Metrics})
+	if cfg.ReapEvery > 0 {
+		w.client = asynq.NewClientFromRedisClient(cfg.Redis)
+		w.reaper = &Reaper{client: w.client, every: cfg.ReapEvery, queue: DefaultQueue, now: cfg.Now, log: log}
+	}
+	return w, nil
+}
+
+// track counts running handlers, so Run can wait for the cleanup of jobs
+// that asynq stopped waiting for at shutdown.
+func (w *Worker) track(next asynq.Handler) asynq.Handler {
+	return asynq.HandlerFunc(func(ctx context.Context, t *asynq.Task) error {
+		w.handlers.Add(1)
+		defer w.handlers.Done()
+		return next.ProcessTask(ctx, t)
+	})
+}
+
+// Run serves jobs until ctx ends, then shuts down gracefully: no new jobs,
+// running ones get ShutdownTimeout to finish, the rest are put back in the
+// queue with their execs left running, to be re-attached.
+func (w *Worker) Run(ctx context.Context) error {
+	if err := w.srv.Start(w.mux); err != nil {
+		return fmt.Errorf("jobs: start worker: %w", err)
+	}
+	var wg sync.WaitGroup
+	if w.reaper != nil {
+		wg.Go(func() { _ = w.reaper.Run(ctx) })
+	}
+	<-ctx.Done()
+	w.cfg.Logger.Info("stopping: waiting for running jobs", "timeout", w.cfg.ShutdownTimeout)
+	close(w.stopping)
+	w.srv.Shutdown()
+	wg.Wait()
+	done := make(chan struct{})
+	go func() { w.handlers.Wait(); close(done) }()
+	t := time.NewTimer(10 * time.Second)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+		w.cfg.Logger.Warn("some jobs did not finish their cleanup in time")
+	}
+	return nil
+}
+
+// isFailure tells asynq which errors count against a job's retries:
+// capacity waits and cancellations do not.
+func isFailure(err error) bool {
+	var rl *retryLater
+	return !errors.As(err, &rl) && !errors.Is(err, context.Canceled)
+}
+
+// retryDelay: capacity waits come back after their own delay (with jitter,
+// so waiting jobs do not return in a herd); cancelled jobs at once (their
+// next delivery records the result); faults back off exponentially from 1s
+// to a minute.
+func retryDelay(n int, err error, _ *asynq.Task) time.Duration {
+	var rl *retryLater
+	switch {
+	case errors.As(err, &rl):
+		return rl.after + rand.N(rl.after/2+1)
+	case errors.Is(err, context.Canceled):
+		return 0
+	}
+	d := time.Second << min(n, 6)
+	return min(d, time.Minute) + rand.N(d/4+1)
+}
+
+// asynqLogger sends asynq's log lines to slog.
+type asynqLogger struct{ l *slog.Logger }
+
+func (a asynqLogger) Debug(args ...any) { a.l.Debug(fmt.Sprint(args...)) }
+func (a asynqLogger) Info(args ...any)  { a.l.Info(fmt.Sprint(args...)) }
+func (a asynqLogger) Warn(args ...any)  { a.l.Warn(fmt.Sprint(args...)) }
+func (a asynqLogger) Error(args ...any) { a.l.Error(fmt.Sprint(args...)) }
+func (a asynqLogger) Fatal(args ...any) { a.l.Error(fmt.Sprint(args...)) }
