@@ -546,3 +546,38 @@ func TestSigkillMidExecRunsOnce(t *testing.T) {
 	b, _ := json.Marshal(r)
 	t.Logf("result: %s", b)
 }
+
+func TestWaiterSweepFindsUnnotifiedResults(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.startWorker(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	w, err := s.prod.Subscribe(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	// Enqueued without this waiter's channel: only the sweep can find it,
+	// as for a notification lost in a Redis restart.
+	e, err := s.prod.Enqueue(ctx, jobs.Job{ID: "quiet", TaskID: "quiet", Command: "echo found"}, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Add(e)
+	r, err := w.Next(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.ID != "quiet" || r.Output != "found\n" {
+		t.Errorf("result %+v", r)
+	}
+	// A job that does not exist is reported, not waited for forever.
+	w.Add(jobs.Enqueued{ID: "never-enqueued", Queue: jobs.DefaultQueue})
+	r, err = w.Next(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Status != jobs.StatusError || !strings.Contains(r.Error, "no longer exists") {
+		t.Errorf("result for a missing job: %+v", r)
+	}
+}

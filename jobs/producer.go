@@ -195,12 +195,13 @@ func (p *Producer) find(jobID string) (*asynq.TaskInfo, error) {
 // outstanding, so a notification lost (a Redis restart, a job enqueued
 // earlier by someone else) delays a result but never loses it.
 type Waiter struct {
-	p       *Producer
-	channel string
-	pubsub  *redis.PubSub
-	msgs    <-chan *redis.Message
-	pending map[string]pendingJob
-	ready   []Result
+	p         *Producer
+	channel   string
+	pubsub    *redis.PubSub
+	msgs      <-chan *redis.Message
+	pending   map[string]pendingJob
+	ready     []Result
+	nextSweep time.Time
 }
 
 type pendingJob struct {
@@ -239,7 +240,12 @@ func (w *Waiter) Pending() int { return len(w.pending) + len(w.ready) }
 // Next returns the next result. It returns an error only when ctx ends or
 // Redis fails; jobs that vanish without a result get an "error" result.
 func (w *Waiter) Next(ctx context.Context) (Result, error) {
-	sweep := time.NewTimer(w.p.cfg.Sweep)
+	// The sweep schedule lives in the Waiter, not in this call, so that
+	// callers that wake up often (to draw progress) do not postpone it.
+	if w.nextSweep.IsZero() {
+		w.nextSweep = time.Now().Add(w.p.cfg.Sweep)
+	}
+	sweep := time.NewTimer(time.Until(w.nextSweep))
 	defer sweep.Stop()
 	for {
 		if len(w.ready) > 0 {
@@ -266,6 +272,7 @@ func (w *Waiter) Next(ctx context.Context) (Result, error) {
 			if err := w.sweep(ctx); err != nil {
 				return Result{}, err
 			}
+			w.nextSweep = time.Now().Add(w.p.cfg.Sweep)
 			sweep.Reset(w.p.cfg.Sweep)
 		}
 	}

@@ -139,7 +139,7 @@ func runBatch(ctx context.Context, o *options, prod *jobs.Producer, stdin io.Rea
 	prog := newProgress(stderr, enqueued)
 	errorsSeen := failed
 	for w.Pending() > 0 {
-		res, err := w.Next(ctx)
+		res, err := nextOrTick(ctx, w, prog)
 		if err != nil {
 			prog.finish()
 			return fmt.Errorf("waiting for %d results: %w (the jobs go on; read results later with -result ID)", w.Pending(), err)
@@ -158,6 +158,20 @@ func runBatch(ctx context.Context, o *options, prod *jobs.Producer, stdin io.Rea
 		return &app.ExitError{Code: 1}
 	}
 	return nil
+}
+
+// nextOrTick waits for the next result, redrawing the progress every
+// second meanwhile, so a long wait is never silent.
+func nextOrTick(ctx context.Context, w *jobs.Waiter, prog *progress) (jobs.Result, error) {
+	for {
+		tctx, cancel := context.WithTimeout(ctx, time.Second)
+		res, err := w.Next(tctx)
+		cancel()
+		if err == nil || ctx.Err() != nil || !errors.Is(err, context.DeadlineExceeded) {
+			return res, err
+		}
+		prog.draw()
+	}
 }
 
 // readLine reads one line without its newline. A line longer than limit is
