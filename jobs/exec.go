@@ -47,6 +47,8 @@ type ExecHandler struct {
 	stopping  <-chan struct{}
 	maxOutput int
 	metrics   *Metrics
+	// gatewayIdle is the idleTimeoutMs asked of the gateway (0: its default).
+	gatewayIdle time.Duration
 }
 
 // ProcessTask implements asynq.Handler.
@@ -98,7 +100,7 @@ func (h *ExecHandler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 	}
 
 	acquireStart := time.Now()
-	lease, err := h.pool.Acquire(ctx, p.TaskID, specOf(&p.Job), res.ExecID)
+	lease, err := h.pool.Acquire(ctx, p.TaskID, h.specOf(&p.Job), res.ExecID)
 	h.metrics.observeAcquire(time.Since(acquireStart))
 	if err != nil {
 		return h.failure(ctx, queue, p.Notify, &res, retried, maxRetry, fmt.Errorf("acquire sandbox: %w", err))
@@ -136,7 +138,10 @@ func (h *ExecHandler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 		// restarted. Create a new one and run once more there.
 		log.Warn("sandbox is gone; recreating it", "err", err)
 		if rerr := h.pool.Recreate(ctx, lease); rerr != nil {
-			log.Error("recreate sandbox failed", "err", rerr)
+			// Classify by the create's failure (a capacity wait or a fault
+			// comes back later; a permanent answer ends the job), and say
+			// what started it.
+			err = fmt.Errorf("%w (recreating it after: %v)", rerr, err)
 		} else {
 			res.SandboxRecreated = true
 			res.SandboxID = lease.SandboxID()
@@ -333,17 +338,22 @@ func capOutput(out string, limit int) (string, bool, int) {
 	return out, truncated, total
 }
 
-func specOf(j *Job) sandboxpool.Spec {
+// specOf is the sandbox spec of a job. The gateway's own idle timeout is
+// set past the pool's idle TTL plus two reaper ticks, so the reaper, which
+// snapshots persistent sandboxes, gets there first; the gateway's timeout
+// only ends sandboxes that no worker reaps (every worker gone).
+func (h *ExecHandler) specOf(j *Job) sandboxpool.Spec {
 	persistent := true
 	if j.Persistent != nil {
 		persistent = *j.Persistent
 	}
 	return sandboxpool.Spec{
-		Image:      j.Image,
-		CPU:        j.CPU,
-		MemoryMiB:  j.MemoryMiB,
-		DiskMiB:    j.DiskMiB,
-		Persistent: persistent,
+		Image:         j.Image,
+		CPU:           j.CPU,
+		MemoryMiB:     j.MemoryMiB,
+		DiskMiB:       j.DiskMiB,
+		Persistent:    persistent,
+		IdleTimeoutMs: h.gatewayIdle.Milliseconds(),
 	}
 }
 

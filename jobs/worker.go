@@ -148,6 +148,9 @@ func NewWorker(cfg WorkerConfig) (*Worker, error) {
 		pool: cfg.Pool, gw: cfg.Gateway, store: store{rdb: cfg.Redis, prefix: cfg.Prefix},
 		log: log, now: cfg.Now, stopping: w.stopping, maxOutput: cfg.MaxOutput, metrics: cfg.Metrics,
 	}
+	if cfg.ReapEvery > 0 {
+		exec.gatewayIdle = max(cfg.IdleTTL+2*cfg.ReapEvery+30*time.Second, 5*time.Minute)
+	}
 	w.mux = asynq.NewServeMux()
 	w.mux.Use(w.track)
 	w.mux.Handle(TypeExec, exec)
