@@ -321,19 +321,20 @@ func (s *Server) startExec(sb *sandbox, id string, spec execSpec) (e *execution,
 	sb.mu.Unlock()
 
 	e.log.Debug("exec starting", "cwd", spec.cwd, "timeout", spec.timeout, "stdin_bytes", len(spec.stdin))
-	s.launch(e, spec, func() { s.execEnded(sb, e) })
+	s.launch(e, spec, func(at time.Time) { s.execEnded(sb, e.id, at) })
 	return e, false, nil
 }
 
-// execEnded books the end of e in sb and queues e to be forgotten.
-func (s *Server) execEnded(sb *sandbox, e *execution) {
+// execEnded books the end, at at, of exec id in sb and queues the exec to
+// be forgotten.
+func (s *Server) execEnded(sb *sandbox, id string, at time.Time) {
 	s.running.Add(-1)
 	sb.mu.Lock()
 	sb.running--
-	sb.lastActive = s.cfg.Now()
+	sb.lastActive = at
 	sb.mu.Unlock()
 	s.mu.Lock()
-	s.execFIFO = append(s.execFIFO, expiring{until: e.finishedAt.Add(s.cfg.ExecRetention), sb: sb, key: e.id})
+	s.execFIFO = append(s.execFIFO, expiring{until: at.Add(s.cfg.ExecRetention), sb: sb, key: id})
 	s.mu.Unlock()
 }
 

@@ -9,6 +9,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/boxq/boxq/gateway"
 )
@@ -31,10 +32,9 @@ type execution struct {
 	done chan struct{} // closed when the exec has ended
 
 	// Set before done is closed, read-only after.
-	status     string
-	rc         int
-	output     string
-	finishedAt time.Time
+	status string
+	rc     int
+	output string
 
 	mu         sync.Mutex
 	pgid       int    // the process group; 0 until the process started
@@ -84,9 +84,9 @@ func (e *execution) kill(reason string) {
 }
 
 // finish records the exec's end and wakes every waiter.
-func (e *execution) finish(status string, rc int, output string, at time.Time) {
+func (e *execution) finish(status string, rc int, output string) {
 	e.log.Debug("exec ended", "status", status, "returncode", rc, "output_bytes", len(output))
-	e.status, e.rc, e.output, e.finishedAt = status, rc, output, at
+	e.status, e.rc, e.output = status, rc, output
 	close(e.done)
 }
 
@@ -100,13 +100,15 @@ type execSpec struct {
 }
 
 // launch starts the process of e and returns once it runs or has failed
-// to start; a goroutine then supervises it to its end, finishes e and
-// calls ended. A process that cannot start ends e as failed.
-func (s *Server) launch(e *execution, spec execSpec, ended func()) {
+// to start; a goroutine then supervises it to its end, calls ended and
+// finishes e. ended comes first, so that whoever sees e ended also sees
+// it no longer counted as running. A process that cannot start ends e as
+// failed.
+func (s *Server) launch(e *execution, spec execSpec, ended func(at time.Time)) {
 	fail := func(rc int, msg string) {
 		e.log.Warn("exec could not start", "error", msg)
-		e.finish(gateway.StatusFailed, rc, msg+"\n", s.cfg.Now())
-		ended()
+		ended(s.cfg.Now())
+		e.finish(gateway.StatusFailed, rc, msg+"\n")
 	}
 	if s.launcher.mode == IsolationNone {
 		// bwrap says itself when it cannot chdir; without it, the start
@@ -172,7 +174,15 @@ func (s *Server) launch(e *execution, spec execSpec, ended func()) {
 	}()
 
 	go func() {
-		awaitExit(pid)
+		// What the command left running in its group ends with it, as it
+		// does under bubblewrap when its PID namespace goes: an exec's
+		// processes never outlive the exec. Best killed while the leader
+		// is a zombie: its pid, and so the group's id, cannot be reused
+		// until it is reaped.
+		zombie := awaitExit(pid)
+		if zombie {
+			_ = syscall.Kill(-pid, syscall.SIGKILL)
+		}
 		waitErr := cmd.Wait()
 		if timer != nil {
 			timer.Stop()
@@ -181,10 +191,9 @@ func (s *Server) launch(e *execution, spec execSpec, ended func()) {
 		e.exited = true
 		reason := e.killReason
 		e.mu.Unlock()
-		// What the command left running in its group ends with it, as it
-		// does under bubblewrap when its PID namespace goes: an exec's
-		// processes never outlive the exec.
-		_ = syscall.Kill(-pid, syscall.SIGKILL)
+		if !zombie {
+			_ = syscall.Kill(-pid, syscall.SIGKILL)
+		}
 		select {
 		case <-readDone:
 		case <-time.After(outputGrace):
@@ -193,8 +202,8 @@ func (s *Server) launch(e *execution, spec execSpec, ended func()) {
 		}
 		pr.Close()
 		status, rc := outcome(cmd.ProcessState, waitErr, reason)
-		e.finish(status, rc, out.String(), s.cfg.Now())
-		ended()
+		ended(s.cfg.Now())
+		e.finish(status, rc, out.String())
 	}()
 }
 
@@ -246,31 +255,58 @@ func (s *Server) stdinFile(data string) (*os.File, error) {
 // package syscall predates it.
 const sysPidfdOpen = 434
 
-// awaitExit returns when process pid has exited, without reaping it. It
-// waits in the runtime's poller on a pidfd of its own, where cmd.Wait
-// would block an OS thread: a thousand running execs then cost a thousand
-// parked goroutines, not a thousand threads. Where pidfds do not work it
-// returns at once, and cmd.Wait does the waiting.
-func awaitExit(pid int) {
+// awaitExit waits until process pid has exited, without reaping it, and
+// reports whether it did. It waits in the runtime's poller on a pidfd of
+// its own, where cmd.Wait would block an OS thread: a thousand running
+// execs then cost a thousand parked goroutines, not a thousand threads.
+// Where pidfds do not work it returns false at once, and cmd.Wait does
+// the waiting.
+func awaitExit(pid int) bool {
 	// pid is our child and not yet reaped: it cannot name another process.
 	fd, _, errno := syscall.Syscall(sysPidfdOpen, uintptr(pid), uintptr(syscall.O_NONBLOCK), 0)
 	if errno != 0 {
-		return
+		return false
 	}
 	// Non-blocking, so os.NewFile registers it with the poller.
 	f := os.NewFile(fd, "pidfd")
 	defer f.Close()
 	rc, err := f.SyscallConn()
 	if err != nil {
-		return
+		return false
 	}
-	// A pidfd is readable once its process has exited. The first call
-	// cannot know, so it asks to wait; the next comes when readable. Were a
-	// wakeup ever spurious, cmd.Wait would still wait for real, on the
-	// runtime's own blocking pidfd.
-	calls := 0
-	_ = rc.Read(func(uintptr) bool {
-		calls++
-		return calls > 1
+	// The callback must look for itself: the poller forgets a readiness
+	// that came before this call, and waits only for the next one.
+	exited := false
+	err = rc.Read(func(fd uintptr) bool {
+		var werr error
+		exited, werr = readable(int(fd))
+		// On an error, stop waiting here: cmd.Wait will wait instead.
+		return exited || werr != nil
 	})
+	return err == nil && exited
+}
+
+// readable reports whether fd is readable now (for a pidfd: its process
+// has exited), by a ppoll(2) that does not block.
+func readable(fd int) (bool, error) {
+	type pollFd struct {
+		fd      int32
+		events  int16
+		revents int16
+	}
+	const (
+		pollIn   = 0x1
+		pollErr  = 0x8
+		pollNval = 0x20
+	)
+	pfd := pollFd{fd: int32(fd), events: pollIn}
+	var zero syscall.Timespec
+	n, _, errno := syscall.Syscall6(syscall.SYS_PPOLL, uintptr(unsafe.Pointer(&pfd)), 1, uintptr(unsafe.Pointer(&zero)), 0, 0, 0)
+	switch {
+	case errno != 0:
+		return false, errno
+	case n == 1 && pfd.revents&(pollErr|pollNval) != 0:
+		return false, fmt.Errorf("ppoll: revents %#x", pfd.revents)
+	}
+	return n == 1 && pfd.revents&pollIn != 0, nil
 }

@@ -46,9 +46,11 @@ func TestIdleTimeout(t *testing.T) {
 		if r.status != http.StatusNotFound {
 			t.Errorf("start after idle timeout: got %d, want 404", r.status)
 		}
-		if _, err := os.Stat(filepath.Join(g.srv.stateDir, "sandboxes", sb)); !os.IsNotExist(err) {
-			t.Errorf("the sandbox's files: got %v, want them removed", err)
-		}
+		// The janitor removes the files right after the sandbox left the map.
+		waitFor(t, 5*time.Second, "the sandbox's files removed", func() bool {
+			_, err := os.Stat(filepath.Join(g.srv.stateDir, "sandboxes", sb))
+			return os.IsNotExist(err)
+		})
 	})
 	t.Run("a running exec keeps it alive", func(t *testing.T) {
 		sb := g.create(t, gateway.CreateRequest{IdleTimeoutMs: 200}, "")

@@ -3,8 +3,28 @@
 //
 // Each sandbox is a directory tree of its own under the state dir; each
 // exec runs `bash -c` in it, under bubblewrap (IsolationBwrap) or as a
-// plain process (IsolationNone, no isolation at all). The server is usable
-// in-process:
+// plain process (IsolationNone, no isolation at all).
+//
+// What the server does beyond the wire format:
+//   - A create's timeoutMs is the sandbox's lifetime (0: 1 h) and its
+//     idleTimeoutMs the time it may go without a running exec (0: 5 min);
+//     both at most 24 h. cpu, memoryMiB, diskMiB and image are accepted
+//     and not enforced: sandboxes share the host.
+//   - The same x-idempotency-key gives the same sandbox id, also to
+//     concurrent creates, until ExecRetention after that sandbox ended.
+//   - An exec's timeoutMs (0: none but the sandbox's lifetime) kills its
+//     whole process group: status timeout, rc 124. A cancel kills it the
+//     same way: cancelled, rc 130. Processes an exec leaves behind end
+//     with it (under bubblewrap all of them; without, those still in its
+//     process group). A start with a known execId answers that exec's
+//     state and runs nothing.
+//   - When the gateway itself ends a sandbox (idle, lifetime, Close), a
+//     persistent one with a logical key keeps its files as a snapshot, as
+//     a terminate with snapshotBeforeTerminate would.
+//   - GET /v1/sandboxes lists the live sandboxes; GET /healthz needs no
+//     token.
+//
+// The server is usable in-process:
 //
 //	srv, err := local.New(local.Config{Token: token})
 //	...

@@ -2,7 +2,9 @@ package local
 
 import (
 	"context"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -231,5 +233,43 @@ func TestKeyedMutex(t *testing.T) {
 	defer k.mu.Unlock()
 	if len(k.m) != 0 {
 		t.Errorf("got %d keys left, want none", len(k.m))
+	}
+}
+
+func TestAwaitExit(t *testing.T) {
+	cmd := exec.Command("sh", "-c", "read x; exit 7")
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan bool, 1)
+	go func() { done <- awaitExit(cmd.Process.Pid) }()
+	select {
+	case <-done:
+		t.Fatal("awaitExit returned while the process ran")
+	case <-time.After(50 * time.Millisecond): // what "still waiting" looks like, briefly
+	}
+	stdin.Close() // the process reads EOF and exits
+	select {
+	case zombie := <-done:
+		if !zombie {
+			t.Skip("pidfds do not work here: cmd.Wait waits instead")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("awaitExit still waiting 5s after the process exited")
+	}
+	// Exited, not reaped: a zombie, whose pid cannot be reused yet.
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, rest, _ := strings.Cut(string(stat), ") "); !strings.HasPrefix(rest, "Z") {
+		t.Errorf("process state: got %q, want Z (zombie)", rest[:min(1, len(rest))])
+	}
+	if err := cmd.Wait(); cmd.ProcessState.ExitCode() != 7 {
+		t.Errorf("Wait after awaitExit: got %v, want exit status 7", err)
 	}
 }

@@ -1,0 +1,166 @@
+// Command gateway is the reference sandbox gateway of boxq: it serves the
+// gateway API (create a sandbox, start, poll and cancel execs, terminate)
+// backed by sandboxes on this machine, under bubblewrap where it works.
+//
+// Run gateway -h for its flags.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/boxq/boxq/gateway/local"
+	"github.com/boxq/boxq/internal/app"
+)
+
+// shutdownTimeout bounds a graceful shutdown: killing the execs, ending
+// the sandboxes, answering the requests in flight.
+const shutdownTimeout = 15 * time.Second
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	// After the first signal, a second one ends the process at once.
+	context.AfterFunc(ctx, stop)
+	err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr)
+	stop()
+	app.Exit("gateway", err, os.Stderr)
+}
+
+// defaultStateDir is $XDG_STATE_HOME/boxq/gateway when XDG_STATE_HOME is
+// set, else boxq-gateway in the temporary directory.
+func defaultStateDir(getenv func(string) string) string {
+	if dir := getenv("XDG_STATE_HOME"); dir != "" {
+		return filepath.Join(dir, "boxq", "gateway")
+	}
+	return filepath.Join(os.TempDir(), "boxq-gateway")
+}
+
+const helpHead = `gateway — serve the boxq sandbox gateway API, backed by sandboxes on this machine.
+
+Usage:
+  gateway [flags]
+
+Each sandbox is a directory tree of its own under -state-dir; each exec runs
+bash -c in it, under bubblewrap (fresh namespaces, no network, host root
+read-only) or, with -isolation none, as a plain process: no isolation at all.
+
+Environment:
+  GATEWAY_TOKEN    the bearer token clients must send, when -token is not given
+  XDG_STATE_HOME   when set, the default -state-dir is $XDG_STATE_HOME/boxq/gateway
+`
+
+const helpTail = `
+Examples:
+  GATEWAY_TOKEN=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n') gateway
+  GATEWAY_TOKEN=secret gateway -addr 0.0.0.0:8085 -isolation bwrap -state-dir /var/lib/boxq-gateway
+  GATEWAY_TOKEN=dev gateway -isolation none -log-format text -log-level debug
+`
+
+// run is the whole command: it serves until ctx is done, then shuts down.
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("gateway", flag.ContinueOnError)
+	var (
+		addr         = fs.String("addr", "127.0.0.1:8085", "listen `address`")
+		token        = fs.String("token", "", "bearer `token` clients must send (default $GATEWAY_TOKEN; prefer it: a flag shows in ps)")
+		stateDir     = fs.String("state-dir", defaultStateDir(getenv), "`dir`ectory of the sandboxes' files and snapshots")
+		isolation    = fs.String("isolation", string(local.IsolationAuto), "auto, bwrap or none: bwrap runs each exec in fresh namespaces; none is no isolation at all; auto is bwrap where it works")
+		maxSandboxes = fs.Int("max-sandboxes", local.DefaultMaxSandboxes, "live sandboxes at most; a create beyond gets 429")
+		outputLimit  = fs.Int("output-limit", local.DefaultOutputLimit, "output `bytes` kept per exec: the head and the tail, with what was cut in between")
+		logFormat    = fs.String("log-format", "auto", "auto, text or json: auto is coloured text on a terminal, JSON otherwise")
+		logLevel     = fs.String("log-level", "info", "debug, info, warn or error")
+	)
+	if err := app.ParseFlags(fs, args, stdout, helpHead, helpTail); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return app.Usagef("unexpected arguments %q: gateway takes flags only", fs.Args())
+	}
+	if *token == "" {
+		*token = getenv("GATEWAY_TOKEN")
+	}
+	if *token == "" {
+		return app.Usagef("no token: set GATEWAY_TOKEN (or pass -token) to the bearer token clients must send")
+	}
+	mode := local.Isolation(*isolation)
+	switch mode {
+	case local.IsolationAuto, local.IsolationBwrap, local.IsolationNone:
+	default:
+		return app.Usagef("-isolation %q: want auto, bwrap or none", *isolation)
+	}
+	if *maxSandboxes < 1 {
+		return app.Usagef("-max-sandboxes %d: want at least 1", *maxSandboxes)
+	}
+	if *outputLimit < 1 {
+		return app.Usagef("-output-limit %d: want at least 1 byte", *outputLimit)
+	}
+	logger, err := app.NewLogger(stderr, *logFormat, *logLevel)
+	if err != nil {
+		return app.Usagef("%v", err)
+	}
+
+	srv, err := local.New(local.Config{
+		Token:        *token,
+		StateDir:     *stateDir,
+		Isolation:    mode,
+		MaxSandboxes: *maxSandboxes,
+		OutputLimit:  *outputLimit,
+		Logger:       logger,
+	})
+	if err != nil {
+		return err
+	}
+	closeCtx := func() (context.Context, context.CancelFunc) {
+		return context.WithTimeout(context.WithoutCancel(ctx), shutdownTimeout)
+	}
+	ln, err := net.Listen("tcp", *addr)
+	if err != nil {
+		cctx, cancel := closeCtx()
+		defer cancel()
+		return errors.Join(fmt.Errorf("listen: %w", err), srv.Close(cctx))
+	}
+	httpSrv := &http.Server{
+		Handler:           srv.Handler(),
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+	}
+	logger.Info("listening", "addr", ln.Addr().String(), "state_dir", srv.StateDir(), "isolation", srv.Isolation())
+
+	served := make(chan error, 1)
+	go func() { served <- httpSrv.Serve(ln) }()
+	select {
+	case err := <-served:
+		cctx, cancel := closeCtx()
+		defer cancel()
+		return errors.Join(fmt.Errorf("serve: %w", err), srv.Close(cctx))
+	case <-ctx.Done():
+	}
+
+	logger.Info("shutting down")
+	cctx, cancel := closeCtx()
+	defer cancel()
+	// Shutdown stops accepting at once and waits for the requests in
+	// flight; Close, meanwhile, kills the execs, which ends the long polls
+	// among those requests.
+	shut := make(chan error, 1)
+	go func() { shut <- httpSrv.Shutdown(cctx) }()
+	closeErr := srv.Close(cctx)
+	shutErr := <-shut
+	<-served // http.ErrServerClosed, now that Shutdown has run
+	if err := errors.Join(closeErr, shutErr); err != nil {
+		return fmt.Errorf("shutdown: %w", err)
+	}
+	logger.Info("stopped")
+	return nil
+}
