@@ -10,9 +10,12 @@ import (
 	"log/slog"
 	"regexp"
 	"strconv"
+	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/hibiken/asynq"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/boxq/boxq/gateway"
 	"github.com/boxq/boxq/sandboxpool"
@@ -21,8 +24,9 @@ import (
 
 // Pool is what the handlers need of sandboxpool.Pool.
 type Pool interface {
-	Acquire(ctx context.Context, taskID string, spec sandboxpool.Spec, execID string) (*sandboxpool.Lease, error)
+	AcquireUnless(ctx context.Context, taskID string, spec sandboxpool.Spec, execID string, unless []sandboxpool.Check) (*sandboxpool.Lease, error)
 	Release(ctx context.Context, l *sandboxpool.Lease, cwd string) error
+	ReleaseWith(ctx context.Context, l *sandboxpool.Lease, cwd string, also func(redis.Pipeliner)) error
 	Abandon(ctx context.Context, l *sandboxpool.Lease) error
 	Recreate(ctx context.Context, l *sandboxpool.Lease) error
 	Terminate(ctx context.Context, taskID string) error
@@ -73,6 +77,10 @@ func (h *ExecHandler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 		return h.finalError(ctx, queue, "", &res, fmt.Errorf("invalid job: %w", describeJSONError(err)))
 	}
 	res.TaskID = p.TaskID
+	if !utf8.Valid(t.Payload()) {
+		// Decoding turned the bad bytes into U+FFFD: not the job written.
+		return h.finalError(ctx, queue, p.Notify, &res, errors.New("invalid job: the payload is not valid UTF-8"))
+	}
 	if p.QueuedAtMs > 0 {
 		res.QueuedAt = time.UnixMilli(p.QueuedAtMs).UTC()
 		h.metrics.observeQueueWait(startedAt.Sub(res.QueuedAt))
@@ -83,25 +91,15 @@ func (h *ExecHandler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 		return h.finalError(ctx, queue, p.Notify, &res, err)
 	}
 
-	prev, cancelled, err := h.store.deliveryState(ctx, queue, jobID)
-	if err != nil {
-		return err
-	}
-	if prev != nil {
-		// An earlier delivery finished this job; asynq just did not hear
-		// of it (a crash between the result write and the ack). Publish the
-		// same result again for a producer that may be waiting.
-		log.Info("result already recorded; not running the command again")
-		return h.store.writeResult(ctx, queue, jobID, p.Notify, prev)
-	}
-	if cancelled {
-		res.Status, res.ReturnCode, res.Error = StatusCancelled, gateway.ReturnCodeCancelled, "cancelled before it ran"
-		return h.finish(ctx, queue, p.Notify, &res)
-	}
-
+	// What a delivery must check first (a result already written, a cancel
+	// request) rides along with the take of the lease: one round trip to
+	// Redis on the common path; the veto is the rare one.
 	acquireStart := time.Now()
-	lease, err := h.pool.Acquire(ctx, p.TaskID, h.specOf(&p.Job), res.ExecID)
+	lease, err := h.pool.AcquireUnless(ctx, p.TaskID, h.specOf(&p.Job), res.ExecID, h.store.deliveryChecks(queue, jobID))
 	h.metrics.observeAcquire(time.Since(acquireStart))
+	if errors.Is(err, sandboxpool.ErrVetoed) {
+		return h.vetoed(ctx, log, queue, p.Notify, &res)
+	}
 	if err != nil {
 		return h.failure(ctx, queue, p.Notify, &res, retried, maxRetry, fmt.Errorf("acquire sandbox: %w", err))
 	}
@@ -127,9 +125,13 @@ func (h *ExecHandler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 		nonce = hex.EncodeToString(sum[:12])
 	}
 	marker := wrap.Marker(nonce)
-	cwd := firstNonEmpty(p.Cwd, lease.Cwd(), lease.Spec().WithDefaults().Cwd)
+	// No cwd known: no cd at all, so the command starts in the sandbox's
+	// default cwd as the gateway sets it. (Spelling out "/root" would be the
+	// same under isolation, but a gateway without isolation maps only its
+	// own default to the sandbox's directory, not a path a script cds to.)
+	cwd := firstNonEmpty(p.Cwd, lease.Cwd())
 
-	runCtx, cancelRun := h.runContext(ctx)
+	runCtx, cancelRun := h.runContext(ctx, jobID)
 	defer cancelRun(nil)
 	execStart := time.Now()
 	st, err := h.gw.Run(runCtx, lease.SandboxID(), h.startRequest(&p, res.ExecID, cwd, marker))
@@ -146,7 +148,7 @@ func (h *ExecHandler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 			res.SandboxRecreated = true
 			res.SandboxID = lease.SandboxID()
 			log = log.With("sandbox_id", lease.SandboxID())
-			cwd = firstNonEmpty(p.Cwd, lease.Spec().WithDefaults().Cwd)
+			cwd = p.Cwd
 			st, err = h.gw.Run(runCtx, lease.SandboxID(), h.startRequest(&p, res.ExecID, cwd, marker))
 		}
 	}
@@ -154,43 +156,93 @@ func (h *ExecHandler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 	if errors.Is(err, gateway.ErrDetached) {
 		// The worker is shutting down and asynq has put the job back. The
 		// exec goes on; the next delivery re-attaches to it.
-		log.Info("worker stopping; leaving the exec running for the next delivery")
+		if stoppingNow(h.stopping) {
+			log.Info("worker stopping; leaving the exec running for the next delivery")
+		} else {
+			log.Warn("asynq stopped waiting for the job (its lease lapsed: Redis unreachable?); leaving the exec running for the next delivery")
+		}
 		h.abandon(ctx, log, lease)
 		return err
 	}
 	if err != nil {
-		h.release(ctx, log, lease, "")
-		return h.failure(ctx, queue, p.Notify, &res, retried, maxRetry, fmt.Errorf("run command: %w", err))
+		ret := h.failure(ctx, queue, p.Notify, &res, retried, maxRetry, fmt.Errorf("run command: %w", err))
+		if errors.Is(ret, asynq.SkipRetry) {
+			// The job has its final answer: nothing comes back for the exec.
+			h.release(ctx, log, lease, "")
+		} else {
+			// The job comes back, and its start may have reached the
+			// gateway (an answer lost, then a refusal): leave the exec
+			// marked in flight, so the task's next command waits for it
+			// and the job's next delivery re-attaches to it
+			// (reliability.TestStartAnswerLostThenRefused).
+			h.abandon(ctx, log, lease)
+		}
+		return ret
 	}
 
 	clean, newCwd := wrap.Parse(st.Output, marker)
-	h.release(ctx, log, lease, newCwd)
-
 	res.Status, res.ReturnCode = resultStatus(st)
 	res.Output, res.Truncated, res.OutputBytes = capOutput(clean, h.maxOutput)
-	res.Cwd = firstNonEmpty(newCwd, cwd)
+	res.OutputInvalidUTF8 = strings.ContainsRune(clean, utf8.RuneError) || !utf8.ValidString(clean)
+	// A command that exits the shell, times out or is killed reports no
+	// cwd: it is where the command started, or the sandbox's default.
+	res.Cwd = firstNonEmpty(newCwd, cwd, lease.Spec().WithDefaults().Cwd)
 	if st.Status == gateway.StatusTimeout {
 		res.Error = fmt.Sprintf("command timed out after %s", p.Timeout())
 	}
 	log.Debug("exec finished", "status", res.Status, "returncode", res.ReturnCode, "exec_id", res.ExecID)
-	return h.finish(ctx, queue, p.Notify, &res)
+	return h.releaseAndFinish(ctx, log, lease, newCwd, queue, p.Notify, &res)
+}
+
+// vetoed ends a delivery that found, before it took the sandbox, that the
+// job has a result already or was cancelled.
+func (h *ExecHandler) vetoed(ctx context.Context, log *slog.Logger, queue, notify string, res *Result) error {
+	prev, cancelled, err := h.store.deliveryState(ctx, queue, res.ID)
+	switch {
+	case err != nil:
+		return err
+	case prev != nil:
+		// An earlier delivery finished this job; asynq just did not hear
+		// of it (a crash between the result write and the ack). Publish the
+		// same result again for a producer that may be waiting.
+		log.Info("result already recorded; not running the command again")
+		return h.store.writeResult(ctx, queue, res.ID, notify, prev)
+	case cancelled:
+		res.Status, res.ReturnCode, res.Error = StatusCancelled, gateway.ReturnCodeCancelled, "cancelled before it ran"
+		return h.finish(ctx, queue, notify, res)
+	}
+	return fmt.Errorf("jobs: delivery of %s was held back by a mark that is gone now; trying again", res.ID)
 }
 
 // runContext returns the context the gateway loop runs under. When the
-// job's context ends, it ends too, with cause ErrDetached if the worker is
-// shutting down (leave the exec running) and context.Canceled otherwise
-// (CancelProcessing: cancel the exec).
-func (h *ExecHandler) runContext(ctx context.Context) (context.Context, context.CancelCauseFunc) {
+// job's context ends, it ends too: with cause context.Canceled, which
+// cancels the exec, when the job was cancelled (Producer.Cancel flags the
+// job before it cancels the context) or ran past asynq's deadline; with
+// cause ErrDetached, which leaves the exec running for the job's next
+// delivery to re-attach to, otherwise: the worker is shutting down, or
+// asynq lost the job's lease (Redis unreachable for longer than its 30 s)
+// and will deliver it again — a reason to wait, not to kill the command
+// (reliability.TestRedisOutageLongerThanLease).
+func (h *ExecHandler) runContext(ctx context.Context, jobID string) (context.Context, context.CancelCauseFunc) {
 	runCtx, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
 	stop := context.AfterFunc(ctx, func() {
-		select {
-		case <-h.stopping:
-			cancel(gateway.ErrDetached)
-		default:
+		if !stoppingNow(h.stopping) && (errors.Is(ctx.Err(), context.DeadlineExceeded) || h.store.cancelRequested(ctx, jobID)) {
 			cancel(context.Canceled)
+			return
 		}
+		cancel(gateway.ErrDetached)
 	})
 	return runCtx, func(cause error) { stop(); cancel(cause) }
+}
+
+// stoppingNow reports whether the worker is shutting down.
+func stoppingNow(stopping <-chan struct{}) bool {
+	select {
+	case <-stopping:
+		return true
+	default:
+		return false
+	}
 }
 
 func (h *ExecHandler) startRequest(p *ExecPayload, execID, cwd, marker string) gateway.StartRequest {
@@ -242,19 +294,51 @@ func (h *ExecHandler) abandon(ctx context.Context, log *slog.Logger, l *sandboxp
 
 // finish writes the result (and publishes it) and records its metrics.
 func (h *ExecHandler) finish(ctx context.Context, queue, notify string, res *Result) error {
-	res.FinishedAt = h.now()
-	if !res.StartedAt.IsZero() {
-		res.DurationMs = res.FinishedAt.Sub(res.StartedAt).Milliseconds()
-	}
-	data, err := json.Marshal(res)
+	data, err := h.encode(res)
 	if err != nil {
-		return fmt.Errorf("jobs: encode result: %w", err)
+		return err
 	}
 	if err := h.store.writeResult(ctx, queue, res.ID, notify, data); err != nil {
 		return err
 	}
 	h.metrics.observeResult(res)
 	return nil
+}
+
+// releaseAndFinish releases the lease with the new cwd and then writes the
+// result, in one round trip to Redis: the release goes first, so that a
+// producer that reads the result and enqueues the task's next command
+// finds the task's sandbox free.
+func (h *ExecHandler) releaseAndFinish(ctx context.Context, log *slog.Logger, l *sandboxpool.Lease, cwd, queue, notify string, res *Result) error {
+	data, err := h.encode(res)
+	if err != nil {
+		h.release(ctx, log, l, cwd)
+		return err
+	}
+	var write *redis.Cmd
+	if err := h.pool.ReleaseWith(ctx, l, cwd, func(pipe redis.Pipeliner) {
+		write = h.store.queueResult(ctx, pipe, queue, res.ID, notify, data)
+	}); err != nil {
+		log.Warn("release sandbox lease failed", "err", err)
+	}
+	if err := write.Err(); err != nil {
+		return fmt.Errorf("jobs: write result of %s: %w", res.ID, err)
+	}
+	h.metrics.observeResult(res)
+	return nil
+}
+
+// encode stamps the result's end and encodes it.
+func (h *ExecHandler) encode(res *Result) ([]byte, error) {
+	res.FinishedAt = h.now()
+	if !res.StartedAt.IsZero() {
+		res.DurationMs = res.FinishedAt.Sub(res.StartedAt).Milliseconds()
+	}
+	data, err := json.Marshal(res)
+	if err != nil {
+		return nil, fmt.Errorf("jobs: encode result: %w", err)
+	}
+	return data, nil
 }
 
 // finalError records a result with status "error" and ends the job without
@@ -275,12 +359,13 @@ func (h *ExecHandler) failure(ctx context.Context, queue, notify string, res *Re
 		return &retryLater{err: err, after: 200 * time.Millisecond}
 	case gateway.Classify(err) == gateway.Capacity && gateway.StatusCode(err) != 0:
 		return &retryLater{err: err, after: max(gateway.RetryAfter(err), 500*time.Millisecond)}
+	case errors.Is(err, gateway.ErrExecNotFound):
+		// The gateway forgot the exec (restart, the sandbox ended, or a
+		// re-delivery later than its retention). Running it again could
+		// run the command twice. (Before the permanent case: a 404 is one.)
+		return h.finalError(ctx, queue, notify, res, fmt.Errorf("%w (the gateway lost track of the command: it restarted, or the sandbox ended; its outcome is unknown, and it is not run again so that it cannot run twice)", err))
 	case gateway.StatusCode(err) != 0 && gateway.Classify(err) == gateway.Permanent:
 		return h.finalError(ctx, queue, notify, res, err)
-	case errors.Is(err, gateway.ErrExecNotFound):
-		// The gateway forgot the exec (restart, or a re-delivery later than
-		// its retention). Running it again could run the command twice.
-		return h.finalError(ctx, queue, notify, res, fmt.Errorf("%w (the gateway lost track of it; not run again so it cannot run twice)", err))
 	case ctx.Err() != nil:
 		return ctx.Err()
 	case retried >= maxRetry:
@@ -327,7 +412,16 @@ func capOutput(out string, limit int) (string, bool, int) {
 		}
 	}
 	if limit > 0 && len(out) > limit {
-		head, tail := out[:limit/2], out[len(out)-(limit-limit/2):]
+		// Cut on rune boundaries: half a UTF-8 sequence would come out as
+		// U+FFFD in the result's JSON.
+		h, t := limit/2, len(out)-(limit-limit/2)
+		for h > 0 && !utf8.RuneStart(out[h]) {
+			h--
+		}
+		for t < len(out) && !utf8.RuneStart(out[t]) {
+			t++
+		}
+		head, tail := out[:h], out[t:]
 		omitted := len(out) - len(head) - len(tail)
 		if !truncated {
 			total = len(out)

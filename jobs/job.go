@@ -12,13 +12,17 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math"
+	"reflect"
 	"strings"
 	"time"
 	"unicode/utf8"
 
 	"github.com/google/uuid"
 	"github.com/hibiken/asynq"
+
+	"github.com/boxq/boxq/wrap"
 )
 
 // Task type names.
@@ -32,7 +36,8 @@ const (
 // clear message instead of deep inside a worker or the gateway.
 const (
 	DefaultTimeout  = 60 * time.Second
-	MaxTimeout      = time.Hour // the sandbox lifetime: longer timeouts are capped
+	MinTimeout      = time.Millisecond // the gateway's unit
+	MaxTimeout      = time.Hour        // the sandbox lifetime: longer timeouts are capped
 	MaxTaskIDBytes  = 1024
 	MaxJobIDBytes   = 256
 	MaxCwdBytes     = 4096
@@ -41,7 +46,11 @@ const (
 	// maxScriptBytes is Linux's limit on one argv string (MAX_ARG_STRLEN):
 	// the wrapped script travels as the argument of bash -c.
 	maxScriptBytes = 128<<10 - 1
-	DefaultQueue   = "default"
+	// maxStdinJSONBytes bounds stdin as it travels to the gateway: a JSON
+	// string in a request body of at most 8 MiB (the reference gateway's
+	// limit), next to the command.
+	maxStdinJSONBytes = 7 << 20
+	DefaultQueue      = "default"
 )
 
 // Job is one exec job as producers write it: one JSON object, or one line
@@ -63,17 +72,35 @@ type Job struct {
 	Queue      string `json:"queue,omitempty"`
 }
 
-// ParseJob decodes one job and validates it. Unknown fields are an error,
-// so that a misspelt "timeout" does not silently become the default.
+// ParseJob decodes one job and validates it. The line must be one JSON
+// object in UTF-8; unknown fields are an error, so that a misspelt
+// "timeout" does not silently become the default. Every error starts with
+// "invalid job: " and says what is wrong in a few words, without echoing a
+// long line back.
 func ParseJob(line []byte) (Job, error) {
+	bad := func(format string, args ...any) (Job, error) {
+		return Job{}, fmt.Errorf("invalid job: "+format, args...)
+	}
+	if !utf8.Valid(line) {
+		// encoding/json would quietly turn the bad bytes into U+FFFD,
+		// running another command than the one written.
+		return bad("the line is not valid UTF-8 (at byte %d); JSON text is UTF-8", invalidUTF8At(line))
+	}
+	trimmed := bytes.TrimSpace(line)
+	if len(trimmed) == 0 {
+		return bad("the line is empty")
+	}
+	if trimmed[0] != '{' {
+		return bad("a job is a JSON object ({\"task_id\": …, \"command\": …}), not %s", jsonKindOf(trimmed[0]))
+	}
 	var j Job
 	dec := json.NewDecoder(bytes.NewReader(line))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&j); err != nil {
 		return Job{}, fmt.Errorf("invalid job: %w", describeJSONError(err))
 	}
-	if dec.More() {
-		return Job{}, errors.New("invalid job: more than one JSON value")
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		return bad("more than one JSON value on the line (one job per line)")
 	}
 	if err := j.Validate(); err != nil {
 		return Job{}, err
@@ -81,13 +108,113 @@ func ParseJob(line []byte) (Job, error) {
 	return j, nil
 }
 
+// jobFields names the fields of a job, for the message about an unknown one.
+const jobFields = "id, task_id, command, cwd, timeout_s, stdin, image, cpu, memory_mib, disk_mib, persistent, queue"
+
+// describeJSONError says what is wrong with a job's JSON in a user's terms:
+// JSON kinds, not Go types; field names as written in the job.
 func describeJSONError(err error) error {
-	var te *json.UnmarshalTypeError
-	if errors.As(err, &te) {
+	var (
+		te *json.UnmarshalTypeError
+		se *json.SyntaxError
+	)
+	switch {
+	case errors.As(err, &te):
 		// ExecPayload embeds Job: report "command", not "Job.command".
-		return fmt.Errorf("field %q must be a %s, not a %s", strings.TrimPrefix(te.Field, "Job."), te.Type.String(), te.Value)
+		field := strings.TrimPrefix(te.Field, "Job.")
+		got := jsonValueName(te.Value)
+		if field == "" {
+			return fmt.Errorf("a job is a JSON object, not %s", got)
+		}
+		return fmt.Errorf("field %q must be %s, not %s", field, goKindInJSON(te.Type.Kind()), got)
+	case errors.As(err, &se):
+		return fmt.Errorf("not valid JSON at byte %d: %s", se.Offset, strings.TrimPrefix(se.Error(), "json: "))
+	case errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, io.EOF):
+		return errors.New("the line ends inside a JSON value (a quote or a brace missing?)")
 	}
-	return err
+	msg := strings.TrimPrefix(err.Error(), "json: ")
+	if strings.HasPrefix(msg, "unknown field ") {
+		return fmt.Errorf("%s (the fields are %s)", shorten(msg, 100), jobFields)
+	}
+	return errors.New(shorten(msg, 200))
+}
+
+// goKindInJSON names what a JSON value must be to decode into kind.
+func goKindInJSON(kind reflect.Kind) string {
+	switch kind {
+	case reflect.String:
+		return "a string"
+	case reflect.Bool:
+		return "true or false"
+	case reflect.Float32, reflect.Float64:
+		return "a number"
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return "a whole number"
+	case reflect.Struct, reflect.Map:
+		return "an object"
+	case reflect.Slice, reflect.Array:
+		return "an array"
+	}
+	return "another kind of value"
+}
+
+// jsonValueName names the JSON value of a json.UnmarshalTypeError.
+func jsonValueName(v string) string {
+	switch v {
+	case "array":
+		return "an array"
+	case "object":
+		return "an object"
+	case "bool":
+		return "a boolean"
+	}
+	if n, ok := strings.CutPrefix(v, "number "); ok {
+		return "the number " + shorten(n, 40)
+	}
+	return "a " + v
+}
+
+// jsonKindOf names the JSON value that starts with c.
+func jsonKindOf(c byte) string {
+	switch {
+	case c == '[':
+		return "an array"
+	case c == '"':
+		return "a string"
+	case c == 'n':
+		return "null"
+	case c == 't' || c == 'f':
+		return "true or false"
+	case c == '-' || (c >= '0' && c <= '9'):
+		return "a number"
+	}
+	return "JSON"
+}
+
+// invalidUTF8At returns the offset of the first byte of b that is not
+// part of valid UTF-8.
+func invalidUTF8At[T string | []byte](b T) int {
+	for i := 0; i < len(b); {
+		r, n := utf8.DecodeRuneInString(string(b[i:min(i+utf8.UTFMax, len(b))]))
+		if r == utf8.RuneError && n == 1 {
+			return i
+		}
+		i += n
+	}
+	return len(b)
+}
+
+// shorten cuts s to at most n bytes (on a rune boundary), marking the cut.
+func shorten(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	cut := n
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + "…"
 }
 
 // Validate reports the first thing wrong with j, in words a user can act on.
@@ -112,12 +239,24 @@ func (j *Job) Validate() error {
 		return bad("command is %d bytes; the limit is %d (pass large inputs as stdin or files)", len(j.Command), MaxCommandBytes)
 	case strings.ContainsRune(j.Command, 0):
 		return bad("command contains a NUL byte")
-	case len(j.Cwd) > MaxCwdBytes || strings.ContainsRune(j.Cwd, 0):
-		return bad("cwd must be a path under %d bytes without NUL bytes", MaxCwdBytes)
+	case !utf8.ValidString(j.Command):
+		return bad("command is not valid UTF-8 (at byte %d)", invalidUTF8At(j.Command))
+	case len(j.Cwd) > MaxCwdBytes || strings.ContainsRune(j.Cwd, 0) || !utf8.ValidString(j.Cwd):
+		return bad("cwd must be a path under %d bytes of UTF-8 without NUL bytes", MaxCwdBytes)
 	case j.TimeoutS != nil && (math.IsNaN(*j.TimeoutS) || *j.TimeoutS <= 0):
 		return bad("timeout_s must be a positive number of seconds, got %v", *j.TimeoutS)
+	case j.TimeoutS != nil && *j.TimeoutS < MinTimeout.Seconds():
+		// Below a millisecond the gateway's timeoutMs would be 0: no
+		// timeout at all.
+		return bad("timeout_s must be at least %v (1 ms), got %v", MinTimeout.Seconds(), *j.TimeoutS)
 	case len(j.Stdin) > MaxStdinBytes:
 		return bad("stdin is %d bytes; the limit is %d", len(j.Stdin), MaxStdinBytes)
+	case !utf8.ValidString(j.Stdin):
+		// JSON would carry U+FFFD instead of the bytes given.
+		return bad("stdin is not valid UTF-8 (at byte %d): the gateway API carries it as text; send binary data base64-encoded and decode it in the command", invalidUTF8At(j.Stdin))
+	case len(j.Stdin) > maxStdinJSONBytes/6 && jsonStringBytes(j.Stdin) > maxStdinJSONBytes:
+		return bad("stdin is %d bytes, %d once encoded as JSON for the gateway (a control character takes 6); the limit is %d: send such data base64-encoded",
+			len(j.Stdin), jsonStringBytes(j.Stdin), maxStdinJSONBytes)
 	case j.CPU < 0 || math.IsNaN(j.CPU):
 		return bad("cpu must not be negative")
 	case j.MemoryMiB < 0:
@@ -125,9 +264,52 @@ func (j *Job) Validate() error {
 	case j.DiskMiB < 0:
 		return bad("disk_mib must not be negative")
 	case j.Queue != "" && (!printable(j.Queue) || strings.ContainsAny(j.Queue, "{}:")):
-		return bad("queue %q is not a valid queue name", j.Queue)
+		return bad("queue %q is not a valid queue name (no control characters, braces or colons)", shorten(j.Queue, 64))
+	}
+	if n := scriptBytes(j.Command, j.Cwd); n > maxScriptBytes {
+		return bad("command is %d bytes once quoted for the shell (a single quote takes 4); the limit is %d", n, maxScriptBytes)
 	}
 	return nil
+}
+
+// scriptBytes is the size of the script that runs command (wrap.Command),
+// for the longest cwd it may start in when cwd is "" (the task's tracked
+// one, which the job does not know).
+func scriptBytes(command, cwd string) int {
+	n := len(wrap.Command(command, cwd, wrap.Marker(strings.Repeat("0", 32))))
+	if cwd == "" {
+		n += len("builtin cd -- '' || exit 126\n") + 4*MaxCwdBytes
+	}
+	return n
+}
+
+// jsonStringBytes is the size of s encoded as a JSON string by
+// encoding/json (which also escapes <, > and &).
+func jsonStringBytes(s string) int {
+	n := 2
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c < utf8.RuneSelf {
+			switch {
+			case c == '"', c == '\\', c == '\n', c == '\r', c == '\t':
+				n += 2
+			case c < 0x20, c == '<', c == '>', c == '&':
+				n += 6
+			default:
+				n++
+			}
+			i++
+			continue
+		}
+		r, size := utf8.DecodeRuneInString(s[i:])
+		if r == utf8.RuneError && size == 1 || r == '\u2028' || r == '\u2029' {
+			n += 6
+		} else {
+			n += size
+		}
+		i += size
+	}
+	return n
 }
 
 func printable(s string) bool {
@@ -143,16 +325,15 @@ func printable(s string) bool {
 }
 
 // Timeout returns the job's command timeout: timeout_s, default 60 s,
-// capped at the sandbox lifetime.
+// at least MinTimeout, capped at the sandbox lifetime.
 func (j *Job) Timeout() time.Duration {
-	if j.TimeoutS == nil {
+	switch {
+	case j.TimeoutS == nil:
 		return DefaultTimeout
-	}
-	d := time.Duration(*j.TimeoutS * float64(time.Second))
-	if d > MaxTimeout || d <= 0 {
+	case math.IsNaN(*j.TimeoutS) || *j.TimeoutS >= MaxTimeout.Seconds():
 		return MaxTimeout
 	}
-	return d
+	return max(time.Duration(*j.TimeoutS*float64(time.Second)), MinTimeout)
 }
 
 // QueueName returns the asynq queue of the job.
@@ -232,21 +413,28 @@ const (
 // Result is what a job produces: one JSON object, stored with the job in
 // Redis and published to a waiting producer.
 type Result struct {
-	ID               string    `json:"id"`
-	TaskID           string    `json:"task_id"`
-	Status           string    `json:"status"`
-	ReturnCode       int       `json:"returncode"`
-	Output           string    `json:"output"`
-	Cwd              string    `json:"cwd"`
-	SandboxID        string    `json:"sandbox_id"`
-	ExecID           string    `json:"exec_id"`
-	Truncated        bool      `json:"truncated"`
-	OutputBytes      int       `json:"output_bytes"`
-	SandboxRecreated bool      `json:"sandbox_recreated"`
-	Attempts         int       `json:"attempts"`
-	QueuedAt         time.Time `json:"queued_at"`
-	StartedAt        time.Time `json:"started_at"`
-	FinishedAt       time.Time `json:"finished_at"`
-	DurationMs       int64     `json:"duration_ms"`
-	Error            string    `json:"error"`
+	ID          string `json:"id"`
+	TaskID      string `json:"task_id"`
+	Status      string `json:"status"`
+	ReturnCode  int    `json:"returncode"`
+	Output      string `json:"output"`
+	Cwd         string `json:"cwd"`
+	SandboxID   string `json:"sandbox_id"`
+	ExecID      string `json:"exec_id"`
+	Truncated   bool   `json:"truncated"`
+	OutputBytes int    `json:"output_bytes"`
+	// OutputInvalidUTF8 says the command printed bytes that are not valid
+	// UTF-8 (binary data, another encoding). The gateway API carries output
+	// as a JSON string, so each such byte arrives as U+FFFD: Output is text,
+	// not the exact bytes (encode binary output in the command, e.g.
+	// base64, to get it intact). A command that prints U+FFFD itself also
+	// sets it.
+	OutputInvalidUTF8 bool      `json:"output_invalid_utf8"`
+	SandboxRecreated  bool      `json:"sandbox_recreated"`
+	Attempts          int       `json:"attempts"`
+	QueuedAt          time.Time `json:"queued_at"`
+	StartedAt         time.Time `json:"started_at"`
+	FinishedAt        time.Time `json:"finished_at"`
+	DurationMs        int64     `json:"duration_ms"`
+	Error             string    `json:"error"`
 }

@@ -202,7 +202,15 @@ type Waiter struct {
 	pending   map[string]pendingJob
 	ready     []Result
 	nextSweep time.Time
+	// failingSince is when the sweeps began to fail (zero: they work).
+	failingSince time.Time
 }
+
+// maxRedisOutage is how long a Waiter goes on waiting while its sweeps
+// fail: long enough to ride out a restart of Redis (which may spend a while
+// loading its data), short enough that a producer pointed at a dead Redis
+// says so.
+const maxRedisOutage = 2 * time.Minute
 
 type pendingJob struct {
 	queue string
@@ -238,7 +246,9 @@ func (w *Waiter) Add(e Enqueued) {
 func (w *Waiter) Pending() int { return len(w.pending) + len(w.ready) }
 
 // Next returns the next result. It returns an error only when ctx ends or
-// Redis fails; jobs that vanish without a result get an "error" result.
+// Redis has failed for longer than maxRedisOutage (a restart is ridden out:
+// the results are in Redis, and the sweep finds them once it is back);
+// jobs that vanish without a result get an "error" result.
 func (w *Waiter) Next(ctx context.Context) (Result, error) {
 	// The sweep schedule lives in the Waiter, not in this call, so that
 	// callers that wake up often (to draw progress) do not postpone it.
@@ -269,8 +279,16 @@ func (w *Waiter) Next(ctx context.Context) (Result, error) {
 				return r, nil
 			}
 		case <-sweep.C:
-			if err := w.sweep(ctx); err != nil {
-				return Result{}, err
+			switch err := w.sweep(ctx); {
+			case err == nil:
+				w.failingSince = time.Time{}
+			case ctx.Err() != nil:
+				return Result{}, ctx.Err()
+			case w.failingSince.IsZero():
+				w.failingSince = time.Now()
+				w.p.cfg.Logger.Warn("cannot look results up; retrying", "err", err)
+			case time.Since(w.failingSince) > maxRedisOutage:
+				return Result{}, fmt.Errorf("jobs: Redis has failed for %v: %w", time.Since(w.failingSince).Round(time.Second), err)
 			}
 			w.nextSweep = time.Now().Add(w.p.cfg.Sweep)
 			sweep.Reset(w.p.cfg.Sweep)

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/boxq/boxq/sandboxpool"
 )
 
 // Results live where asynq keeps them: the "result" field of the task's
@@ -51,6 +53,20 @@ func (s store) writeResult(ctx context.Context, queue, jobID, notify string, dat
 		return fmt.Errorf("jobs: write result of %s: %w", jobID, err)
 	}
 	return nil
+}
+
+// queueResult queues on pipe what writeResult does, for a caller that
+// sends it with other commands (sandboxpool.Pool.ReleaseWith). Eval, not
+// EvalSha: a pipeline cannot fall back when Redis lost its scripts.
+func (s store) queueResult(ctx context.Context, pipe redis.Pipeliner, queue, jobID, notify string, data []byte) *redis.Cmd {
+	return writeResultScript.Eval(ctx, pipe, []string{taskKey(queue, jobID)}, data, notify)
+}
+
+// deliveryChecks are the marks that hold back a delivery of jobID: its
+// result, already written, and a cancel request. The pool checks them when
+// it takes the task's lease (sandboxpool.Pool.AcquireUnless).
+func (s store) deliveryChecks(queue, jobID string) []sandboxpool.Check {
+	return []sandboxpool.Check{{Key: taskKey(queue, jobID), Field: "result"}, {Key: s.cancelKey(jobID)}}
 }
 
 // deliveryState is what a delivery of a job checks before it runs: a result
@@ -111,4 +127,14 @@ func (s store) lookup(ctx context.Context, queue string, ids []string) ([]taskSt
 		}
 	}
 	return out, nil
+}
+
+// cancelRequested reports whether the job was flagged cancelled. It runs
+// when the job's context has ended, with its own short timeout; when Redis
+// does not answer it says no.
+func (s store) cancelRequested(ctx context.Context, jobID string) bool {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+	defer cancel()
+	n, err := s.rdb.Exists(ctx, s.cancelKey(jobID)).Result()
+	return err == nil && n == 1
 }

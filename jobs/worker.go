@@ -13,6 +13,9 @@ import (
 	"github.com/redis/go-redis/v9"
 )
 
+// DefaultTaskCheckInterval is WorkerConfig.TaskCheckInterval's default.
+const DefaultTaskCheckInterval = 10 * time.Millisecond
+
 // WorkerConfig configures a Worker. Zero values take the documented defaults.
 type WorkerConfig struct {
 	// Redis is the one client shared by asynq and the pool. Required.
@@ -59,7 +62,7 @@ func (c *WorkerConfig) withDefaults() {
 		c.Queues = map[string]int{DefaultQueue: 1}
 	}
 	if c.TaskCheckInterval == 0 {
-		c.TaskCheckInterval = 10 * time.Millisecond
+		c.TaskCheckInterval = DefaultTaskCheckInterval
 	}
 	if c.DelayedTaskCheckInterval == 0 {
 		c.DelayedTaskCheckInterval = 500 * time.Millisecond

@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"sync/atomic"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 )
 
 // Lease is the exclusive right to use a task's sandbox. Its holder renews
@@ -32,6 +34,7 @@ type Lease struct {
 	created   bool
 	recreated bool
 	prevExec  string
+	execID    string // the exec this holder runs, named at Acquire
 
 	released atomic.Bool
 	stop     func() // stops the renewal and waits for it; idempotent
@@ -98,6 +101,22 @@ const (
 // Release, so that if the holder vanishes, the next holder knows which exec
 // may still be running (Lease.PrevExecID). "" records none.
 func (p *Pool) Acquire(ctx context.Context, taskID string, spec Spec, execID string) (*Lease, error) {
+	return p.AcquireUnless(ctx, taskID, spec, execID, nil)
+}
+
+// Check names a mark of the caller's own in Redis: a key that exists
+// (Field "") or a field of a hash that is set.
+type Check struct {
+	Key   string
+	Field string
+}
+
+// AcquireUnless is Acquire, except that it takes nothing, and returns an
+// error wrapping ErrVetoed, when one of the checks holds at the moment the
+// lease would be taken. The checks run in the same atomic step as the
+// take, so on the common path they cost no round trip of their own (a
+// job's "already done" and "cancelled" marks, say).
+func (p *Pool) AcquireUnless(ctx context.Context, taskID string, spec Spec, execID string, unless []Check) (*Lease, error) {
 	if taskID == "" {
 		return nil, errors.New("sandboxpool: acquire: empty task id")
 	}
@@ -105,7 +124,7 @@ func (p *Pool) Acquire(ctx context.Context, taskID string, spec Spec, execID str
 	if err := spec.validate(); err != nil {
 		return nil, err
 	}
-	l, err := p.take(ctx, taskID, &spec, execID)
+	l, err := p.take(ctx, taskID, &spec, execID, unless)
 	if err != nil {
 		return nil, err
 	}
@@ -122,11 +141,21 @@ func (p *Pool) Acquire(ctx context.Context, taskID string, spec Spec, execID str
 	return l, nil
 }
 
-// take takes the lease of taskID, waiting while it is busy. With a spec it
-// reserves a record (and a slot under the cap) for a task that has none;
-// without one it returns nil, nil for such a task.
-func (p *Pool) take(ctx context.Context, taskID string, spec *Spec, execID string) (*Lease, error) {
-	keys := []string{p.leaseKey(taskID), p.recordKey(taskID), p.indexKey, p.fenceKey}
+// take takes the lease of taskID, waiting while it is busy, unless one of
+// the checks holds. With a spec it reserves a record (and a slot under the
+// cap) for a task that has none; without one it returns nil, nil for such
+// a task.
+func (p *Pool) take(ctx context.Context, taskID string, spec *Spec, execID string, unless []Check) (*Lease, error) {
+	keys := make([]string, 4, 4+len(unless))
+	keys[0], keys[1], keys[2], keys[3] = p.leaseKey(taskID), p.recordKey(taskID), p.indexKey, p.fenceKey
+	// The checks' keys follow the pool's, their fields come just before
+	// the exec id, the scripts' last argument.
+	fields := make([]any, 0, len(unless)+1)
+	for _, c := range unless {
+		keys = append(keys, c.Key)
+		fields = append(fields, c.Field)
+	}
+	fields = append(fields, execID)
 	var (
 		start time.Time
 		timer *time.Timer
@@ -134,29 +163,36 @@ func (p *Pool) take(ctx context.Context, taskID string, spec *Spec, execID strin
 	)
 	for {
 		now := p.nowArg()
-		reply, err := acquireScript.Run(ctx, p.rdb, keys, p.ttlArg, now, taskID, execID).Slice()
+		reply, err := acquireScript.Run(ctx, p.rdb, keys, append([]any{p.ttlArg, now, taskID}, fields...)...).Slice()
 		if err != nil {
 			return nil, fmt.Errorf("sandboxpool: acquire task %q: %w", taskID, err)
 		}
-		code, n, fields, prev, err := parseTake(reply)
+		code, n, record, prev, err := parseTake(reply)
 		if err == nil && code == codeMissing {
 			if spec == nil {
 				return nil, nil
 			}
-			args := make([]any, 0, 14)
+			args := make([]any, 0, 14+len(fields))
 			args = spec.args(append(args, p.ttlArg, now, taskID, p.capArg, p.cfg.NewKey()))
-			args = append(args, execID)
+			args = append(args, fields...)
 			reply, err = reserveScript.Run(ctx, p.rdb, keys, args...).Slice()
 			if err != nil {
 				return nil, fmt.Errorf("sandboxpool: reserve task %q: %w", taskID, err)
 			}
-			code, n, fields, prev, err = parseTake(reply)
+			code, n, record, prev, err = parseTake(reply)
 		}
 		if err != nil {
 			return nil, fmt.Errorf("sandboxpool: acquire task %q: %w", taskID, err)
 		}
-		if code == codeTaken {
-			return p.newLease(ctx, taskID, keys, n, fields, prev)
+		switch code {
+		case codeTaken:
+			return p.newLease(ctx, taskID, keys, n, record, prev, execID)
+		case codeVetoed:
+			if n < 1 || int(n) > len(unless) {
+				return nil, fmt.Errorf("sandboxpool: acquire task %q: vetoed by check %d of %d", taskID, n, len(unless))
+			}
+			c := unless[n-1]
+			return nil, fmt.Errorf("sandboxpool: task %q: %s %s is set: %w", taskID, c.Key, c.Field, ErrVetoed)
 		}
 
 		if start.IsZero() {
@@ -219,9 +255,10 @@ func parseTake(reply []any) (code, n int64, fields []any, prev string, err error
 }
 
 // newLease makes the Lease for a taken lease and starts renewing it.
-func (p *Pool) newLease(ctx context.Context, taskID string, keys []string, token int64, fields []any, prevExec string) (*Lease, error) {
+func (p *Pool) newLease(ctx context.Context, taskID string, keys []string, token int64, fields []any, prevExec, execID string) (*Lease, error) {
 	l := &Lease{
 		prevExec:  prevExec,
+		execID:    execID,
 		pool:      p,
 		taskID:    taskID,
 		token:     token,
@@ -323,24 +360,52 @@ func (p *Pool) unlock(ctx context.Context, keys []string, tokens []any) error {
 }
 
 // Release stores cwd as the task's tracked working directory (unless it is
-// "") and now as its last use, and frees the lease. It refuses, with an
+// "") and now as its last use, marks the exec named at Acquire as collected
+// (see Config.InFlightGrace), and frees the lease. It refuses, with an
 // error wrapping ErrStaleLease, when the lease expired meanwhile. It runs
 // even when ctx is cancelled, and a second call does nothing.
 //
 // One round trip to Redis.
 func (p *Pool) Release(ctx context.Context, l *Lease, cwd string) error {
+	return p.ReleaseWith(ctx, l, cwd, nil)
+}
+
+// ReleaseWith is Release with more work in the same round trip to Redis:
+// also queues the caller's commands on the pipeline that carries the
+// release, after it, so they run once the lease is free (a job's result
+// write, say, so that whoever reads the result finds the task free). The
+// commands run, under Release's own bounded context, even when the release
+// is refused or was done before; their errors are in their own Cmders.
+// Scripts queued on the pipeline should be sent with Eval, not EvalSha:
+// a pipeline cannot fall back when Redis does not know a script.
+func (p *Pool) ReleaseWith(ctx context.Context, l *Lease, cwd string, also func(redis.Pipeliner)) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+	defer cancel()
 	if l == nil || !l.released.CompareAndSwap(false, true) {
+		if also != nil {
+			pipe := p.rdb.Pipeline()
+			also(pipe)
+			_, _ = pipe.Exec(ctx)
+		}
 		return nil
 	}
 	l.stop()
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-	defer cancel()
 	setCwd := "0"
 	if cwd != "" {
 		setCwd = "1"
 	}
-	ok, err := releaseScript.Run(ctx, p.rdb, []string{l.leaseKey, l.recordKey, p.indexKey},
-		l.tokenArg, p.nowArg(), l.taskID, setCwd, cwd).Int64()
+	keys := []string{l.leaseKey, l.recordKey, p.indexKey}
+	args := []any{l.tokenArg, p.nowArg(), l.taskID, setCwd, cwd, l.execID}
+	var rel *redis.Cmd
+	if also == nil {
+		rel = releaseScript.Run(ctx, p.rdb, keys, args...)
+	} else {
+		pipe := p.rdb.Pipeline()
+		rel = releaseScript.Eval(ctx, pipe, keys, args...)
+		also(pipe)
+		_, _ = pipe.Exec(ctx) // each command's error is in its Cmder
+	}
+	ok, err := rel.Int64()
 	if err != nil {
 		return fmt.Errorf("sandboxpool: release task %q: %w", l.taskID, err)
 	}
@@ -356,8 +421,10 @@ func (p *Pool) Release(ctx context.Context, l *Lease, cwd string) error {
 // Abandon frees the lease without recording a use and leaves the exec named
 // at Acquire marked as in flight: for a holder that stops waiting for an
 // exec that goes on running (a worker shutting down). The next holder sees
-// it in Lease.PrevExecID. It runs even when ctx is cancelled, and does
-// nothing after Release or a first Abandon.
+// it in Lease.PrevExecID, and the reaper leaves the sandbox alone until the
+// job's next delivery collects the exec (or Config.InFlightGrace passes).
+// It runs even when ctx is cancelled, and does nothing after Release or a
+// first Abandon.
 func (p *Pool) Abandon(ctx context.Context, l *Lease) error {
 	if l == nil || !l.released.CompareAndSwap(false, true) {
 		return nil
@@ -376,13 +443,16 @@ func (p *Pool) Recreate(ctx context.Context, l *Lease) error {
 		return fmt.Errorf("sandboxpool: recreate sandbox of task %q: lease released: %w", l.taskID, ErrStaleLease)
 	}
 	key := p.cfg.NewKey()
-	gen, err := recreateScript.Run(ctx, p.rdb, []string{l.leaseKey, l.recordKey}, l.tokenArg, key, l.spec.Cwd).Int64()
+	// The tracked cwd goes back to "" — the new sandbox's own default — not
+	// to Spec.Cwd spelt out: a gateway without isolation maps its default
+	// cwd to the sandbox's directory, but cannot map a path a script cds to.
+	gen, err := recreateScript.Run(ctx, p.rdb, []string{l.leaseKey, l.recordKey}, l.tokenArg, key, "").Int64()
 	if err != nil {
 		return fmt.Errorf("sandboxpool: recreate sandbox of task %q: %w", l.taskID, err)
 	}
 	if gen == 0 {
 		return fmt.Errorf("sandboxpool: recreate sandbox of task %q: %w", l.taskID, ErrStaleLease)
 	}
-	l.gen, l.key, l.sandboxID, l.cwd, l.recreated = gen, key, "", l.spec.Cwd, true
+	l.gen, l.key, l.sandboxID, l.cwd, l.recreated = gen, key, "", "", true
 	return p.create(ctx, l)
 }

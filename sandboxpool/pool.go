@@ -37,6 +37,9 @@ var (
 	// capacity, for longer than Config.AcquireWait: try again soon. It is
 	// a wait, not a failure.
 	ErrBusy = errors.New("sandboxpool: busy")
+	// ErrVetoed means AcquireUnless found one of its checks set, and took
+	// nothing.
+	ErrVetoed = errors.New("sandboxpool: vetoed by a check")
 	// ErrStaleLease means a lease expired (and may have been taken by
 	// someone else) before its holder wrote through it; the write was
 	// refused.
@@ -68,13 +71,22 @@ type Config struct {
 	// NewKey returns a new idempotency key for a create. Default: a random
 	// UUID.
 	NewKey func() string
+	// InFlightGrace is how long the reaper leaves alone a sandbox in which
+	// a holder started an exec and vanished without collecting its result
+	// (it crashed, or stopped waiting with Abandon): the job's next
+	// delivery must find the exec there, in the same sandbox, to re-attach
+	// to it instead of running the command again. Default 10m, the
+	// reference gateway's retention of finished execs, past which a
+	// re-delivery could not re-attach anyway.
+	InFlightGrace time.Duration
 }
 
 // Defaults of Config.
 const (
-	DefaultPrefix      = "boxq:"
-	DefaultLeaseTTL    = 30 * time.Second
-	DefaultAcquireWait = 2 * time.Second
+	DefaultPrefix        = "boxq:"
+	DefaultLeaseTTL      = 30 * time.Second
+	DefaultAcquireWait   = 2 * time.Second
+	DefaultInFlightGrace = 10 * time.Minute
 
 	minLeaseTTL = 50 * time.Millisecond
 )
@@ -98,6 +110,9 @@ func (c Config) withDefaults() Config {
 	if c.NewKey == nil {
 		c.NewKey = uuid.NewString
 	}
+	if c.InFlightGrace == 0 {
+		c.InFlightGrace = DefaultInFlightGrace
+	}
 	return c
 }
 
@@ -107,6 +122,9 @@ func (c Config) validate() error {
 	}
 	if c.MaxSandboxes < 0 {
 		return fmt.Errorf("sandboxpool: max sandboxes %d is negative", c.MaxSandboxes)
+	}
+	if c.InFlightGrace < 0 {
+		return fmt.Errorf("sandboxpool: in-flight grace %v is negative", c.InFlightGrace)
 	}
 	return nil
 }

@@ -443,14 +443,14 @@ func TestRecreate(t *testing.T) {
 	if err := p.Recreate(context.Background(), l); err != nil {
 		t.Fatal(err)
 	}
-	if !l.Recreated() || l.Generation() != 2 || l.Cwd() != "/home" || l.SandboxID() != "sb-2" {
+	if !l.Recreated() || l.Generation() != 2 || l.Cwd() != "" || l.SandboxID() != "sb-2" {
 		t.Errorf("after Recreate: recreated %v, gen %d, cwd %q, sandbox %q; want true, 2, /home, sb-2",
 			l.Recreated(), l.Generation(), l.Cwd(), l.SandboxID())
 	}
 	mustRelease(t, p, l, "")
 	rec := mustGet(t, p, "task")
-	if rec.Generation != 2 || rec.IdempotencyKey != "key-2" || rec.SandboxID != "sb-2" || rec.Cwd != "/home" {
-		t.Errorf("record: gen %d, key %q, sandbox %q, cwd %q; want 2, key-2, sb-2, /home", rec.Generation, rec.IdempotencyKey, rec.SandboxID, rec.Cwd)
+	if rec.Generation != 2 || rec.IdempotencyKey != "key-2" || rec.SandboxID != "sb-2" || rec.Cwd != "" {
+		t.Errorf("record: gen %d, key %q, sandbox %q, cwd %q; want 2, key-2, sb-2, \"\" (the default)", rec.Generation, rec.IdempotencyKey, rec.SandboxID, rec.Cwd)
 	}
 
 	// A failed recreate leaves a pending create under the new key, which
@@ -894,4 +894,59 @@ func TestInFlightExecAfterCrash(t *testing.T) {
 		t.Errorf("PrevExecID after a crash = %q, want exec-a", got)
 	}
 	mustRelease(t, b, l, "")
+}
+
+// TestReapSparesUncollectedExec: a holder that vanished with an exec
+// running (a worker SIGKILLed, or stopped with Abandon) leaves its job to
+// come back and collect the exec in the same sandbox. Another holder of the
+// task using and releasing the sandbox meanwhile must not make the reaper
+// terminate it: the job would then run its command again in a new sandbox
+// (found by reliability.TestWorkerSIGKILL).
+func TestReapSparesUncollectedExec(t *testing.T) {
+	ctx := context.Background()
+	cfg := Config{LeaseTTL: 200 * time.Millisecond, AcquireWait: 5 * time.Second, InFlightGrace: time.Hour}
+	gw := newFakeGateway()
+	a, _ := newPool(t, gw, cfg)
+	b := secondPool(t, a, gw, cfg)
+	crashed, err := a.Acquire(ctx, "task", Spec{}, "exec-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sandbox := crashed.SandboxID()
+	crashed.stop() // the holder died: no renewal, no release
+	other, err := b.Acquire(ctx, "task", Spec{}, "exec-b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustRelease(t, b, other, "")
+
+	later := time.Now().Add(time.Minute)
+	if n, err := b.ReapIdle(ctx, later, time.Second); n != 0 || err != nil {
+		t.Fatalf("ReapIdle with exec-a uncollected = %d, %v; want 0, nil", n, err)
+	}
+	if gw.terminates[sandbox] != 0 {
+		t.Fatalf("sandbox %s terminated while exec-a was not collected", sandbox)
+	}
+	// Past the grace the sandbox is reaped all the same.
+	if n, err := b.ReapIdle(ctx, time.Now().Add(2*time.Hour), time.Second); n != 1 || err != nil {
+		t.Fatalf("ReapIdle past the grace = %d, %v; want 1, nil", n, err)
+	}
+
+	// The job that comes back and collects its exec clears the mark.
+	back, err := a.Acquire(ctx, "task2", Spec{}, "exec-c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	back.stop()
+	again, err := b.Acquire(ctx, "task2", Spec{}, "exec-c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again.PrevExecID() != "exec-c" {
+		t.Errorf("PrevExecID of the re-delivery = %q, want exec-c", again.PrevExecID())
+	}
+	mustRelease(t, b, again, "")
+	if n, err := b.ReapIdle(ctx, later, time.Second); n != 1 || err != nil {
+		t.Fatalf("ReapIdle after the exec was collected = %d, %v; want 1, nil", n, err)
+	}
 }

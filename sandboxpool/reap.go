@@ -20,7 +20,7 @@ import (
 // A record whose create never recorded an id is just deleted: if the
 // gateway made that sandbox, its own idle timeout ends it.
 func (p *Pool) Terminate(ctx context.Context, taskID string) error {
-	l, err := p.take(ctx, taskID, nil, "")
+	l, err := p.take(ctx, taskID, nil, "", nil)
 	if err != nil || l == nil {
 		return err
 	}
@@ -55,7 +55,9 @@ const (
 
 // ReapIdle terminates the sandboxes last used more than ttl before now
 // whose lease is free, and deletes their records; busy ones are skipped
-// (their holder's release marks them used). It returns how many it reaped.
+// (their holder's release marks them used), and so are those that hold an
+// exec whose job has not collected it yet, for Config.InFlightGrace. It
+// returns how many it reaped.
 //
 // Its cost follows the number of expired records, not the pool's size: it
 // reads them from the last-use index a page at a time, claims each page
@@ -68,6 +70,7 @@ func (p *Pool) ReapIdle(ctx context.Context, now time.Time, ttl time.Duration) (
 		return 0, fmt.Errorf("sandboxpool: reap: idle TTL %v is not positive", ttl)
 	}
 	cutoff := strconv.FormatInt(now.Add(-ttl).UnixMilli(), 10)
+	inflightCutoff := strconv.FormatInt(now.Add(-max(ttl, p.cfg.InFlightGrace)).UnixMilli(), 10)
 	rng := &redis.ZRangeBy{Min: "-inf", Max: "(" + cutoff, Count: reapPage}
 	var (
 		failed   int
@@ -88,7 +91,7 @@ func (p *Pool) ReapIdle(ctx context.Context, now time.Time, ttl time.Duration) (
 			if len(tasks) == 0 {
 				break
 			}
-			r, busy, f, ferr, err := p.reapPage(ctx, tasks, cutoff)
+			r, busy, f, ferr, err := p.reapPage(ctx, tasks, cutoff, inflightCutoff)
 			reapedPass += r
 			busyPass += busy
 			failed += f
@@ -126,11 +129,11 @@ type claim struct {
 // reapPage claims, terminates and deletes the expired tasks of one page.
 // It returns how many it reaped, found busy, and failed to terminate, the
 // first termination error, and err when Redis failed.
-func (p *Pool) reapPage(ctx context.Context, tasks []string, cutoff string) (reaped, busy, failed int, firstFail, err error) {
+func (p *Pool) reapPage(ctx context.Context, tasks []string, cutoff, inflightCutoff string) (reaped, busy, failed int, firstFail, err error) {
 	keys := make([]string, 2, 2+2*len(tasks))
 	keys[0], keys[1] = p.indexKey, p.fenceKey
-	args := make([]any, 2, 2+len(tasks))
-	args[0], args[1] = p.ttlArg, cutoff
+	args := make([]any, 3, 3+len(tasks))
+	args[0], args[1], args[2] = p.ttlArg, cutoff, inflightCutoff
 	for _, t := range tasks {
 		keys = append(keys, p.leaseKey(t), p.recordKey(t))
 		args = append(args, t)

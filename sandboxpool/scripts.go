@@ -49,13 +49,32 @@ const hmgetRecord = `redis.call('HMGET', KEYS[2], 'sandbox_id', 'gen', 'cwd', 'k
 	'image', 'cpu', 'memory_mib', 'disk_mib', 'persistent', 'default_cwd', 'timeout_ms', 'idle_timeout_ms')`
 
 // Replies of acquireScript and reserveScript: {codeBusy, pttl},
-// {codeMissing}, {codeTaken, token, fields}, {codeFull}.
+// {codeMissing}, {codeTaken, token, fields}, {codeFull}, {codeVetoed, i}.
 const (
 	codeBusy    = 0
 	codeMissing = 1
 	codeTaken   = 2
 	codeFull    = 3
+	codeVetoed  = 4
 )
+
+// checkCaller is shared by the acquire and reserve scripts, and comes
+// before anything else they do: the caller's checks (AcquireUnless). Their
+// keys are KEYS[5] on; their fields (a field of a hash, or "" for the
+// key's existence) come last in ARGV but for the exec id. The first check
+// that holds ends the script with {codeVetoed, its index}.
+const checkCaller = `
+local checks = #KEYS - 4
+for i = 1, checks do
+	local field, hit = ARGV[#ARGV - checks - 1 + i], 0
+	if field == '' then
+		hit = redis.call('EXISTS', KEYS[4 + i])
+	else
+		hit = redis.call('HEXISTS', KEYS[4 + i], field)
+	end
+	if hit == 1 then return {4, i} end
+end
+`
 
 // takeLease is shared by the acquire and reserve scripts: a new fencing
 // token, the lease with its TTL, and a touch of the record and index so the
@@ -66,12 +85,18 @@ const (
 // the field's previous value is returned: an exec left running by a holder
 // that crashed or stopped waiting (Abandon), which the new holder must let
 // end before it runs a command of its own.
+//
+// The exec is also marked in flight, in a field "inflight:<exec id>" that
+// holds when it was taken; only the Release of a holder of that same exec
+// (the job's delivery that collected its result) removes the mark, so that
+// a later holder of the task, who overwrites "exec", does not make the
+// reaper forget that a job will come back for its exec in this sandbox.
 const takeLease = `
 local tok = redis.call('INCR', KEYS[4])
 redis.call('SET', KEYS[1], tok, 'PX', ARGV[1])
 local prev = redis.call('HGET', KEYS[2], 'exec') or ''
 if ARGV[#ARGV] ~= '' then
-	redis.call('HSET', KEYS[2], 'used', ARGV[2], 'exec', ARGV[#ARGV])
+	redis.call('HSET', KEYS[2], 'used', ARGV[2], 'exec', ARGV[#ARGV], 'inflight:' .. ARGV[#ARGV], ARGV[2])
 else
 	redis.call('HSET', KEYS[2], 'used', ARGV[2])
 end
@@ -81,9 +106,9 @@ return {2, tok, ` + hmgetRecord + `, prev}
 
 // acquireScript takes the lease of a task that has a record.
 //
-// KEYS: lease, record, index, fence. ARGV: lease TTL ms, now ms, task id,
-// exec id.
-var acquireScript = redis.NewScript(`
+// KEYS: lease, record, index, fence, then the caller's checks. ARGV: lease
+// TTL ms, now ms, task id, the checks' fields, exec id.
+var acquireScript = redis.NewScript(checkCaller + `
 local pttl = redis.call('PTTL', KEYS[1])
 if pttl ~= -2 then return {0, pttl} end
 if redis.call('HEXISTS', KEYS[2], 'gen') == 0 then return {1} end
@@ -94,11 +119,11 @@ if redis.call('HEXISTS', KEYS[2], 'gen') == 0 then return {1} end
 // takes its lease. A record created meanwhile by someone else is just
 // acquired.
 //
-// KEYS: lease, record, index, fence. ARGV: lease TTL ms, now ms, task id,
-// cap (0: none), idempotency key, then the spec: image, cpu, memory MiB,
-// disk MiB, persistent (1/0), default cwd, timeout ms, idle timeout ms,
-// exec id.
-var reserveScript = redis.NewScript(`
+// KEYS: lease, record, index, fence, then the caller's checks. ARGV: lease
+// TTL ms, now ms, task id, cap (0: none), idempotency key, then the spec:
+// image, cpu, memory MiB, disk MiB, persistent (1/0), default cwd, timeout
+// ms, idle timeout ms; the checks' fields, exec id.
+var reserveScript = redis.NewScript(checkCaller + `
 local pttl = redis.call('PTTL', KEYS[1])
 if pttl ~= -2 then return {0, pttl} end
 if redis.call('HEXISTS', KEYS[2], 'gen') == 0 then
@@ -122,9 +147,11 @@ return 1
 `)
 
 // releaseScript stores the cwd (when ARGV[4] is 1) and the last use, clears
-// the in-flight exec, and frees the lease.
+// the in-flight exec and the holder's own in-flight mark, and frees the
+// lease.
 //
-// KEYS: lease, record, index. ARGV: token, now ms, task id, set cwd (1/0), cwd.
+// KEYS: lease, record, index. ARGV: token, now ms, task id, set cwd (1/0),
+// cwd, the holder's exec id.
 var releaseScript = redis.NewScript(`
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if redis.call('EXISTS', KEYS[2]) == 1 then
@@ -133,7 +160,7 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
 	else
 		redis.call('HSET', KEYS[2], 'used', ARGV[2])
 	end
-	redis.call('HDEL', KEYS[2], 'exec')
+	redis.call('HDEL', KEYS[2], 'exec', 'inflight:' .. ARGV[6])
 	redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
 end
 redis.call('DEL', KEYS[1])
@@ -182,17 +209,29 @@ return 1
 `)
 
 // claimScript is the reaper's: for each task still expired (last use before
-// the cutoff) and free, it takes the lease. Replies per task: {0} no longer
-// expired or no record (a stale index entry is dropped), {1} busy,
+// the cutoff) and free, it takes the lease. A task whose sandbox holds an
+// exec marked in flight since the in-flight cutoff or later counts as busy:
+// its job will come back to collect it there. Replies per task: {0} no
+// longer expired or no record (a stale index entry is dropped), {1} busy,
 // {2, token, sandbox id, persistent}.
 //
 // KEYS: index, fence, then lease and record of each task. ARGV: lease TTL
-// ms, cutoff ms, then the task ids.
+// ms, cutoff ms, in-flight cutoff ms, then the task ids.
 var claimScript = redis.NewScript(`
 local out = {}
 local cutoff = tonumber(ARGV[2])
-for i = 1, #ARGV - 2 do
-	local task = ARGV[i + 2]
+local inflightCutoff = tonumber(ARGV[3])
+local function inflight(rec)
+	local f = redis.call('HGETALL', rec)
+	for j = 1, #f, 2 do
+		if string.sub(f[j], 1, 9) == 'inflight:' and tonumber(f[j + 1]) >= inflightCutoff then
+			return true
+		end
+	end
+	return false
+end
+for i = 1, #ARGV - 3 do
+	local task = ARGV[i + 3]
 	local lease, rec = KEYS[2 * i + 1], KEYS[2 * i + 2]
 	local score = redis.call('ZSCORE', KEYS[1], task)
 	if not score or tonumber(score) >= cutoff then
@@ -202,6 +241,8 @@ for i = 1, #ARGV - 2 do
 	elseif redis.call('EXISTS', rec) == 0 then
 		redis.call('ZREM', KEYS[1], task)
 		out[i] = {0}
+	elseif inflight(rec) then
+		out[i] = {1}
 	else
 		local tok = redis.call('INCR', KEYS[2])
 		redis.call('SET', lease, tok, 'PX', ARGV[1])

@@ -16,9 +16,10 @@ func ExampleCommand() {
 	// eval 'git log -1 --format='\''%s'\''
 	// '
 	// __boxq_rc=$?
-	// __boxq_cwd=$(builtin pwd -P 2>/dev/null; builtin printf .)
-	// __boxq_cwd=${__boxq_cwd%.}
-	// builtin printf '\n%s%s%s\n' '__BOXQ_CWD_5f1d2c__' "${__boxq_cwd%?}" '__BOXQ_CWD_5f1d2c__'
+	// if builtin cd -P . 2>/dev/null && [[ $PWD -ef . ]]; then __boxq_cwd=$PWD
+	// else __boxq_cwd=$(builtin pwd -P 2>/dev/null; builtin printf .); __boxq_cwd=${__boxq_cwd%.}; __boxq_cwd=${__boxq_cwd%?}
+	// fi
+	// builtin printf '\n%s%s%s\n' '__BOXQ_CWD_5f1d2c__' "$__boxq_cwd" '__BOXQ_CWD_5f1d2c__'
 	// builtin exit "$__boxq_rc"
 }
 

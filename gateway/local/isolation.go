@@ -86,10 +86,8 @@ func (l launcher) bwrapArgs(dirs fsDirs, cwd, script string) []string {
 		// / bound read-only it would be readable, so cover it.
 		"--tmpfs", l.stateDir,
 	}
-	// /run holds the host daemons' Unix sockets (docker, dbus, ...), which
-	// a read-only mount does not stop anyone from connecting to.
-	if fi, err := os.Stat("/run"); err == nil && fi.IsDir() {
-		args = append(args, "--tmpfs", "/run")
+	for _, d := range hiddenHostDirs() {
+		args = append(args, "--tmpfs", d)
 	}
 	args = append(args,
 		"--dev", "/dev",
@@ -109,6 +107,28 @@ func (l launcher) bwrapArgs(dirs fsDirs, cwd, script string) []string {
 		"bash", "-c", script,
 	)
 	return args
+}
+
+// hiddenHostDirs are the host directories covered with an empty tmpfs
+// under bubblewrap, those that exist: /run, which holds the host daemons'
+// Unix sockets (docker, dbus, ...) that a read-only mount does not stop
+// anyone from connecting to; /home and the gateway user's own home, which
+// hold people's files (the host's /root is covered by the sandbox's home).
+func hiddenHostDirs() []string {
+	dirs := []string{"/run", "/home"}
+	if h, err := os.UserHomeDir(); err == nil && filepath.IsAbs(h) {
+		h = filepath.Clean(h)
+		if h != "/" && h != sandboxHome && !strings.HasPrefix(h, "/home/") && !strings.HasPrefix(h, "/run/") {
+			dirs = append(dirs, h)
+		}
+	}
+	out := dirs[:0]
+	for _, d := range dirs {
+		if fi, err := os.Stat(d); err == nil && fi.IsDir() {
+			out = append(out, d)
+		}
+	}
+	return out
 }
 
 // hostPath maps a sandbox path to the host without isolation: /root and

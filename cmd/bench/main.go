@@ -1,0 +1,532 @@
+// Command bench measures what boxq costs next to calling a sandbox gateway
+// directly and next to a plain asynq queue, side by side in one run.
+//
+// It starts everything it needs itself: a redis-server on a free loopback
+// port, two reference gateways in-process (isolation none by default), and
+// workers in-process (and one in a process of its own, to measure a
+// worker's memory).
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"os/signal"
+	"runtime"
+	"runtime/pprof"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/boxq/boxq/gateway/local"
+	"github.com/boxq/boxq/internal/app"
+	"github.com/boxq/boxq/jobs"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr)
+	stop()
+	app.Exit("bench", err, os.Stderr)
+}
+
+const helpHead = `bench — measure boxq's latency, throughput, reaping and memory next to
+calling the gateway directly and next to plain asynq, in one run.
+
+Usage:
+  bench [flags]
+
+It starts a redis-server (which must be installed) on a free port, the
+reference gateway in-process, and workers, and prints a table of results
+(with -json: one JSON object). A full run takes two to three minutes;
+-quick runs every measurement with fewer samples in well under a minute.
+`
+
+const helpTail = `
+Measurements (-phases):
+  latency    rtt_p50_ms, rtt_p99_ms (sleep 0.01), rtt_true_p50_ms (true):
+             enqueue to result seen by the producer, one job at a time, idle
+             worker; direct_rtt_p50_ms: the same command through boxq's
+             gateway client alone, no queue
+  fixedpoll  fixedpoll_rtt_p50_ms: sleep 0.01 straight at a gateway that
+             answers starts at once, by a client that polls at once, then
+             every 250 ms (the Python client); rtt_nostartwait_p50_ms: boxq
+             through that same gateway
+  throughput direct_execs_per_s: true, -execs execs over -sandboxes sandboxes,
+             -concurrency clients, straight at the gateway;
+             pipeline_execs_per_s: the same commands as jobs (rounds in turn)
+  overhead   null_pipeline_execs_per_s: the pipeline against an in-memory
+             gateway that completes every exec at once; asynq_noop_per_s:
+             plain asynq, no-op handler, same Redis (rounds in turn)
+  reap       reap_ms_100k_100exp, reap_ms_100k_10kexp: one ReapIdle pass
+  rss        worker_rss_mb_1000_inflight: a worker process's VmRSS with
+             -inflight execs running
+  idle       idle_redis: Redis commands/s and CPU of an idle worker at task
+             check intervals of 1s, 10ms and 5ms
+
+Examples:
+  go run ./cmd/bench              # the table
+  go run ./cmd/bench -json        # one JSON object
+  go run ./cmd/bench -quick -phases latency,overhead
+`
+
+// options are the bench's settings.
+type options struct {
+	json, quick      bool
+	isolation        string
+	redisServer      string
+	samples          int
+	fixedPollSamples int
+	execs            int
+	sandboxes        int
+	concurrency      int
+	nullJobs         int
+	rounds           int
+	overheadRounds   int
+	reapRecords      int
+	inflight         int
+	hold             time.Duration
+	checkInterval    time.Duration
+	idleWindow       time.Duration
+	phases           map[string]bool
+	cpuProfile       string
+}
+
+var allPhases = []string{"latency", "fixedpoll", "throughput", "overhead", "reap", "rss", "idle"}
+
+// effectiveCheckInterval is the worker's task check interval.
+func (o *options) effectiveCheckInterval() time.Duration {
+	if o.checkInterval > 0 {
+		return o.checkInterval
+	}
+	return jobs.DefaultTaskCheckInterval
+}
+
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	if getenv(childEnv) == "worker" {
+		return runWorkerChild(ctx, getenv, stderr)
+	}
+	o, err := parseFlags(args, stdout)
+	if err != nil {
+		return err
+	}
+	if o.cpuProfile != "" {
+		f, err := os.Create(o.cpuProfile)
+		if err != nil {
+			return app.Usagef("-cpuprofile: %v", err)
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
+	}
+	e, err := newEnv(ctx, o, stderr)
+	if err != nil {
+		return err
+	}
+	defer e.close()
+	begin, load := time.Now(), loadAvg()
+	rep, err := e.measure(ctx)
+	if err != nil {
+		return err
+	}
+	rep.Config.Seconds = math.Round(time.Since(begin).Seconds())
+	rep.Config.LoadAvg = [2]float64{load, loadAvg()}
+	if o.json {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(rep)
+	}
+	printTable(stdout, rep)
+	return nil
+}
+
+func parseFlags(args []string, stdout io.Writer) (*options, error) {
+	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
+	o := &options{}
+	fs.BoolVar(&o.json, "json", false, "print one JSON object instead of the table")
+	fs.BoolVar(&o.quick, "quick", false, "fewer samples and smaller sizes: every measurement, in well under a minute")
+	fs.StringVar(&o.isolation, "isolation", string(local.IsolationNone), "the reference gateway's isolation: none, bwrap or auto")
+	fs.StringVar(&o.redisServer, "redis-server", "redis-server", "the redis-server `binary` to start")
+	fs.IntVar(&o.samples, "samples", 200, "latency samples per measurement (-quick: 20)")
+	fs.IntVar(&o.fixedPollSamples, "fixedpoll-samples", 200, "samples of the fixed-interval poller (-quick: 10)")
+	fs.IntVar(&o.execs, "execs", 2000, "commands of the throughput measurements (-quick: 300)")
+	fs.IntVar(&o.sandboxes, "sandboxes", 200, "sandboxes (tasks) the throughput commands are spread over (-quick: 30)")
+	fs.IntVar(&o.concurrency, "concurrency", 64, "worker concurrency, and the direct client's number of concurrent clients")
+	fs.IntVar(&o.nullJobs, "null-jobs", 2000, "jobs of the null-gateway pipeline and of plain asynq (-quick: 500)")
+	fs.IntVar(&o.rounds, "rounds", 3, "rounds of direct and pipeline, in turn; the median counts (-quick: 1)")
+	fs.IntVar(&o.overheadRounds, "overhead-rounds", 5, "rounds of null pipeline and plain asynq, in turn; the median counts (-quick: 2)")
+	fs.IntVar(&o.reapRecords, "reap-records", 100_000, "pool records of the reap measurement (-quick: 20000)")
+	fs.IntVar(&o.inflight, "inflight", 1000, "execs in flight in the worker-memory measurement (-quick: 100)")
+	fs.DurationVar(&o.hold, "hold", 5*time.Second, "how long each exec of the worker-memory measurement runs (-quick: 3s)")
+	fs.DurationVar(&o.checkInterval, "task-check-interval", 0, "the workers' task check interval (0: jobs' default)")
+	fs.DurationVar(&o.idleWindow, "idle-window", 2*time.Second, "how long idle Redis load is counted per interval (-quick: 300ms)")
+	phases := fs.String("phases", strings.Join(allPhases, ","), "comma-separated `list` of measurements to run")
+	fs.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of the bench process (in-process workers included) to `file`")
+	if err := app.ParseFlags(fs, args, stdout, helpHead, helpTail); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, app.Usagef("unexpected argument %q: bench takes flags only", fs.Arg(0))
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if o.quick {
+		quick := func(name string, p *int, v int) {
+			if !set[name] {
+				*p = v
+			}
+		}
+		quick("samples", &o.samples, 20)
+		quick("fixedpoll-samples", &o.fixedPollSamples, 10)
+		quick("execs", &o.execs, 300)
+		quick("sandboxes", &o.sandboxes, 30)
+		quick("null-jobs", &o.nullJobs, 500)
+		quick("inflight", &o.inflight, 100)
+		quick("rounds", &o.rounds, 1)
+		quick("overhead-rounds", &o.overheadRounds, 2)
+		quick("reap-records", &o.reapRecords, 20_000)
+		if !set["hold"] {
+			o.hold = 3 * time.Second
+		}
+		if !set["idle-window"] {
+			o.idleWindow = 300 * time.Millisecond
+		}
+	}
+	o.phases = map[string]bool{}
+	for p := range strings.SplitSeq(*phases, ",") {
+		p = strings.TrimSpace(p)
+		if p == "" {
+			continue
+		}
+		if !slices.Contains(allPhases, p) {
+			return nil, app.Usagef("-phases: unknown measurement %q (want some of %s)", p, strings.Join(allPhases, ","))
+		}
+		o.phases[p] = true
+	}
+	switch {
+	case o.samples < 1, o.fixedPollSamples < 1:
+		return nil, app.Usagef("-samples and -fixedpoll-samples must be at least 1")
+	case o.execs < 1, o.sandboxes < 1, o.nullJobs < 1, o.rounds < 1, o.overheadRounds < 1:
+		return nil, app.Usagef("-execs, -sandboxes, -null-jobs, -rounds and -overhead-rounds must be at least 1")
+	case o.concurrency < 1:
+		return nil, app.Usagef("-concurrency must be at least 1")
+	case o.reapRecords < 10_000:
+		return nil, app.Usagef("-reap-records must be at least 10000 (the larger pass expires 10,000)")
+	case o.inflight < 1 || o.hold <= 0:
+		return nil, app.Usagef("-inflight and -hold must be positive")
+	case o.checkInterval < 0 || o.idleWindow <= 0:
+		return nil, app.Usagef("-task-check-interval must not be negative, -idle-window must be positive")
+	}
+	switch local.Isolation(o.isolation) {
+	case local.IsolationNone, local.IsolationBwrap, local.IsolationAuto:
+	default:
+		return nil, app.Usagef("-isolation %q: want none, bwrap or auto", o.isolation)
+	}
+	return o, nil
+}
+
+// report is the bench's result: what -json prints.
+type report struct {
+	RTTP50        float64 `json:"rtt_p50_ms,omitempty"`
+	RTTP99        float64 `json:"rtt_p99_ms,omitempty"`
+	RTTTrueP50    float64 `json:"rtt_true_p50_ms,omitempty"`
+	DirectRTTP50  float64 `json:"direct_rtt_p50_ms,omitempty"`
+	FixedPollP50  float64 `json:"fixedpoll_rtt_p50_ms,omitempty"`
+	RTTNoWaitP50  float64 `json:"rtt_nostartwait_p50_ms,omitempty"`
+	DirectPerS    float64 `json:"direct_execs_per_s,omitempty"`
+	PipelinePerS  float64 `json:"pipeline_execs_per_s,omitempty"`
+	NullPerS      float64 `json:"null_pipeline_execs_per_s,omitempty"`
+	NoopPerS      float64 `json:"asynq_noop_per_s,omitempty"`
+	Reap100       float64 `json:"reap_ms_100k_100exp,omitempty"`
+	Reap10k       float64 `json:"reap_ms_100k_10kexp,omitempty"`
+	WorkerRSS     float64 `json:"worker_rss_mb_1000_inflight,omitempty"`
+	FixedOverRTT  float64 `json:"fixedpoll_over_rtt,omitempty"`
+	FixedOverSame float64 `json:"fixedpoll_over_rtt_nostartwait,omitempty"`
+	PipeOverDir   float64 `json:"pipeline_over_direct,omitempty"`
+	NullOverNoop  float64 `json:"null_pipeline_over_asynq_noop,omitempty"`
+
+	IdleRedis map[string]idleLoad `json:"idle_redis,omitempty"`
+	// Runs are the rates of every round; the fields above are medians.
+	Runs   reportRuns   `json:"runs"`
+	Config reportConfig `json:"config"`
+}
+
+// reportRuns are the throughput rounds, per second, in sorted order.
+type reportRuns struct {
+	Direct   []float64 `json:"direct_execs_per_s,omitempty"`
+	Pipeline []float64 `json:"pipeline_execs_per_s,omitempty"`
+	Null     []float64 `json:"null_pipeline_execs_per_s,omitempty"`
+	Noop     []float64 `json:"asynq_noop_per_s,omitempty"`
+}
+
+func rounded(vs []float64) []float64 {
+	out := make([]float64, len(vs))
+	for i, v := range vs {
+		out[i] = round(v, 0)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// reportConfig says what was measured, so that numbers of different runs
+// can be compared.
+type reportConfig struct {
+	Quick             bool    `json:"quick"`
+	CPUs              int     `json:"cpus"`
+	GoVersion         string  `json:"go_version"`
+	Isolation         string  `json:"isolation"`
+	Concurrency       int     `json:"concurrency"`
+	TaskCheckInterval string  `json:"task_check_interval"`
+	Samples           int     `json:"samples"`
+	FixedPollSamples  int     `json:"fixedpoll_samples"`
+	Execs             int     `json:"execs"`
+	Sandboxes         int     `json:"sandboxes"`
+	NullJobs          int     `json:"null_jobs"`
+	ReapRecords       int     `json:"reap_records"`
+	Inflight          int     `json:"inflight"`
+	Seconds           float64 `json:"seconds"`
+	// LoadAvg is /proc/loadavg's 1-minute load at the start and at the
+	// end: other work on the machine skews every number.
+	LoadAvg [2]float64 `json:"load_avg"`
+}
+
+// loadAvg returns the 1-minute load average (0 where unknown).
+func loadAvg() float64 {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return 0
+	}
+	f, _, _ := strings.Cut(string(b), " ")
+	v, _ := strconv.ParseFloat(f, 64)
+	return v
+}
+
+func ms(d time.Duration) float64 { return round(float64(d)/float64(time.Millisecond), 2) }
+
+func round(v float64, digits int) float64 {
+	p := math.Pow(10, float64(digits))
+	return math.Round(v*p) / p
+}
+
+func ratio(a, b float64) float64 {
+	if a == 0 || b == 0 {
+		return 0
+	}
+	return round(a/b, 2)
+}
+
+// idleIntervals are the task check intervals of the idle-load measurement.
+var idleIntervals = []time.Duration{time.Second, 10 * time.Millisecond, 5 * time.Millisecond}
+
+// measure runs the chosen measurements in order.
+func (e *env) measure(ctx context.Context) (*report, error) {
+	o := e.opts
+	rep := &report{Config: reportConfig{
+		Quick: o.quick, CPUs: runtime.NumCPU(), GoVersion: runtime.Version(), Isolation: o.isolation,
+		Concurrency: o.concurrency, TaskCheckInterval: o.effectiveCheckInterval().String(),
+		Samples: o.samples, FixedPollSamples: o.fixedPollSamples, Execs: o.execs, Sandboxes: o.sandboxes,
+		NullJobs: o.nullJobs, ReapRecords: o.reapRecords, Inflight: o.inflight,
+	}}
+	step := func(name string, f func() error) error {
+		if !o.phases[name] {
+			return nil
+		}
+		start := time.Now()
+		e.progress("%s ...", name)
+		if err := f(); err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+		e.progress("%s done in %v", name, time.Since(start).Round(time.Millisecond))
+		return nil
+	}
+	steps := []struct {
+		name string
+		f    func() error
+	}{
+		{"latency", func() error {
+			rtts, err := e.pipelineRTT(ctx, e.gw, []string{"sleep 0.01", "true"}, o.samples)
+			if err != nil {
+				return err
+			}
+			rep.RTTP50, rep.RTTP99 = ms(percentile(rtts[0], 50)), ms(percentile(rtts[0], 99))
+			rep.RTTTrueP50 = ms(percentile(rtts[1], 50))
+			direct, err := e.directRTT(ctx, e.gw, "sleep 0.01", o.samples)
+			if err != nil {
+				return err
+			}
+			rep.DirectRTTP50 = ms(percentile(direct, 50))
+			return nil
+		}},
+		{"fixedpoll", func() error {
+			fixed, err := e.fixedPollRTT(ctx, e.gwNoWait, "sleep 0.01", o.fixedPollSamples)
+			if err != nil {
+				return err
+			}
+			rep.FixedPollP50 = ms(percentile(fixed, 50))
+			rtts, err := e.pipelineRTT(ctx, e.gwNoWait, []string{"sleep 0.01"}, o.samples)
+			if err != nil {
+				return err
+			}
+			rep.RTTNoWaitP50 = ms(percentile(rtts[0], 50))
+			return nil
+		}},
+		{"throughput", func() error {
+			direct, err := e.newDirectRunner(ctx, o.sandboxes, o.concurrency)
+			if err != nil {
+				return err
+			}
+			defer direct.close()
+			client, err := e.client(e.gw)
+			if err != nil {
+				return err
+			}
+			pipe, err := e.newPipelineRunner(ctx, client, o.sandboxes, o.concurrency)
+			if err != nil {
+				return err
+			}
+			defer pipe.close()
+			d, p, err := compare(ctx, direct, pipe, o.execs, o.rounds)
+			if err != nil {
+				return err
+			}
+			rep.Runs.Direct, rep.Runs.Pipeline = rounded(d), rounded(p)
+			rep.DirectPerS, rep.PipelinePerS = round(median(d), 0), round(median(p), 0)
+			return nil
+		}},
+		{"overhead", func() error {
+			null, err := e.newPipelineRunner(ctx, instantGateway{}, o.sandboxes, o.concurrency)
+			if err != nil {
+				return err
+			}
+			defer null.close()
+			noop, err := e.newNoopRunner(ctx, o.concurrency)
+			if err != nil {
+				return err
+			}
+			defer noop.close()
+			a, b, err := compare(ctx, null, noop, o.nullJobs, o.overheadRounds)
+			if err != nil {
+				return err
+			}
+			rep.Runs.Null, rep.Runs.Noop = rounded(a), rounded(b)
+			rep.NullPerS, rep.NoopPerS = round(median(a), 0), round(median(b), 0)
+			return nil
+		}},
+		{"reap", func() error {
+			ds, err := e.reapIdle(ctx, o.reapRecords, []int{100, 10_000})
+			if err != nil {
+				return err
+			}
+			rep.Reap100, rep.Reap10k = ms(ds[0]), ms(ds[1])
+			return nil
+		}},
+		{"rss", func() error {
+			v, err := e.workerRSS(ctx, o.inflight, o.hold)
+			rep.WorkerRSS = round(v, 1)
+			return err
+		}},
+		{"idle", func() error {
+			rep.IdleRedis = map[string]idleLoad{}
+			for _, iv := range idleIntervals {
+				l, err := e.idleRedisLoad(ctx, iv, o.idleWindow)
+				if err != nil {
+					return err
+				}
+				l.OpsPerS, l.CPUPct = round(l.OpsPerS, 0), round(l.CPUPct, 1)
+				rep.IdleRedis[iv.String()] = l
+			}
+			return nil
+		}},
+	}
+	for _, s := range steps {
+		if err := step(s.name, s.f); err != nil {
+			return nil, err
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+	}
+	rep.FixedOverRTT = ratio(rep.FixedPollP50, rep.RTTP50)
+	rep.FixedOverSame = ratio(rep.FixedPollP50, rep.RTTNoWaitP50)
+	rep.PipeOverDir = ratio(rep.PipelinePerS, rep.DirectPerS)
+	rep.NullOverNoop = ratio(rep.NullPerS, rep.NoopPerS)
+	return rep, nil
+}
+
+// printTable writes the report as a table with the goals.
+func printTable(w io.Writer, r *report) {
+	c := r.Config
+	mode := "full"
+	if c.Quick {
+		mode = "quick"
+	}
+	fmt.Fprintf(w, "boxq bench (%s): %d CPUs, %s, isolation %s, worker concurrency %d, task check interval %s, %.0fs, load %.1f → %.1f\n\n",
+		mode, c.CPUs, c.GoVersion, c.Isolation, c.Concurrency, c.TaskCheckInterval, c.Seconds, c.LoadAvg[0], c.LoadAvg[1])
+	type row struct {
+		name  string
+		v     float64
+		goal  string
+		check func(float64) bool
+	}
+	le := func(g float64) func(float64) bool { return func(v float64) bool { return v <= g } }
+	ge := func(g float64) func(float64) bool { return func(v float64) bool { return v >= g } }
+	rows := []row{
+		{"rtt_p50_ms (sleep 0.01, enqueue → result)", r.RTTP50, "≤ 25", le(25)},
+		{"rtt_p99_ms", r.RTTP99, "≤ 100", le(100)},
+		{"rtt_true_p50_ms", r.RTTTrueP50, "", nil},
+		{"direct_rtt_p50_ms (gateway client, no queue)", r.DirectRTTP50, "", nil},
+		{"fixedpoll_rtt_p50_ms (250 ms poller)", r.FixedPollP50, "", nil},
+		{"rtt_nostartwait_p50_ms (same gateway as poller)", r.RTTNoWaitP50, "", nil},
+		{"direct_execs_per_s", r.DirectPerS, "", nil},
+		{"pipeline_execs_per_s", r.PipelinePerS, "", nil},
+		{"null_pipeline_execs_per_s", r.NullPerS, "", nil},
+		{"asynq_noop_per_s", r.NoopPerS, "", nil},
+		{"reap_ms_100k_100exp", r.Reap100, "≤ 50", le(50)},
+		{"reap_ms_100k_10kexp", r.Reap10k, "", nil},
+		{fmt.Sprintf("worker_rss_mb_1000_inflight (%d in flight)", c.Inflight), r.WorkerRSS, "≤ 200", le(200)},
+		{"fixedpoll / rtt", r.FixedOverRTT, "≥ 8", ge(8)},
+		{"fixedpoll / rtt_nostartwait", r.FixedOverSame, "", nil},
+		{"pipeline / direct", r.PipeOverDir, "≥ 0.6", ge(0.6)},
+		{"null_pipeline / asynq_noop", r.NullOverNoop, "≥ 0.5", ge(0.5)},
+	}
+	fmt.Fprintf(w, "%-50s %10s  %-7s %s\n", "metric", "value", "goal", "")
+	for _, row := range rows {
+		if row.v == 0 {
+			continue
+		}
+		status := ""
+		if row.check != nil {
+			status = "ok"
+			if !row.check(row.v) {
+				status = "MISSED"
+			}
+		}
+		fmt.Fprintf(w, "%-50s %10s  %-7s %s\n", row.name, fmtValue(row.v), row.goal, status)
+	}
+	if len(r.IdleRedis) > 0 {
+		fmt.Fprintf(w, "\nidle worker's Redis load by task check interval:\n")
+		for _, iv := range idleIntervals {
+			if l, ok := r.IdleRedis[iv.String()]; ok {
+				fmt.Fprintf(w, "  %-6s %7.0f commands/s  %5.1f%% of a core\n", iv, l.OpsPerS, l.CPUPct)
+			}
+		}
+	}
+}
+
+func fmtValue(v float64) string {
+	switch {
+	case v >= 1000:
+		return fmt.Sprintf("%.0f", v)
+	case v >= 100:
+		return fmt.Sprintf("%.1f", v)
+	}
+	return fmt.Sprintf("%.2f", v)
+}

@@ -1,0 +1,181 @@
+package reliability
+
+import (
+	"encoding/json"
+	"math/rand/v2"
+	"slices"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hibiken/asynq"
+)
+
+// TestWorkerSIGKILL kills worker processes outright in the middle of a
+// batch, each time starting a replacement, and checks that every job still
+// gets exactly one result, that every command ran exactly once, and that no
+// sandbox outlives the idle TTL.
+//
+// A SIGKILLed worker's jobs are stuck until asynq gives up on them: each
+// active job has a 30 s lease, renewed by the live worker's heartbeat, and
+// the recoverer (once a minute, per worker) takes jobs whose lease expired
+// more than 30 s ago. The re-delivered job re-attaches to the exec it had
+// started, which the gateway ran to its end meanwhile.
+func TestWorkerSIGKILL(t *testing.T) {
+	if testing.Short() {
+		t.Skip("waits for asynq's crash recovery (1-2 minutes)")
+	}
+	t.Parallel()
+	c := newCluster(t, clusterOptions{})
+	for range 3 {
+		c.startWorker(t)
+	}
+	var (
+		n, tasks = pick(90, 300), pick(15, 30)
+		kills    = pick(2, 20)
+		every    = pick(2500*time.Millisecond, 3*time.Second)
+		seed     = uint64(time.Now().UnixNano())
+		rng      = rand.New(rand.NewPCG(seed, 1))
+		insp     = asynq.NewInspectorFromRedisClient(c.rdb)
+	)
+	t.Logf("%d jobs over %d tasks, 3 workers, a SIGKILL every %v (up to %d), seed %d", n, tasks, every, kills, seed)
+	b := c.enqueue(t, makeBatch("kill", n, tasks, "1"))
+	var killedAt []time.Time
+	activeAtKill := map[string]time.Time{} // job → when the worker that had it was killed
+	b.collect(t, pick(4*time.Minute, 12*time.Minute), every, func(time.Duration) {
+		if len(killedAt) >= kills || b.pending() == 0 {
+			return
+		}
+		victim := pickWorker(rng, c.running())
+		active := activeJobs(insp, victim.cmd.Process.Pid)
+		at := signalWorker(victim, syscall.SIGKILL)
+		<-victim.done
+		killedAt = append(killedAt, at)
+		for _, id := range active {
+			activeAtKill[id] = at
+		}
+		c.startWorker(t)
+	})
+	batchTime := time.Since(b.started)
+	b.checkOneAnswer(t, c.rdb)
+	b.checkCompleted(t)
+	reap := c.checkNoLeak(t, 90*time.Second)
+	ran := b.checkRanOnce(t, c.gw.stateDir)
+
+	// How long the jobs of killed workers took to come back, and why.
+	var redelivered, inFlight []time.Duration
+	retried := 0
+	for _, j := range b.jobs {
+		r := b.got[j.ID]
+		if r.Attempts < 2 {
+			continue
+		}
+		retried++
+		// The kill that sent it back is the last one before its final
+		// delivery started.
+		i, _ := slices.BinarySearchFunc(killedAt, r.StartedAt, func(k, s time.Time) int { return k.Compare(s) })
+		if i > 0 {
+			redelivered = append(redelivered, r.StartedAt.Sub(killedAt[i-1]))
+		}
+		if at, ok := activeAtKill[j.ID]; ok {
+			inFlight = append(inFlight, b.arrived[j.ID].Sub(at))
+		}
+	}
+	t.Logf("batch: %d jobs, %d results in %v; %d SIGKILLs; %d jobs re-delivered (attempts > 1); %d command runs for %d jobs; no sandbox live %v after the last result",
+		n, len(b.got), batchTime.Round(time.Second), len(killedAt), retried, ran, n, reap.Round(100*time.Millisecond))
+	t.Logf("re-delivery, SIGKILL to the start of the next delivery: %s", summary(redelivered))
+	t.Logf("jobs in flight on a killed worker, SIGKILL to result: %s", summary(inFlight))
+	if retried == 0 {
+		t.Errorf("no job was re-delivered: the kills hit no job in flight, so the test proved nothing")
+	}
+}
+
+// activeJobs returns the jobs the worker process pid is running, as its
+// last heartbeat told Redis.
+func activeJobs(insp *asynq.Inspector, pid int) []string {
+	servers, err := insp.Servers()
+	if err != nil {
+		return nil
+	}
+	var ids []string
+	for _, s := range servers {
+		if s.PID != pid {
+			continue
+		}
+		for _, w := range s.ActiveWorkers {
+			ids = append(ids, w.TaskID)
+		}
+	}
+	return ids
+}
+
+// TestWorkerSIGTERM stops worker processes with SIGTERM in the middle of a
+// batch whose commands outlast the shutdown timeout, each time starting a
+// replacement. A stopping worker lets running jobs finish for
+// -shutdown-timeout, then puts the rest back in the queue and leaves their
+// commands running; the next worker re-attaches to them.
+func TestWorkerSIGTERM(t *testing.T) {
+	t.Parallel()
+	const shutdownTimeout = time.Second
+	c := newCluster(t, clusterOptions{workers: workerOptions{shutdownTimeout: shutdownTimeout}})
+	for range 3 {
+		c.startWorker(t)
+	}
+	var (
+		n, tasks = pick(60, 300), pick(12, 30)
+		stops    = pick(3, 20)
+		every    = pick(2*time.Second, 3*time.Second)
+		seed     = uint64(time.Now().UnixNano())
+		rng      = rand.New(rand.NewPCG(seed, 2))
+	)
+	t.Logf("%d jobs over %d tasks, 3 workers, a SIGTERM every %v (up to %d), shutdown timeout %v, seed %d",
+		n, tasks, every, stops, shutdownTimeout, seed)
+	b := c.enqueue(t, makeBatch("term", n, tasks, "2"))
+	var stoppedAt []time.Time
+	var exitTimes []time.Duration
+	b.collect(t, pick(3*time.Minute, 10*time.Minute), every, func(time.Duration) {
+		if len(stoppedAt) >= stops || b.pending() == 0 {
+			return
+		}
+		victim := pickWorker(rng, c.running())
+		at := signalWorker(victim, syscall.SIGTERM)
+		stoppedAt = append(stoppedAt, at)
+		c.startWorker(t)
+		if err := victim.waitExit(shutdownTimeout + 20*time.Second); err != nil {
+			t.Errorf("%s after SIGTERM: %v", victim.name, err)
+		}
+		exitTimes = append(exitTimes, time.Since(at))
+	})
+	batchTime := time.Since(b.started)
+	b.checkOneAnswer(t, c.rdb)
+	b.checkCompleted(t)
+	reap := c.checkNoLeak(t, 90*time.Second)
+	ran := b.checkRanOnce(t, c.gw.stateDir)
+
+	// The jobs whose command a stopping worker left running: their result
+	// came from the worker that re-attached.
+	detached := map[string]bool{}
+	for _, l := range c.allLogs() {
+		var e struct {
+			Msg   string `json:"msg"`
+			JobID string `json:"job_id"`
+		}
+		if json.Unmarshal([]byte(l), &e) == nil && e.Msg == "worker stopping; leaving the exec running for the next delivery" {
+			detached[e.JobID] = true
+		}
+	}
+	var reattach []time.Duration
+	for id := range detached {
+		r := b.got[id]
+		i, _ := slices.BinarySearchFunc(stoppedAt, r.StartedAt, func(k, s time.Time) int { return k.Compare(s) })
+		if i > 0 {
+			reattach = append(reattach, b.arrived[id].Sub(stoppedAt[i-1]))
+		}
+	}
+	t.Logf("batch: %d jobs, %d results in %v; %d SIGTERMs, workers exited in %s; %d commands left running and re-attached; %d command runs for %d jobs; no sandbox live %v after the last result",
+		n, len(b.got), batchTime.Round(time.Second), len(stoppedAt), summary(exitTimes), len(detached), ran, n, reap.Round(100*time.Millisecond))
+	t.Logf("re-attached jobs, SIGTERM to result: %s", summary(reattach))
+	if len(detached) == 0 {
+		t.Errorf("no stopping worker left a command running: the test proved nothing")
+	}
+}
