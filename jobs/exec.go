@@ -28,6 +28,7 @@ type Pool interface {
 	Release(ctx context.Context, l *sandboxpool.Lease, cwd string) error
 	ReleaseWith(ctx context.Context, l *sandboxpool.Lease, cwd string, also func(redis.Pipeliner)) error
 	Abandon(ctx context.Context, l *sandboxpool.Lease) error
+	Yield(ctx context.Context, l *sandboxpool.Lease) error
 	Recreate(ctx context.Context, l *sandboxpool.Lease) error
 	Terminate(ctx context.Context, taskID string) error
 	ReapIdle(ctx context.Context, now time.Time, ttl time.Duration) (int, error)
@@ -106,12 +107,16 @@ func (h *ExecHandler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 	log = log.With("sandbox_id", lease.SandboxID())
 	res.SandboxID = lease.SandboxID()
 
-	if prev := lease.PrevExecID(); prev != "" && prev != res.ExecID {
-		// A previous holder of this task's sandbox stopped waiting for its
-		// exec (crash or shutdown). Commands of one task never overlap, so
-		// wait for that exec to end before starting ours.
+	// Previous holders of this task's sandbox stopped waiting for their
+	// execs (crash or shutdown). Commands of one task never overlap, so
+	// wait for those execs to end before starting ours.
+	for _, prev := range lease.PrevExecIDs() {
 		if err := h.waitForExec(ctx, lease.SandboxID(), prev); err != nil {
-			h.abandon(ctx, log, lease)
+			// Ours never started; the previous one may still run: hand the
+			// next holder the wait (reliability.TestWorkerSIGTERM).
+			if yerr := h.pool.Yield(ctx, lease); yerr != nil {
+				log.Warn("yield sandbox lease failed", "err", yerr)
+			}
 			return h.failure(ctx, queue, p.Notify, &res, retried, maxRetry, err)
 		}
 	}

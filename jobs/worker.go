@@ -14,7 +14,13 @@ import (
 )
 
 // DefaultTaskCheckInterval is WorkerConfig.TaskCheckInterval's default.
-const DefaultTaskCheckInterval = 10 * time.Millisecond
+// Measured with cmd/bench on a 2-core machine (docs/PERFORMANCE.md): an
+// idle worker picks a job up after 0.55 intervals on average, and costs
+// Redis one dequeue script (three commands) per interval. 5ms: round trip
+// of a 10 ms command p50 18 ms, ~520 commands/s, 1.3% of a Redis core per
+// idle worker; 10ms: 22 ms, ~280/s, 1.0%. Fleets of many mostly idle
+// workers may want 50ms or more.
+const DefaultTaskCheckInterval = 5 * time.Millisecond
 
 // WorkerConfig configures a Worker. Zero values take the documented defaults.
 type WorkerConfig struct {
@@ -30,9 +36,10 @@ type WorkerConfig struct {
 	// Queues and their priorities; default {"default": 1}.
 	Queues map[string]int
 	// TaskCheckInterval is how long an idle worker waits before asking
-	// Redis for a job again: the main term of pickup latency on an idle
-	// worker (it averages about this much) against the idle load on Redis
-	// (one dequeue script per interval per worker). Default 10ms.
+	// Redis for a job again (asynq sleeps a random 0.5 to 1.5 intervals):
+	// the main term of pickup latency on an idle worker (about half an
+	// interval on average) against the idle load on Redis (one dequeue
+	// script per interval per worker). Default DefaultTaskCheckInterval.
 	TaskCheckInterval time.Duration
 	// DelayedTaskCheckInterval is how often retries and capacity waits are
 	// moved back to their queue. Default 500ms.

@@ -564,6 +564,17 @@ func summary(ds []time.Duration) string {
 	return fmt.Sprintf("n=%d min %v median %v p90 %v max %v", len(s), q(0), q(0.5), q(0.9), q(1))
 }
 
+// latencies summarises the jobs' times from enqueue to result.
+func (b *batch) latencies() string {
+	var ds []time.Duration
+	for id, r := range b.got {
+		if !r.QueuedAt.IsZero() {
+			ds = append(ds, b.arrived[id].Sub(r.QueuedAt))
+		}
+	}
+	return summary(ds)
+}
+
 // pickWorker returns a random running worker.
 func pickWorker(rng *rand.Rand, ws []*proc) *proc {
 	if len(ws) == 0 {

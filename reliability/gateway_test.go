@@ -113,6 +113,7 @@ func TestGatewayFaults(t *testing.T) {
 			t.Logf("batch: %d jobs, %d results in %v, %d needed more than one attempt; %d command runs for %d jobs",
 				n, len(b.got), batchTime.Round(100*time.Millisecond), retried, ran, n)
 			t.Logf("gateway requests: %d, faults: %d (%.1f%%): %s", total, faults, 100*float64(faults)/float64(max(total, 1)), strings.Join(parts, ", "))
+			t.Logf("all jobs, enqueue to result: %s", b.latencies())
 			if faults == 0 {
 				t.Errorf("the proxy injected no fault: the test proved nothing")
 			}
@@ -134,11 +135,11 @@ func TestGatewayRestart(t *testing.T) {
 	var (
 		n, tasks = pick(60, 300), pick(12, 30)
 		restarts = pick(1, 3)
-		every    = pick(3*time.Second, 8*time.Second)
+		every    = pick(3*time.Second, 5*time.Second)
 		down     = 2 * time.Second
 	)
 	t.Logf("%d jobs over %d tasks, 3 workers, %d gateway kills (every %v, down %v each)", n, tasks, restarts, every, down)
-	b := c.enqueue(t, makeBatch("gwr", n, tasks, "1"))
+	b := c.enqueue(t, makeBatch("gwr", n, tasks, pick("1", "2")))
 	var killedAt []time.Time
 	b.collect(t, pick(3*time.Minute, 10*time.Minute), every, func(time.Duration) {
 		if len(killedAt) >= restarts || b.pending() == 0 {
@@ -181,6 +182,10 @@ func TestGatewayRestart(t *testing.T) {
 	}
 	t.Logf("batch: %d jobs, %d results in %v: %d completed (%d of them on a recreated sandbox), %d ended in error; %d gateway kills",
 		n, len(b.got), batchTime.Round(100*time.Millisecond), completed, recreated, failed, len(killedAt))
+	t.Logf("all jobs, enqueue to result: %s", b.latencies())
+	if len(killedAt) < restarts {
+		t.Errorf("the batch ended after %d of %d gateway kills: make it longer", len(killedAt), restarts)
+	}
 	if recreated == 0 {
 		t.Errorf("no job ran on a recreated sandbox: the restart hit nothing")
 	}

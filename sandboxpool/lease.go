@@ -26,15 +26,16 @@ type Lease struct {
 	leaseKey  string
 	recordKey string
 
-	sandboxID string
-	cwd       string
-	gen       int64
-	spec      Spec
-	key       string // idempotency key of the current sandbox's create
-	created   bool
-	recreated bool
-	prevExec  string
-	execID    string // the exec this holder runs, named at Acquire
+	sandboxID  string
+	cwd        string
+	gen        int64
+	spec       Spec
+	key        string // idempotency key of the current sandbox's create
+	created    bool
+	recreated  bool
+	prevExec   string
+	otherExecs []string // execs marked in flight besides prevExec and execID
+	execID     string   // the exec this holder runs, named at Acquire
 
 	released atomic.Bool
 	stop     func() // stops the renewal and waits for it; idempotent
@@ -71,6 +72,20 @@ func (l *Lease) Created() bool { return l.created }
 // when it is the holder's own exec id, it is a re-delivery that can simply
 // re-attach.
 func (l *Lease) PrevExecID() string { return l.prevExec }
+
+// PrevExecIDs returns every exec that earlier holders started in the task's
+// sandbox and whose jobs have not collected it yet, PrevExecID first, the
+// holder's own exec left out: any of them may still run, so a holder must
+// let them all end before it starts a command of its own. PrevExecID alone
+// is not enough: a holder that crashed while it waited for it replaced it
+// with its own exec id, which never started.
+func (l *Lease) PrevExecIDs() []string {
+	var ids []string
+	if l.prevExec != "" && l.prevExec != l.execID {
+		ids = append(ids, l.prevExec)
+	}
+	return append(ids, l.otherExecs...)
+}
 
 // Recreated reports whether Recreate replaced the sandbox under this lease.
 func (l *Lease) Recreated() bool { return l.recreated }
@@ -228,36 +243,39 @@ func (p *Pool) take(ctx context.Context, taskID string, spec *Spec, execID strin
 
 // parseTake reads a reply of acquireScript or reserveScript: the code, then
 // the lease's PTTL (busy) or token (taken), the record's fields and the
-// previous holder's in-flight exec id.
-func parseTake(reply []any) (code, n int64, fields []any, prev string, err error) {
+// execs earlier holders left in flight (the last one's first, "" if none).
+func parseTake(reply []any) (code, n int64, fields []any, prev []string, err error) {
 	if len(reply) == 0 {
-		return 0, 0, nil, "", errors.New("empty script reply")
+		return 0, 0, nil, nil, errors.New("empty script reply")
 	}
 	code, ok := reply[0].(int64)
 	if !ok {
-		return 0, 0, nil, "", fmt.Errorf("script reply code is %T", reply[0])
+		return 0, 0, nil, nil, fmt.Errorf("script reply code is %T", reply[0])
 	}
 	if len(reply) > 1 {
 		if n, ok = reply[1].(int64); !ok {
-			return 0, 0, nil, "", fmt.Errorf("script reply value is %T", reply[1])
+			return 0, 0, nil, nil, fmt.Errorf("script reply value is %T", reply[1])
 		}
 	}
 	if code == codeTaken {
 		if len(reply) != 4 {
-			return 0, 0, nil, "", fmt.Errorf("script reply has %d elements, want 4", len(reply))
+			return 0, 0, nil, nil, fmt.Errorf("script reply has %d elements, want 4", len(reply))
 		}
 		if fields, ok = reply[2].([]any); !ok {
-			return 0, 0, nil, "", fmt.Errorf("script reply record is %T", reply[2])
+			return 0, 0, nil, nil, fmt.Errorf("script reply record is %T", reply[2])
 		}
-		prev, _ = reply[3].(string)
+		ids, _ := reply[3].([]any)
+		for _, id := range ids {
+			s, _ := id.(string)
+			prev = append(prev, s)
+		}
 	}
 	return code, n, fields, prev, nil
 }
 
 // newLease makes the Lease for a taken lease and starts renewing it.
-func (p *Pool) newLease(ctx context.Context, taskID string, keys []string, token int64, fields []any, prevExec, execID string) (*Lease, error) {
+func (p *Pool) newLease(ctx context.Context, taskID string, keys []string, token int64, fields []any, prev []string, execID string) (*Lease, error) {
 	l := &Lease{
-		prevExec:  prevExec,
 		execID:    execID,
 		pool:      p,
 		taskID:    taskID,
@@ -266,6 +284,9 @@ func (p *Pool) newLease(ctx context.Context, taskID string, keys []string, token
 		leaseKey:  keys[0],
 		recordKey: keys[1],
 		lost:      make(chan struct{}),
+	}
+	if len(prev) > 0 {
+		l.prevExec, l.otherExecs = prev[0], prev[1:]
 	}
 	rec, err := parseRecord(taskID, fields)
 	if err != nil {
@@ -431,6 +452,26 @@ func (p *Pool) Abandon(ctx context.Context, l *Lease) error {
 	}
 	l.stop()
 	return p.unlock(ctx, []string{l.leaseKey}, []any{l.tokenArg})
+}
+
+// Yield frees the lease as if its holder had never taken it, for a holder
+// that gives up before starting the exec named at Acquire (it was still
+// waiting for Lease.PrevExecID to end): the record's in-flight exec goes
+// back to that previous one, which may still be running, so that the next
+// holder waits for it in turn, and the holder's own exec is not marked in
+// flight. It runs even when ctx is cancelled, and does nothing after
+// Release, Abandon or a first Yield.
+func (p *Pool) Yield(ctx context.Context, l *Lease) error {
+	if l == nil || !l.released.CompareAndSwap(false, true) {
+		return nil
+	}
+	l.stop()
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+	defer cancel()
+	if err := yieldScript.Run(ctx, p.rdb, []string{l.leaseKey, l.recordKey}, l.tokenArg, l.execID, l.prevExec).Err(); err != nil {
+		return fmt.Errorf("sandboxpool: yield task %q: %w", l.taskID, err)
+	}
+	return nil
 }
 
 // Recreate replaces the lease's sandbox, which the gateway says is gone: a

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -949,4 +950,86 @@ func TestReapSparesUncollectedExec(t *testing.T) {
 	if n, err := b.ReapIdle(ctx, later, time.Second); n != 1 || err != nil {
 		t.Fatalf("ReapIdle after the exec was collected = %d, %v; want 1, nil", n, err)
 	}
+}
+
+// TestYieldHandsOnThePreviousExec: a holder that gives up while it waits
+// for the previous holder's exec to end (its own never started) must leave
+// that exec for the next holder to wait for; otherwise the next command
+// of the task would start while it still runs (found by
+// reliability.TestWorkerSIGTERM, a second shutdown hitting the waiter).
+func TestYieldHandsOnThePreviousExec(t *testing.T) {
+	ctx := context.Background()
+	p, rdb := newPool(t, newFakeGateway(), Config{})
+	a, err := p.Acquire(ctx, "task", Spec{}, "exec-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Abandon(ctx, a); err != nil { // exec-a goes on running
+		t.Fatal(err)
+	}
+	b, err := p.Acquire(ctx, "task", Spec{}, "exec-b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b.PrevExecID() != "exec-a" {
+		t.Fatalf("PrevExecID = %q, want exec-a", b.PrevExecID())
+	}
+	if err := p.Yield(ctx, b); err != nil { // gave up waiting; exec-b never started
+		t.Fatal(err)
+	}
+	c, err := p.Acquire(ctx, "task", Spec{}, "exec-c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.PrevExecID() != "exec-a" {
+		t.Errorf("PrevExecID after a Yield = %q, want exec-a, still to be waited for", c.PrevExecID())
+	}
+	marks, err := rdb.HKeys(ctx, p.recordKey("task")).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(marks, "inflight:exec-a") || slices.Contains(marks, "inflight:exec-b") {
+		t.Errorf("record fields %v: want exec-a marked in flight, exec-b not", marks)
+	}
+	mustRelease(t, p, c, "")
+	if err := p.Yield(ctx, c); err != nil {
+		t.Errorf("Yield after Release = %v, want a no-op", err)
+	}
+}
+
+// TestPrevExecIDsAfterACrashedWaiter: a holder that dies while it waits
+// for an earlier exec has already put its own exec id in the record; the
+// next holder must still learn of the earlier exec, which may be running.
+func TestPrevExecIDsAfterACrashedWaiter(t *testing.T) {
+	ctx := context.Background()
+	cfg := Config{LeaseTTL: 200 * time.Millisecond, AcquireWait: 5 * time.Second}
+	p, _ := newPool(t, newFakeGateway(), cfg)
+	a, err := p.Acquire(ctx, "task", Spec{}, "exec-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.stop() // died with exec-a running
+	b, err := p.Acquire(ctx, "task", Spec{}, "exec-b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.stop() // died while waiting for exec-a; exec-b never started
+	c, err := p.Acquire(ctx, "task", Spec{}, "exec-c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.PrevExecIDs(); !slices.Contains(got, "exec-a") || !slices.Contains(got, "exec-b") || slices.Contains(got, "exec-c") {
+		t.Errorf("PrevExecIDs = %v, want exec-a and exec-b, not the holder's own", got)
+	}
+	mustRelease(t, p, c, "")
+	// A re-delivery of exec-a's job re-attaches: its own exec is not one
+	// to wait for.
+	again, err := p.Acquire(ctx, "task", Spec{}, "exec-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := again.PrevExecIDs(); slices.Contains(got, "exec-a") {
+		t.Errorf("PrevExecIDs of exec-a's re-delivery = %v, want exec-a left out", got)
+	}
+	mustRelease(t, p, again, "")
 }

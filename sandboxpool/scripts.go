@@ -90,11 +90,20 @@ end
 // holds when it was taken; only the Release of a holder of that same exec
 // (the job's delivery that collected its result) removes the mark, so that
 // a later holder of the task, who overwrites "exec", does not make the
-// reaper forget that a job will come back for its exec in this sandbox.
+// reaper forget that a job will come back for its exec in this sandbox,
+// nor the next holder that the exec may still run. The reply's last
+// element lists "exec" first, then the other marked execs but the
+// holder's own.
 const takeLease = `
 local tok = redis.call('INCR', KEYS[4])
 redis.call('SET', KEYS[1], tok, 'PX', ARGV[1])
-local prev = redis.call('HGET', KEYS[2], 'exec') or ''
+local prev = {redis.call('HGET', KEYS[2], 'exec') or ''}
+for _, k in ipairs(redis.call('HKEYS', KEYS[2])) do
+	if string.sub(k, 1, 9) == 'inflight:' then
+		local id = string.sub(k, 10)
+		if id ~= ARGV[#ARGV] and id ~= prev[1] then prev[#prev + 1] = id end
+	end
+end
 if ARGV[#ARGV] ~= '' then
 	redis.call('HSET', KEYS[2], 'used', ARGV[2], 'exec', ARGV[#ARGV], 'inflight:' .. ARGV[#ARGV], ARGV[2])
 else
@@ -162,6 +171,29 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
 	end
 	redis.call('HDEL', KEYS[2], 'exec', 'inflight:' .. ARGV[6])
 	redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+end
+redis.call('DEL', KEYS[1])
+return 1
+`)
+
+// yieldScript frees a lease whose holder never started its exec: the
+// record's in-flight exec goes back to the previous holder's, and the
+// holder's own in-flight mark goes (unless it is that same exec: a
+// re-delivery that gave up, whose exec is still uncollected).
+//
+// KEYS: lease, record. ARGV: token, the holder's exec id, the previous
+// in-flight exec id.
+var yieldScript = redis.NewScript(`
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+	if ARGV[3] ~= '' then
+		redis.call('HSET', KEYS[2], 'exec', ARGV[3])
+	else
+		redis.call('HDEL', KEYS[2], 'exec')
+	end
+	if ARGV[2] ~= '' and ARGV[2] ~= ARGV[3] then
+		redis.call('HDEL', KEYS[2], 'inflight:' .. ARGV[2])
+	end
 end
 redis.call('DEL', KEYS[1])
 return 1

@@ -34,8 +34,9 @@ type env struct {
 	// "running", as a gateway without that feature does.
 	gw, gwNoWait *gatewayServer
 
-	mu     sync.Mutex
-	nextDB int
+	mu         sync.Mutex
+	nextDB     int
+	transports []*http.Transport // of the gateway clients, closed at the end
 }
 
 // gatewayServer is a reference gateway served over loopback HTTP.
@@ -111,6 +112,9 @@ func newEnv(ctx context.Context, o *options, progress io.Writer) (*env, error) {
 func (e *env) close() {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
+	for _, t := range e.transports {
+		t.CloseIdleConnections()
+	}
 	for _, g := range []*gatewayServer{e.gw, e.gwNoWait} {
 		if g != nil {
 			_ = g.close(ctx)
@@ -134,9 +138,14 @@ func (e *env) db() int {
 	return e.nextDB
 }
 
-// client returns a gateway client of g.
+// client returns a gateway client of g, with a transport of its own (as
+// a worker process has), whose connections close with the env.
 func (e *env) client(g *gatewayServer) (*gateway.Client, error) {
-	return gateway.New(gateway.Config{BaseURL: g.url, Token: e.token})
+	t := gateway.NewTransport()
+	e.mu.Lock()
+	e.transports = append(e.transports, t)
+	e.mu.Unlock()
+	return gateway.New(gateway.Config{BaseURL: g.url, Token: e.token, HTTPClient: &http.Client{Transport: t}})
 }
 
 // fullGateway is what a worker needs of a gateway: execs and sandboxes.

@@ -137,7 +137,9 @@ func (e *env) fixedPollRTT(ctx context.Context, g *gatewayServer, command string
 		return nil, err
 	}
 	defer client.Terminate(context.WithoutCancel(ctx), sb, false)
-	fp := &fixedPoller{http: &http.Client{Transport: gateway.NewTransport()}, base: g.url, token: e.token}
+	t := gateway.NewTransport()
+	defer t.CloseIdleConnections()
+	fp := &fixedPoller{http: &http.Client{Transport: t}, base: g.url, token: e.token}
 	var out []time.Duration
 	for i := range samples + 2 {
 		if !pause(ctx, rand.N(idleGap)) {

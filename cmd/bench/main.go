@@ -8,11 +8,13 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"os"
 	"os/signal"
@@ -94,6 +96,7 @@ type options struct {
 	hold             time.Duration
 	checkInterval    time.Duration
 	idleWindow       time.Duration
+	idleIntervals    []time.Duration
 	phases           map[string]bool
 	cpuProfile       string
 }
@@ -159,7 +162,7 @@ func parseFlags(args []string, stdout io.Writer) (*options, error) {
 	fs.IntVar(&o.fixedPollSamples, "fixedpoll-samples", 200, "samples of the fixed-interval poller (-quick: 10)")
 	fs.IntVar(&o.execs, "execs", 2000, "commands of the throughput measurements (-quick: 300)")
 	fs.IntVar(&o.sandboxes, "sandboxes", 200, "sandboxes (tasks) the throughput commands are spread over (-quick: 30)")
-	fs.IntVar(&o.concurrency, "concurrency", 64, "worker concurrency, and the direct client's number of concurrent clients")
+	fs.IntVar(&o.concurrency, "concurrency", 256, "worker concurrency (cmd/worker's default), and the direct client's number of concurrent clients")
 	fs.IntVar(&o.nullJobs, "null-jobs", 2000, "jobs of the null-gateway pipeline and of plain asynq (-quick: 500)")
 	fs.IntVar(&o.rounds, "rounds", 3, "rounds of direct and pipeline, in turn; the median counts (-quick: 1)")
 	fs.IntVar(&o.overheadRounds, "overhead-rounds", 5, "rounds of null pipeline and plain asynq, in turn; the median counts (-quick: 2)")
@@ -168,6 +171,7 @@ func parseFlags(args []string, stdout io.Writer) (*options, error) {
 	fs.DurationVar(&o.hold, "hold", 5*time.Second, "how long each exec of the worker-memory measurement runs (-quick: 3s)")
 	fs.DurationVar(&o.checkInterval, "task-check-interval", 0, "the workers' task check interval (0: jobs' default)")
 	fs.DurationVar(&o.idleWindow, "idle-window", 2*time.Second, "how long idle Redis load is counted per interval (-quick: 300ms)")
+	idle := fs.String("idle-intervals", "1s,10ms,5ms", "comma-separated task check `intervals` of the idle-load measurement")
 	phases := fs.String("phases", strings.Join(allPhases, ","), "comma-separated `list` of measurements to run")
 	fs.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of the bench process (in-process workers included) to `file`")
 	if err := app.ParseFlags(fs, args, stdout, helpHead, helpTail); err != nil {
@@ -199,6 +203,13 @@ func parseFlags(args []string, stdout io.Writer) (*options, error) {
 		if !set["idle-window"] {
 			o.idleWindow = 300 * time.Millisecond
 		}
+	}
+	for v := range strings.SplitSeq(*idle, ",") {
+		d, err := time.ParseDuration(strings.TrimSpace(v))
+		if err != nil || d <= 0 {
+			return nil, app.Usagef("-idle-intervals: %q is not a positive duration", v)
+		}
+		o.idleIntervals = append(o.idleIntervals, d)
 	}
 	o.phases = map[string]bool{}
 	for p := range strings.SplitSeq(*phases, ",") {
@@ -323,9 +334,6 @@ func ratio(a, b float64) float64 {
 	return round(a/b, 2)
 }
 
-// idleIntervals are the task check intervals of the idle-load measurement.
-var idleIntervals = []time.Duration{time.Second, 10 * time.Millisecond, 5 * time.Millisecond}
-
 // measure runs the chosen measurements in order.
 func (e *env) measure(ctx context.Context) (*report, error) {
 	o := e.opts
@@ -397,6 +405,7 @@ func (e *env) measure(ctx context.Context) (*report, error) {
 			if err != nil {
 				return err
 			}
+			rep.PipeOverDir = round(pairRatio(p, d), 2)
 			rep.Runs.Direct, rep.Runs.Pipeline = rounded(d), rounded(p)
 			rep.DirectPerS, rep.PipelinePerS = round(median(d), 0), round(median(p), 0)
 			return nil
@@ -416,6 +425,7 @@ func (e *env) measure(ctx context.Context) (*report, error) {
 			if err != nil {
 				return err
 			}
+			rep.NullOverNoop = round(pairRatio(a, b), 2)
 			rep.Runs.Null, rep.Runs.Noop = rounded(a), rounded(b)
 			rep.NullPerS, rep.NoopPerS = round(median(a), 0), round(median(b), 0)
 			return nil
@@ -435,7 +445,7 @@ func (e *env) measure(ctx context.Context) (*report, error) {
 		}},
 		{"idle", func() error {
 			rep.IdleRedis = map[string]idleLoad{}
-			for _, iv := range idleIntervals {
+			for _, iv := range o.idleIntervals {
 				l, err := e.idleRedisLoad(ctx, iv, o.idleWindow)
 				if err != nil {
 					return err
@@ -456,8 +466,6 @@ func (e *env) measure(ctx context.Context) (*report, error) {
 	}
 	rep.FixedOverRTT = ratio(rep.FixedPollP50, rep.RTTP50)
 	rep.FixedOverSame = ratio(rep.FixedPollP50, rep.RTTNoWaitP50)
-	rep.PipeOverDir = ratio(rep.PipelinePerS, rep.DirectPerS)
-	rep.NullOverNoop = ratio(rep.NullPerS, rep.NoopPerS)
 	return rep, nil
 }
 
@@ -513,10 +521,15 @@ func printTable(w io.Writer, r *report) {
 	}
 	if len(r.IdleRedis) > 0 {
 		fmt.Fprintf(w, "\nidle worker's Redis load by task check interval:\n")
-		for _, iv := range idleIntervals {
-			if l, ok := r.IdleRedis[iv.String()]; ok {
-				fmt.Fprintf(w, "  %-6s %7.0f commands/s  %5.1f%% of a core\n", iv, l.OpsPerS, l.CPUPct)
-			}
+		ivs := slices.Collect(maps.Keys(r.IdleRedis))
+		slices.SortFunc(ivs, func(a, b string) int {
+			da, _ := time.ParseDuration(a)
+			db, _ := time.ParseDuration(b)
+			return cmp.Compare(db, da)
+		})
+		for _, iv := range ivs {
+			l := r.IdleRedis[iv]
+			fmt.Fprintf(w, "  %-6s %7.0f commands/s  %5.1f%% of a core\n", iv, l.OpsPerS, l.CPUPct)
 		}
 	}
 }

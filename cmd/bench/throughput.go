@@ -45,6 +45,19 @@ func compare(ctx context.Context, a, b runner, n, rounds int) (ra, rb []float64,
 	return ra, rb, nil
 }
 
+// pairRatio is the median of a[i]/b[i]: rounds run in turn, so each pair
+// saw about the same machine, and the ratio of a pair cancels load that
+// came and went between pairs.
+func pairRatio(a, b []float64) float64 {
+	rs := make([]float64, 0, len(a))
+	for i := range min(len(a), len(b)) {
+		if b[i] > 0 {
+			rs = append(rs, a[i]/b[i])
+		}
+	}
+	return median(rs)
+}
+
 // median of vs (which it sorts).
 func median(vs []float64) float64 {
 	if len(vs) == 0 {

@@ -17,6 +17,7 @@ import (
 	"github.com/boxq/boxq/gateway/local"
 	"github.com/boxq/boxq/internal/app"
 	"github.com/boxq/boxq/internal/devstack"
+	"github.com/boxq/boxq/jobs"
 )
 
 func main() {
@@ -65,7 +66,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	httpAddr := fs.String("http", "", "serve /metrics, /healthz and the dashboard at /monitoring/ on this `address` (e.g. :9090)")
 	dev := fs.Bool("dev", false, "embedded Redis and reference gateway: no Redis or gateway needed")
 	maxSandboxes := fs.Int("max-sandboxes", 0, "cap on live sandboxes across all workers (0: no cap)")
-	pollInterval := fs.Duration("poll-interval", 10*time.Millisecond, "how often an idle worker checks Redis for jobs: pickup latency vs idle Redis load")
+	pollInterval := fs.Duration("poll-interval", jobs.DefaultTaskCheckInterval, "how often an idle worker checks Redis for jobs: pickup latency vs idle Redis load")
 	shutdownTimeout := fs.Duration("shutdown-timeout", 25*time.Second, "on SIGTERM, how long running jobs may finish; the rest are re-attached by another worker")
 	logFormat := fs.String("log-format", "auto", "log format: auto (text on a terminal, else json), text or json")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn or error")
