@@ -155,6 +155,23 @@ func (s *stack) runJobs(t *testing.T, timeout time.Duration, js ...jobs.Job) map
 	return out
 }
 
+// submit subscribes a waiter, then enqueues j with it: the waiter cannot
+// miss the result. The waiter is closed when the test ends.
+func (s *stack) submit(t *testing.T, ctx context.Context, j jobs.Job) (*jobs.Waiter, jobs.Enqueued) {
+	t.Helper()
+	w, err := s.prod.Subscribe(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { w.Close() })
+	e, err := s.prod.Enqueue(ctx, j, w.Channel())
+	if err != nil {
+		t.Fatalf("Enqueue(%+v): %v", j, err)
+	}
+	w.Add(e)
+	return w, e
+}
+
 // run1 runs one job and returns its result.
 func (s *stack) run1(t *testing.T, j jobs.Job) jobs.Result {
 	t.Helper()

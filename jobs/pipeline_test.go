@@ -233,17 +233,8 @@ func TestCancelRunningJob(t *testing.T) {
 	s.startWorker(t, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	w, err := s.prod.Subscribe(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer w.Close()
 	marker := "boxq-cancel-" + randID()
-	e, err := s.prod.Enqueue(ctx, jobs.Job{ID: "cancel-me", TaskID: "c1", Command: "echo started; sleep 60 # " + marker}, w.Channel())
-	if err != nil {
-		t.Fatal(err)
-	}
-	w.Add(e)
+	w, e := s.submit(t, ctx, jobs.Job{ID: "cancel-me", TaskID: "c1", Command: "echo started; sleep 60 # " + marker})
 	waitFor(t, 20*time.Second, "the command to start", func() bool { return len(findProcesses(marker)) > 0 })
 	if err := s.prod.Cancel(ctx, e.ID); err != nil {
 		t.Fatalf("Cancel: %v", err)
@@ -266,16 +257,7 @@ func TestCancelPendingJobNeverRuns(t *testing.T) {
 	s := newStack(t, stackOptions{})
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	w, err := s.prod.Subscribe(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer w.Close()
-	e, err := s.prod.Enqueue(ctx, jobs.Job{ID: "pending-cancel", TaskID: "pc", Command: "touch ~/ran"}, w.Channel())
-	if err != nil {
-		t.Fatal(err)
-	}
-	w.Add(e)
+	w, e := s.submit(t, ctx, jobs.Job{ID: "pending-cancel", TaskID: "pc", Command: "touch ~/ran"})
 	if err := s.prod.Cancel(ctx, e.ID); err != nil {
 		t.Fatalf("Cancel: %v", err)
 	}
@@ -297,18 +279,9 @@ func TestSigtermMidExecReattaches(t *testing.T) {
 	stopA := s.startWorker(t, func(c *jobs.WorkerConfig) { c.ShutdownTimeout = 300 * time.Millisecond })
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	w, err := s.prod.Subscribe(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer w.Close()
 	marker := "boxq-sigterm-" + randID()
-	e, err := s.prod.Enqueue(ctx, jobs.Job{ID: "survivor", TaskID: "st",
-		Command: "echo run >> ~/runs; sleep 2 # " + marker + "\ncat ~/runs | wc -l"}, w.Channel())
-	if err != nil {
-		t.Fatal(err)
-	}
-	w.Add(e)
+	w, _ := s.submit(t, ctx, jobs.Job{ID: "survivor", TaskID: "st",
+		Command: "echo run >> ~/runs; sleep 2 # " + marker + "\ncat ~/runs | wc -l"})
 	waitFor(t, 20*time.Second, "the command to start", func() bool { return len(findProcesses(marker)) > 0 })
 	stopA() // like SIGTERM: graceful shutdown with a short timeout
 	if len(findProcesses(marker)) == 0 {
@@ -351,16 +324,7 @@ func TestReaperTerminatesIdleSandboxesOnly(t *testing.T) {
 	idle := s.run1(t, jobs.Job{TaskID: "idle", Command: "true"})
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	w, err := s.prod.Subscribe(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer w.Close()
-	e, err := s.prod.Enqueue(ctx, jobs.Job{ID: "busy", TaskID: "busy", Command: "sleep 3; echo survived"}, w.Channel())
-	if err != nil {
-		t.Fatal(err)
-	}
-	w.Add(e)
+	w, _ := s.submit(t, ctx, jobs.Job{ID: "busy", TaskID: "busy", Command: "sleep 3; echo survived"})
 	waitFor(t, 20*time.Second, "the idle sandbox to be reaped", func() bool {
 		_, ok, err := s.pool.Get(ctx, "idle")
 		return err == nil && !ok
@@ -524,19 +488,10 @@ func TestSigkillMidExecRunsOnce(t *testing.T) {
 	s := newStack(t, stackOptions{})
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
-	w, err := s.prod.Subscribe(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer w.Close()
 	a := startWorkerProcess(t, s)
 	marker := "boxq-sigkill-" + randID()
-	e, err := s.prod.Enqueue(ctx, jobs.Job{ID: "killed", TaskID: "sk",
-		Command: "echo run >> ~/runs; sleep 2 # " + marker + "\nwc -l < ~/runs"}, w.Channel())
-	if err != nil {
-		t.Fatal(err)
-	}
-	w.Add(e)
+	w, _ := s.submit(t, ctx, jobs.Job{ID: "killed", TaskID: "sk",
+		Command: "echo run >> ~/runs; sleep 2 # " + marker + "\nwc -l < ~/runs"})
 	waitFor(t, 20*time.Second, "the command to start", func() bool { return len(findProcesses(marker)) > 0 })
 	if err := a.Process.Signal(syscall.SIGKILL); err != nil {
 		t.Fatal(err)
