@@ -239,7 +239,7 @@ func (c *cluster) allLogs() []string {
 // snapshot), checks that no other command of its task runs at the same
 // time (mkdir is atomic), sleeps, and prints a line that names it.
 const jobScript = `mkdir ~/.busy 2>/dev/null || echo "overlap %[1]s" >> ~/overlap.log
-echo "ran %[1]s" >> ~/runs.log
+echo "ran %[1]s $(date +%%s.%%N)" >> ~/runs.log
 sleep %[2]s
 rmdir ~/.busy 2>/dev/null
 echo "done %[1]s"`
@@ -463,12 +463,29 @@ func (b *batch) checkCompleted(t *testing.T) {
 }
 
 // runCounts reads, from the gateway's state dir, how many times each job's
-// command ran: the "ran <id>" lines of every task's runs.log, as kept in
-// the snapshots of reaped sandboxes (call it once no sandbox is live, or a
-// live one's copy would count twice). It also returns the overlaps seen.
+// command ran: the "ran <id> <unix time>" lines of every task's runs.log,
+// as kept in the snapshots of reaped sandboxes (call it once no sandbox is
+// live, or a live one's copy would count twice). It also returns the
+// overlaps seen.
 func runCounts(t *testing.T, stateDir string) (ran map[string]int, overlaps []string) {
 	t.Helper()
 	ran = map[string]int{}
+	for id, ts := range runTimes(t, stateDir) {
+		ran[id] = len(ts)
+	}
+	ofiles, _ := filepath.Glob(filepath.Join(stateDir, "snapshots", "*", "root", "overlap.log"))
+	for _, f := range ofiles {
+		b, _ := os.ReadFile(f)
+		overlaps = append(overlaps, scanLines(b)...)
+	}
+	return ran, overlaps
+}
+
+// runTimes reads when each job's command started, every time it ran (see
+// runCounts).
+func runTimes(t *testing.T, stateDir string) map[string][]time.Time {
+	t.Helper()
+	runs := map[string][]time.Time{}
 	files, err := filepath.Glob(filepath.Join(stateDir, "snapshots", "*", "root", "runs.log"))
 	if err != nil {
 		t.Fatal(err)
@@ -479,17 +496,14 @@ func runCounts(t *testing.T, stateDir string) (ran map[string]int, overlaps []st
 			t.Fatal(err)
 		}
 		for _, l := range scanLines(b) {
-			if id, ok := strings.CutPrefix(l, "ran "); ok {
-				ran[id]++
+			var id string
+			var at float64
+			if _, err := fmt.Sscanf(l, "ran %s %f", &id, &at); err == nil {
+				runs[id] = append(runs[id], time.Unix(0, int64(at*1e9)))
 			}
 		}
 	}
-	ofiles, _ := filepath.Glob(filepath.Join(stateDir, "snapshots", "*", "root", "overlap.log"))
-	for _, f := range ofiles {
-		b, _ := os.ReadFile(f)
-		overlaps = append(overlaps, scanLines(b)...)
-	}
-	return ran, overlaps
+	return runs
 }
 
 // checkRanOnce checks that every job's command ran exactly once, and that

@@ -61,6 +61,12 @@ func (c *cluster) inProcessWorkers(t *testing.T, n int, gatewayURL string, logs 
 			<-done
 		})
 	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			lines := logs.Lines()
+			t.Logf("last log lines of the in-process workers:\n%s", strings.Join(lines[max(0, len(lines)-40):], "\n"))
+		}
+	})
 }
 
 // TestGatewayFaults puts a proxy between the workers and the gateway that

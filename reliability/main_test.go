@@ -139,11 +139,12 @@ func (b *logBuffer) Lines() []string {
 
 // proc is a helper process: a worker, a gateway, an enqueue.
 type proc struct {
-	name string
-	cmd  *exec.Cmd
-	logs *logBuffer
-	done chan struct{} // closed when the process has exited
-	err  error         // how it exited, once done is closed
+	name    string
+	started time.Time
+	cmd     *exec.Cmd
+	logs    *logBuffer
+	done    chan struct{} // closed when the process has exited
+	err     error         // how it exited, once done is closed
 }
 
 // startProc starts a process whose output goes to a logBuffer. It is
@@ -151,7 +152,7 @@ type proc struct {
 // lines are shown.
 func startProc(t testing.TB, name, path string, args, env []string) *proc {
 	t.Helper()
-	p := &proc{name: name, logs: &logBuffer{}, done: make(chan struct{})}
+	p := &proc{name: name, started: time.Now(), logs: &logBuffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command(path, args...)
 	p.cmd.Env = env
 	p.cmd.Stdout, p.cmd.Stderr = p.logs, p.logs

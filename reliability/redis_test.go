@@ -9,8 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hibiken/asynq"
-
 	"github.com/boxq/boxq/internal/redistest"
 	"github.com/boxq/boxq/jobs"
 )
@@ -116,13 +114,6 @@ func TestRedisRestart(t *testing.T) {
 	t.Logf("batch: %d jobs, %d results in %v (%d needed more than one attempt), enqueue's %d jobs: %d results; %d Redis kills; %d command runs for %d jobs",
 		n, len(b.got), batchTime.Round(100*time.Millisecond), retried, len(cliJobs), len(cliGot), len(killedAt), ran, n)
 	t.Logf("all jobs, enqueue to result: %s", b.latencies())
-	insp := asynq.NewInspectorFromRedisClient(c.rdb)
-	for id, r := range b.got {
-		if d := b.arrived[id].Sub(r.QueuedAt); d > 20*time.Second {
-			info, _ := insp.GetTaskInfo(jobs.DefaultQueue, id)
-			t.Logf("DEBUG slow %s: %v attempts %d started %v lasterr %q lastfailed %v", id, d, r.Attempts, r.StartedAt.Sub(r.QueuedAt), info.LastErr, info.LastFailedAt.Sub(r.QueuedAt))
-		}
-	}
 }
 
 // TestRedisOutageLongerThanLease keeps Redis down for longer than asynq's

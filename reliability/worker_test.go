@@ -39,20 +39,31 @@ func TestWorkerSIGKILL(t *testing.T) {
 		insp     = asynq.NewInspectorFromRedisClient(c.rdb)
 	)
 	t.Logf("%d jobs over %d tasks, 3 workers, a SIGKILL every %v (up to %d), seed %d", n, tasks, every, kills, seed)
-	b := c.enqueue(t, makeBatch("kill", n, tasks, "1"))
+	b := c.enqueue(t, makeBatch("kill", n, tasks, pick("2", "1")))
 	var killedAt []time.Time
-	activeAtKill := map[string]time.Time{} // job → when the worker that had it was killed
+	killedWith := map[string]time.Time{} // job → when the worker running it was killed
 	b.collect(t, pick(4*time.Minute, 12*time.Minute), every, func(time.Duration) {
 		if len(killedAt) >= kills || b.pending() == 0 {
 			return
 		}
-		victim := pickWorker(rng, c.running())
+		// A victim that has been up for a heartbeat or two (asynq beats
+		// every 5 s), so that Redis knows which jobs it runs.
+		var ripe []*proc
+		for _, w := range c.running() {
+			if time.Since(w.started) > 6*time.Second {
+				ripe = append(ripe, w)
+			}
+		}
+		victim := pickWorker(rng, ripe)
+		if victim == nil {
+			return
+		}
 		active := activeJobs(insp, victim.cmd.Process.Pid)
 		at := signalWorker(victim, syscall.SIGKILL)
 		<-victim.done
 		killedAt = append(killedAt, at)
 		for _, id := range active {
-			activeAtKill[id] = at
+			killedWith[id] = at
 		}
 		c.startWorker(t)
 	})
@@ -62,24 +73,29 @@ func TestWorkerSIGKILL(t *testing.T) {
 	reap := c.checkNoLeak(t, 90*time.Second)
 	ran := b.checkRanOnce(t, c.gw.stateDir)
 
-	// How long the jobs of killed workers took to come back: those the
-	// victim's last heartbeat (at most 5 s old) listed as its own.
+	// How long the jobs of killed workers took to come back: those whose
+	// command had started (runs.log says when) on a killed worker (its last
+	// heartbeat, at most 5 s old, listed them).
 	var redelivered, inFlight []time.Duration
 	retried := 0
+	starts := runTimes(t, c.gw.stateDir)
 	for _, j := range b.jobs {
 		r := b.got[j.ID]
-		if r.Attempts > 1 {
-			retried++
+		if r.Attempts < 2 {
+			continue
 		}
-		if at, ok := activeAtKill[j.ID]; ok && r.Attempts > 1 {
-			redelivered = append(redelivered, r.StartedAt.Sub(at))
-			inFlight = append(inFlight, b.arrived[j.ID].Sub(at))
+		retried++
+		at, ok := killedWith[j.ID]
+		if ts := starts[j.ID]; !ok || len(ts) == 0 || ts[0].After(at) {
+			continue // not started when killed, or not known to be the victim's
 		}
+		redelivered = append(redelivered, r.StartedAt.Sub(at))
+		inFlight = append(inFlight, b.arrived[j.ID].Sub(at))
 	}
 	t.Logf("batch: %d jobs, %d results in %v; %d SIGKILLs; %d jobs re-delivered (attempts > 1); %d command runs for %d jobs; no sandbox live %v after the last result",
 		n, len(b.got), batchTime.Round(time.Second), len(killedAt), retried, ran, n, reap.Round(100*time.Millisecond))
-	t.Logf("jobs of killed workers, SIGKILL to the start of their next delivery: %s", summary(redelivered))
-	t.Logf("jobs of killed workers, SIGKILL to result: %s", summary(inFlight))
+	t.Logf("commands in flight on a killed worker, SIGKILL to the start of the next delivery: %s", summary(redelivered))
+	t.Logf("commands in flight on a killed worker, SIGKILL to result: %s", summary(inFlight))
 	t.Logf("all jobs, enqueue to result: %s", b.latencies())
 	if len(killedAt) < kills {
 		t.Errorf("the batch ended after %d of %d kills: make it longer", len(killedAt), kills)
