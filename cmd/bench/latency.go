@@ -9,7 +9,6 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/url"
-	"os"
 	"slices"
 	"time"
 
@@ -20,8 +19,6 @@ import (
 )
 
 // fixedPollInterval is the Python client's pause between two polls.
-var debugBreakdown = os.Getenv("BENCH_DEBUG") != ""
-
 const fixedPollInterval = 250 * time.Millisecond
 
 // idleGap is the most a latency measurement waits between two samples, a
@@ -29,9 +26,18 @@ const fixedPollInterval = 250 * time.Millisecond
 // polling, as they do in real use.
 const idleGap = 20 * time.Millisecond
 
+// rttSample is one job's round trip and its parts, by the clocks of the
+// producer and of the worker (one machine, so they agree): from Enqueue to
+// the handler's start (the enqueue, and the wait for the worker to poll),
+// the handler up to the result (lease, exec, parse), and from there to the
+// producer holding the result (release and result write, publish, decode).
+type rttSample struct {
+	total, pickup, handler, notify time.Duration
+}
+
 // pipelineRTT measures, one job at a time on an idle worker, the time from
 // Enqueue to the result seen by the producer, for commands of one task.
-func (e *env) pipelineRTT(ctx context.Context, g *gatewayServer, commands []string, samples int) ([][]time.Duration, error) {
+func (e *env) pipelineRTT(ctx context.Context, g *gatewayServer, commands []string, samples int) ([][]rttSample, error) {
 	client, err := e.client(g)
 	if err != nil {
 		return nil, err
@@ -47,29 +53,30 @@ func (e *env) pipelineRTT(ctx context.Context, g *gatewayServer, commands []stri
 	}
 	defer w.Close()
 	task := "rtt-" + uuid.NewString()
-	one := func(command string) (time.Duration, error) {
+	one := func(command string) (rttSample, error) {
 		job := jobs.Job{TaskID: task, Command: command}
 		start := time.Now()
 		enq, err := r.prod.Enqueue(ctx, job, w.Channel())
 		if err != nil {
-			return 0, err
+			return rttSample{}, err
 		}
 		w.Add(enq)
 		res, err := w.Next(ctx)
-		took := time.Since(start)
+		end := time.Now()
 		if err != nil {
-			return 0, err
-		}
-		if debugBreakdown {
-			fmt.Fprintf(e.log, "%s pickup %.1f handler %.1f notify %.1f total %.1f\n", command,
-				float64(res.StartedAt.Sub(start))/1e6, float64(res.FinishedAt.Sub(res.StartedAt))/1e6, float64(time.Since(res.FinishedAt))/1e6, float64(took)/1e6)
+			return rttSample{}, err
 		}
 		if res.Status != jobs.StatusCompleted || res.ReturnCode != 0 {
-			return 0, fmt.Errorf("job %q: %s, rc %d: %s%s", command, res.Status, res.ReturnCode, res.Error, res.Output)
+			return rttSample{}, fmt.Errorf("job %q: %s, rc %d: %s%s", command, res.Status, res.ReturnCode, res.Error, res.Output)
 		}
-		return took, nil
+		return rttSample{
+			total:   end.Sub(start),
+			pickup:  res.StartedAt.Sub(start),
+			handler: res.FinishedAt.Sub(res.StartedAt),
+			notify:  end.Sub(res.FinishedAt),
+		}, nil
 	}
-	out := make([][]time.Duration, len(commands))
+	out := make([][]rttSample, len(commands))
 	for i, command := range commands {
 		// Warm up: the task's sandbox, connections, scripts.
 		for range 5 {
@@ -89,6 +96,15 @@ func (e *env) pipelineRTT(ctx context.Context, g *gatewayServer, commands []stri
 		}
 	}
 	return out, nil
+}
+
+// parts returns one part of each sample.
+func parts(samples []rttSample, part func(rttSample) time.Duration) []time.Duration {
+	out := make([]time.Duration, len(samples))
+	for i, s := range samples {
+		out[i] = part(s)
+	}
+	return out
 }
 
 // directRTT measures boxq's gateway client alone, no queue: Run of command

@@ -54,8 +54,9 @@ const helpTail = `
 Measurements (-phases):
   latency    rtt_p50_ms, rtt_p99_ms (sleep 0.01), rtt_true_p50_ms (true):
              enqueue to result seen by the producer, one job at a time, idle
-             worker; direct_rtt_p50_ms: the same command through boxq's
-             gateway client alone, no queue
+             worker; rtt_parts_p50_ms: pickup, handler, notify;
+             direct_rtt_p50_ms: the same command through boxq's gateway
+             client alone, no queue
   fixedpoll  fixedpoll_rtt_p50_ms: sleep 0.01 straight at a gateway that
              answers starts at once, by a client that polls at once, then
              every 250 ms (the Python client); rtt_nostartwait_p50_ms: boxq
@@ -69,8 +70,8 @@ Measurements (-phases):
   reap       reap_ms_100k_100exp, reap_ms_100k_10kexp: one ReapIdle pass
   rss        worker_rss_mb_1000_inflight: a worker process's VmRSS with
              -inflight execs running
-  idle       idle_redis: Redis commands/s and CPU of an idle worker at task
-             check intervals of 1s, 10ms and 5ms
+  idle       idle_redis: Redis commands/s and CPU of an idle worker at each
+             of -idle-intervals
 
 Examples:
   go run ./cmd/bench              # the table
@@ -264,13 +265,19 @@ type report struct {
 	PipeOverDir   float64 `json:"pipeline_over_direct,omitempty"`
 	NullOverNoop  float64 `json:"null_pipeline_over_asynq_noop,omitempty"`
 
+	// RTTParts are the medians of the parts of rtt (sleep 0.01): pickup
+	// (enqueue to the handler's start), handler (to the result), notify
+	// (release, result write, publish, to the producer holding it).
+	RTTParts  map[string]float64  `json:"rtt_parts_p50_ms,omitempty"`
 	IdleRedis map[string]idleLoad `json:"idle_redis,omitempty"`
 	// Runs are the rates of every round; the fields above are medians.
 	Runs   reportRuns   `json:"runs"`
 	Config reportConfig `json:"config"`
 }
 
-// reportRuns are the throughput rounds, per second, in sorted order.
+// reportRuns are the throughput rounds, per second, in the order they
+// ran: direct and pipeline (null and noop) alternate, so the i-th of each
+// ran side by side.
 type reportRuns struct {
 	Direct   []float64 `json:"direct_execs_per_s,omitempty"`
 	Pipeline []float64 `json:"pipeline_execs_per_s,omitempty"`
@@ -283,7 +290,6 @@ func rounded(vs []float64) []float64 {
 	for i, v := range vs {
 		out[i] = round(v, 0)
 	}
-	slices.Sort(out)
 	return out
 }
 
@@ -364,8 +370,14 @@ func (e *env) measure(ctx context.Context) (*report, error) {
 			if err != nil {
 				return err
 			}
-			rep.RTTP50, rep.RTTP99 = ms(percentile(rtts[0], 50)), ms(percentile(rtts[0], 99))
-			rep.RTTTrueP50 = ms(percentile(rtts[1], 50))
+			total := func(s rttSample) time.Duration { return s.total }
+			rep.RTTP50, rep.RTTP99 = ms(percentile(parts(rtts[0], total), 50)), ms(percentile(parts(rtts[0], total), 99))
+			rep.RTTTrueP50 = ms(percentile(parts(rtts[1], total), 50))
+			rep.RTTParts = map[string]float64{
+				"pickup":  ms(percentile(parts(rtts[0], func(s rttSample) time.Duration { return s.pickup }), 50)),
+				"handler": ms(percentile(parts(rtts[0], func(s rttSample) time.Duration { return s.handler }), 50)),
+				"notify":  ms(percentile(parts(rtts[0], func(s rttSample) time.Duration { return s.notify }), 50)),
+			}
 			direct, err := e.directRTT(ctx, e.gw, "sleep 0.01", o.samples)
 			if err != nil {
 				return err
@@ -383,7 +395,7 @@ func (e *env) measure(ctx context.Context) (*report, error) {
 			if err != nil {
 				return err
 			}
-			rep.RTTNoWaitP50 = ms(percentile(rtts[0], 50))
+			rep.RTTNoWaitP50 = ms(percentile(parts(rtts[0], func(s rttSample) time.Duration { return s.total }), 50))
 			return nil
 		}},
 		{"throughput", func() error {
@@ -518,6 +530,9 @@ func printTable(w io.Writer, r *report) {
 			}
 		}
 		fmt.Fprintf(w, "%-50s %10s  %-7s %s\n", row.name, fmtValue(row.v), row.goal, status)
+	}
+	if p := r.RTTParts; len(p) > 0 {
+		fmt.Fprintf(w, "\nrtt (sleep 0.01), median parts: pickup %.2f ms, handler %.2f ms, notify %.2f ms\n", p["pickup"], p["handler"], p["notify"])
 	}
 	if len(r.IdleRedis) > 0 {
 		fmt.Fprintf(w, "\nidle worker's Redis load by task check interval:\n")

@@ -84,6 +84,12 @@ func TestQuickRun(t *testing.T) {
 			t.Errorf("%s = %v, want a positive number", k, got[k])
 		}
 	}
+	rttParts, _ := got["rtt_parts_p50_ms"].(map[string]any)
+	for _, k := range []string{"pickup", "handler", "notify"} {
+		if v, ok := rttParts[k].(float64); !ok || v <= 0 {
+			t.Errorf("rtt_parts_p50_ms[%s] = %v, want a positive number", k, rttParts[k])
+		}
+	}
 	idle, _ := got["idle_redis"].(map[string]any)
 	for _, iv := range []string{"1s", "10ms", "5ms"} {
 		l, _ := idle[iv].(map[string]any)

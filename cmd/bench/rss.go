@@ -122,18 +122,24 @@ func (e *env) workerRSS(ctx context.Context, n int, hold time.Duration) (float64
 		peak    float64
 		running int
 		sampled bool
-		wg      sync.WaitGroup
 		res     = make(chan error, 1)
 	)
-	wg.Go(func() {
-		_, err := runBatch(ctx, prod, batch(fmt.Sprintf("sleep %g", hold.Seconds())))
+	// The jobs are waited for under cctx: an early return below ends the
+	// wait along with the worker.
+	go func() {
+		_, err := runBatch(cctx, prod, batch(fmt.Sprintf("sleep %g", hold.Seconds())))
 		res <- err
-	})
+	}()
+	stop := func(err error) (float64, error) {
+		cancel()
+		<-res
+		return 0, err
+	}
 	deadline := time.Now().Add(hold)
 	for time.Now().Before(deadline) {
 		sbs, err := gw.List(ctx)
 		if err != nil {
-			return 0, err
+			return stop(err)
 		}
 		running = 0
 		for _, sb := range sbs {
@@ -146,10 +152,9 @@ func (e *env) workerRSS(ctx context.Context, n int, hold time.Duration) (float64
 			peak = max(peak, rssMiB(cmd.Process.Pid))
 		}
 		if !pause(ctx, 20*time.Millisecond) {
-			return 0, ctx.Err()
+			return stop(ctx.Err())
 		}
 	}
-	wg.Wait()
 	if err := <-res; err != nil {
 		return 0, childFailed(err)
 	}
