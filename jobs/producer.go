@@ -290,10 +290,19 @@ func (w *Waiter) Next(ctx context.Context) (Result, error) {
 			case time.Since(w.failingSince) > maxRedisOutage:
 				return Result{}, fmt.Errorf("jobs: Redis has failed for %v: %w", time.Since(w.failingSince).Round(time.Second), err)
 			}
-			w.nextSweep = time.Now().Add(w.p.cfg.Sweep)
-			sweep.Reset(w.p.cfg.Sweep)
+			d := w.sweepEvery()
+			w.nextSweep = time.Now().Add(d)
+			sweep.Reset(d)
 		}
 	}
+}
+
+// sweepEvery spaces the sweeps out as the batch grows: the sweep is a
+// safety net for lost notifications, and reading 100,000 outstanding jobs
+// every second would cost Redis more than the jobs do. It reads at most
+// about 2,000 jobs per second.
+func (w *Waiter) sweepEvery() time.Duration {
+	return max(w.p.cfg.Sweep, time.Duration(len(w.pending)/2000)*time.Second)
 }
 
 // sweep reads the results of outstanding jobs in one pipelined round trip
