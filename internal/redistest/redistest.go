@@ -272,6 +272,10 @@ func external(raw string) (*Srv, error) {
 	return s, nil
 }
 
+// Embedded reports whether s is the in-process miniredis fallback, which
+// lacks some of redis-server's commands (CONFIG SET among them).
+func (s *Srv) Embedded() bool { return s.mini != nil }
+
 // Addr returns the server's host:port.
 func (s *Srv) Addr() string {
 	if s.mini != nil {
