@@ -93,7 +93,9 @@ func TestQuickRun(t *testing.T) {
 	idle, _ := got["idle_redis"].(map[string]any)
 	for _, iv := range []string{"1s", "10ms", "5ms"} {
 		l, _ := idle[iv].(map[string]any)
-		if v, ok := l["ops_per_s"].(float64); !ok || v <= 0 {
+		// A worker polling once a second may not poll at all in the quick
+		// mode's 300 ms window: zero is a fair count there, not a failure.
+		if v, ok := l["ops_per_s"].(float64); !ok || v < 0 || (v == 0 && iv != "1s") {
 			t.Errorf("idle_redis[%s].ops_per_s = %v, want a positive number", iv, l["ops_per_s"])
 		}
 		if v, ok := l["cpu_pct"].(float64); !ok || v < 0 {
