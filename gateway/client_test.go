@@ -97,6 +97,18 @@ func writeJSON(w http.ResponseWriter, v any) {
 	_ = json.NewEncoder(w).Encode(v)
 }
 
+// runningGateway answers every poll "running" and signals the first one.
+func runningGateway() (*fakeGateway, <-chan struct{}) {
+	polled := make(chan struct{}, 1)
+	return &fakeGateway{poll: func(w http.ResponseWriter, r *http.Request, n int) {
+		select {
+		case polled <- struct{}{}:
+		default:
+		}
+		writeJSON(w, map[string]any{"execId": "e1", "status": "running"})
+	}}, polled
+}
+
 func newTestClient(t *testing.T, h http.Handler, mod func(*Config)) *Client {
 	t.Helper()
 	srv := httptest.NewServer(h)
@@ -248,14 +260,7 @@ func TestRunTimeoutCancelsExecAndReports124(t *testing.T) {
 }
 
 func TestRunCallerCancelCancelsExecAndReports130(t *testing.T) {
-	polled := make(chan struct{}, 1)
-	f := &fakeGateway{poll: func(w http.ResponseWriter, r *http.Request, n int) {
-		select {
-		case polled <- struct{}{}:
-		default:
-		}
-		writeJSON(w, map[string]any{"execId": "e1", "status": "running"})
-	}}
+	f, polled := runningGateway()
 	c := newTestClient(t, f, func(c *Config) { c.LongPoll = 10 * time.Millisecond })
 	ctx, cancel := context.WithCancel(context.Background())
 	go func() { <-polled; cancel() }()
@@ -272,14 +277,7 @@ func TestRunCallerCancelCancelsExecAndReports130(t *testing.T) {
 }
 
 func TestRunDetachLeavesExecRunning(t *testing.T) {
-	polled := make(chan struct{}, 1)
-	f := &fakeGateway{poll: func(w http.ResponseWriter, r *http.Request, n int) {
-		select {
-		case polled <- struct{}{}:
-		default:
-		}
-		writeJSON(w, map[string]any{"execId": "e1", "status": "running"})
-	}}
+	f, polled := runningGateway()
 	c := newTestClient(t, f, func(c *Config) { c.LongPoll = 10 * time.Millisecond })
 	ctx, cancel := context.WithCancelCause(context.Background())
 	go func() { <-polled; cancel(ErrDetached) }()

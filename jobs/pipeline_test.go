@@ -379,11 +379,11 @@ func TestResultVisibleToInspector(t *testing.T) {
 	r := s.run1(t, jobs.Job{ID: "insp", TaskID: "insp", Command: "echo hi"})
 	// The result is published before asynq hears that the handler is done
 	// (boxq writes it in the handler), so the state may still be active.
-	info := taskInfo(t, s.rdb, "insp")
-	for deadline := time.Now().Add(5 * time.Second); info.State == asynq.TaskStateActive && time.Now().Before(deadline); {
-		time.Sleep(10 * time.Millisecond)
+	var info *asynq.TaskInfo
+	waitFor(t, 5*time.Second, "asynq to record the task's end", func() bool {
 		info = taskInfo(t, s.rdb, "insp")
-	}
+		return info.State != asynq.TaskStateActive
+	})
 	if info.State != asynq.TaskStateCompleted {
 		t.Errorf("state %v, want completed", info.State)
 	}

@@ -110,9 +110,20 @@ func TestNoSecretLeaks(t *testing.T) {
 		{ID: "sec-slow", TaskID: "sec-5", Command: "sleep 3; echo slow"},
 	}
 	b := c.enqueue(t, js)
-	// Kill the gateway under the slow job: retries, transport errors and
-	// 404s get logged.
-	time.Sleep(time.Second)
+	// Kill the gateway under a running command: retries, transport errors
+	// and 404s get logged.
+	waitFor(t, 30*time.Second, "a command to be running at the gateway", func() bool {
+		live, err := c.gw.live(context.Background())
+		if err != nil {
+			return false
+		}
+		for _, sb := range live {
+			if sb.RunningExecs > 0 {
+				return true
+			}
+		}
+		return false
+	})
 	c.gw.signal(syscall.SIGKILL)
 	<-c.gw.done
 	c.gw.start(t, nil)
