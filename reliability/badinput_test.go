@@ -215,7 +215,7 @@ func TestBadInput(t *testing.T) {
 
 	// The worker took it all in its stride: it still serves.
 	b := c.enqueue(t, makeBatch("after-bad", 4, 2, "0"))
-	b.collect(t, time.Minute, 0, nil)
+	b.collect(t, time.Minute, nil)
 	b.checkCompleted(t)
 }
 
@@ -274,7 +274,7 @@ func TestBadPayloads(t *testing.T) {
 		})
 	}
 	b := c.enqueue(t, makeBatch("after-payloads", 4, 2, "0"))
-	b.collect(t, time.Minute, 0, nil)
+	b.collect(t, time.Minute, nil)
 	b.checkCompleted(t)
 }
 

@@ -365,16 +365,15 @@ func merge(bs ...*batch) *batch {
 // pending returns how many jobs have no result yet.
 func (b *batch) pending() int { return len(b.jobs) - len(b.got) }
 
-// collect receives results until every job has one, calling tick (if not
-// nil) every interval meanwhile; it fails the test after limit.
-func (b *batch) collect(t *testing.T, limit, interval time.Duration, tick func(elapsed time.Duration)) {
+// collect receives results until every job has one; it fails the test
+// after limit. If tick is not nil, collect calls it after each result that
+// leaves jobs pending, and every 100 ms meanwhile: the tests inject their
+// faults from it, when faultDue says so.
+func (b *batch) collect(t *testing.T, limit time.Duration, tick func()) {
 	t.Helper()
 	deadline := time.NewTimer(limit)
 	defer deadline.Stop()
-	if interval <= 0 {
-		interval = time.Hour
-	}
-	ticker := time.NewTicker(interval)
+	ticker := time.NewTicker(100 * time.Millisecond)
 	defer ticker.Stop()
 	for b.pending() > 0 {
 		select {
@@ -384,11 +383,14 @@ func (b *batch) collect(t *testing.T, limit, interval time.Duration, tick func(e
 			}
 			b.got[r.ID] = r
 			b.arrived[r.ID] = time.Now()
+			if tick != nil && b.pending() > 0 {
+				tick()
+			}
 		case err := <-b.errc:
 			t.Fatalf("waiting for results (%d of %d in): %v", len(b.got), len(b.jobs), err)
 		case <-ticker.C:
 			if tick != nil {
-				tick(time.Since(b.started))
+				tick()
 			}
 		case <-deadline.C:
 			var missing []string
@@ -400,6 +402,16 @@ func (b *batch) collect(t *testing.T, limit, interval time.Duration, tick func(e
 			t.Fatalf("after %v, %d of %d jobs have no result: %v", limit, len(missing), len(b.jobs), missing[:min(len(missing), 20)])
 		}
 	}
+}
+
+// faultDue reports whether the next of a test's k faults is due, done of
+// them having been injected. Fault i (from 0) falls once (i+1)/(k+1) of the
+// batch's results are in, and not sooner than gap after the one before
+// (last): progress, not the clock, places the faults, so that they land in
+// the middle of the batch however fast or loaded the machine is. (A clock
+// schedule let a quick batch end before the first fault.)
+func (b *batch) faultDue(done, k int, last time.Time, gap time.Duration) bool {
+	return done < k && len(b.got) >= (done+1)*len(b.jobs)/(k+1) && time.Since(last) >= gap
 }
 
 // checkOneAnswer checks that every job has exactly one answer: the

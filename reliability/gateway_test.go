@@ -94,7 +94,7 @@ func TestGatewayFaults(t *testing.T) {
 			n, tasks := pick(90, 300), pick(15, 30)
 			t.Logf("%d jobs over %d tasks, 3 workers, fault rate %v, seed %d", n, tasks, rate, seed)
 			b := c.enqueue(t, makeBatch("fault", n, tasks, "0.2"))
-			b.collect(t, pick(3*time.Minute, 10*time.Minute), 0, nil)
+			b.collect(t, pick(3*time.Minute, 10*time.Minute), nil)
 			batchTime := time.Since(b.started)
 			b.checkOneAnswer(t, c.rdb)
 			b.checkCompleted(t)
@@ -141,14 +141,15 @@ func TestGatewayRestart(t *testing.T) {
 	var (
 		n, tasks = pick(60, 300), pick(12, 30)
 		restarts = pick(1, 3)
-		every    = pick(3*time.Second, 5*time.Second)
+		gap      = pick(time.Second, 3*time.Second)
 		down     = 2 * time.Second
 	)
-	t.Logf("%d jobs over %d tasks, 3 workers, %d gateway kills (every %v, down %v each)", n, tasks, restarts, every, down)
+	t.Logf("%d jobs over %d tasks, 3 workers, %d gateway kills spread over the batch (down %v each)", n, tasks, restarts, down)
 	b := c.enqueue(t, makeBatch("gwr", n, tasks, pick("1", "2")))
 	var killedAt []time.Time
-	b.collect(t, pick(3*time.Minute, 10*time.Minute), every, func(time.Duration) {
-		if len(killedAt) >= restarts || b.pending() == 0 {
+	var last time.Time
+	b.collect(t, pick(3*time.Minute, 10*time.Minute), func() {
+		if !b.faultDue(len(killedAt), restarts, last, gap) {
 			return
 		}
 		killedAt = append(killedAt, time.Now())
@@ -156,6 +157,7 @@ func TestGatewayRestart(t *testing.T) {
 		<-c.gw.done
 		time.Sleep(down)
 		c.gw.start(t, nil)
+		last = time.Now()
 	})
 	batchTime := time.Since(b.started)
 	b.checkOneAnswer(t, c.rdb)
@@ -240,8 +242,8 @@ func TestStartAnswerLostThenRefused(t *testing.T) {
 		t.Fatal("the first job's exec was not started twice")
 	}
 	b2 := c.enqueue(t, []jobs.Job{second})
-	b1.collect(t, time.Minute, 0, nil)
-	b2.collect(t, time.Minute, 0, nil)
+	b1.collect(t, time.Minute, nil)
+	b2.collect(t, time.Minute, nil)
 	both := merge(b1, b2)
 	both.checkOneAnswer(t, c.rdb)
 	both.checkCompleted(t)

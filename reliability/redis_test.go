@@ -29,7 +29,7 @@ func TestRedisRestart(t *testing.T) {
 	var (
 		n, tasks = pick(60, 300), pick(12, 30)
 		restarts = pick(1, 3)
-		every    = pick(3*time.Second, 6*time.Second)
+		gap      = pick(time.Second, 3*time.Second)
 		down     = []time.Duration{time.Second, 3 * time.Second, 5 * time.Second}
 	)
 
@@ -48,11 +48,12 @@ func TestRedisRestart(t *testing.T) {
 	cli := startProc(t, "enqueue", binary(t, "enqueue"),
 		[]string{"-redis", c.redisURL, "-f", batchFile, "-wait", "-o", outFile}, cleanEnv())
 
-	t.Logf("%d jobs over %d tasks, and %d more from enqueue -wait; 3 workers; %d Redis kills every %v", n, tasks, len(cliJobs), restarts, every)
+	t.Logf("%d jobs over %d tasks, and %d more from enqueue -wait; 3 workers; %d Redis kills spread over the batch", n, tasks, len(cliJobs), restarts)
 	b := c.enqueue(t, makeBatch("redis", n, tasks, "1"))
 	var killedAt []time.Time
-	b.collect(t, pick(3*time.Minute, 10*time.Minute), every, func(time.Duration) {
-		if len(killedAt) >= restarts || b.pending() == 0 {
+	var last time.Time
+	b.collect(t, pick(3*time.Minute, 10*time.Minute), func() {
+		if !b.faultDue(len(killedAt), restarts, last, gap) {
 			return
 		}
 		killedAt = append(killedAt, time.Now())
@@ -63,6 +64,7 @@ func TestRedisRestart(t *testing.T) {
 		if err := srv.Restart(); err != nil {
 			t.Fatal(err)
 		}
+		last = time.Now()
 	})
 	batchTime := time.Since(b.started)
 	if len(killedAt) < restarts {
@@ -142,7 +144,7 @@ func TestRedisOutageLongerThanLease(t *testing.T) {
 	if err := srv.Restart(); err != nil {
 		t.Fatal(err)
 	}
-	b.collect(t, 4*time.Minute, 0, nil)
+	b.collect(t, 4*time.Minute, nil)
 	b.checkOneAnswer(t, c.rdb)
 	b.checkCompleted(t)
 	c.checkNoLeak(t, 60*time.Second)

@@ -127,9 +127,9 @@ func TestNoSecretLeaks(t *testing.T) {
 	c.gw.signal(syscall.SIGKILL)
 	<-c.gw.done
 	c.gw.start(t, nil)
-	b.collect(t, 2*time.Minute, 0, nil)
+	b.collect(t, 2*time.Minute, nil)
 	b2 := c.enqueue(t, []jobs.Job{{ID: "sec-after", TaskID: "sec-5", Command: "echo after"}})
-	b2.collect(t, time.Minute, 0, nil)
+	b2.collect(t, time.Minute, nil)
 
 	for id, r := range merge(b, b2).got {
 		raw, _ := json.Marshal(r)
@@ -356,7 +356,7 @@ func TestSandboxIsolation(t *testing.T) {
 	// The other sandbox: a secret file and a running process.
 	victimMarker := "victim-" + uuid.NewString()
 	victim := c.enqueue(t, []jobs.Job{{ID: "victim-setup", TaskID: "victim", Command: "echo " + canary + " > ~/secret"}})
-	victim.collect(t, time.Minute, 0, nil)
+	victim.collect(t, time.Minute, nil)
 	c.enqueue(t, []jobs.Job{{ID: "victim-run", TaskID: "victim", Command: "sleep 60 # " + victimMarker, TimeoutS: ptr(90.0)}})
 	waitFor(t, 30*time.Second, "the victim's process", func() bool {
 		live, err := c.gw.live(context.Background())
@@ -418,7 +418,7 @@ func TestSandboxIsolation(t *testing.T) {
 		js = append(js, jobs.Job{ID: fmt.Sprintf("probe-%d", i), TaskID: "prober", Command: p.command})
 	}
 	b := c.enqueue(t, js)
-	b.collect(t, 2*time.Minute, 0, nil)
+	b.collect(t, 2*time.Minute, nil)
 	for i, p := range probes {
 		r := b.got[fmt.Sprintf("probe-%d", i)]
 		if r.Status != jobs.StatusCompleted {

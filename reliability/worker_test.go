@@ -33,17 +33,18 @@ func TestWorkerSIGKILL(t *testing.T) {
 	var (
 		n, tasks = pick(90, 300), pick(15, 30)
 		kills    = pick(2, 20)
-		every    = pick(2500*time.Millisecond, 3*time.Second)
+		gap      = pick(2500*time.Millisecond, 3*time.Second)
 		seed     = uint64(time.Now().UnixNano())
 		rng      = rand.New(rand.NewPCG(seed, 1))
 		insp     = asynq.NewInspectorFromRedisClient(c.rdb)
 	)
-	t.Logf("%d jobs over %d tasks, 3 workers, a SIGKILL every %v (up to %d), seed %d", n, tasks, every, kills, seed)
+	t.Logf("%d jobs over %d tasks, 3 workers, %d SIGKILLs spread over the batch, at least %v apart, seed %d", n, tasks, kills, gap, seed)
 	b := c.enqueue(t, makeBatch("kill", n, tasks, pick("2", "1")))
 	var killedAt []time.Time
 	killedWith := map[string]time.Time{} // job → when the worker running it was killed
-	b.collect(t, pick(4*time.Minute, 12*time.Minute), every, func(time.Duration) {
-		if len(killedAt) >= kills || b.pending() == 0 {
+	var last time.Time
+	b.collect(t, pick(4*time.Minute, 12*time.Minute), func() {
+		if !b.faultDue(len(killedAt), kills, last, gap) {
 			return
 		}
 		// A victim that has been up for a heartbeat or two (asynq beats
@@ -62,6 +63,7 @@ func TestWorkerSIGKILL(t *testing.T) {
 		at := signalWorker(victim, syscall.SIGKILL)
 		<-victim.done
 		killedAt = append(killedAt, at)
+		last = at
 		for _, id := range active {
 			killedWith[id] = at
 		}
@@ -139,17 +141,18 @@ func TestWorkerSIGTERM(t *testing.T) {
 	var (
 		n, tasks = pick(60, 300), pick(12, 30)
 		stops    = pick(3, 20)
-		every    = pick(2*time.Second, 3*time.Second)
+		gap      = pick(time.Second, 3*time.Second)
 		seed     = uint64(time.Now().UnixNano())
 		rng      = rand.New(rand.NewPCG(seed, 2))
 	)
-	t.Logf("%d jobs over %d tasks, 3 workers, a SIGTERM every %v (up to %d), shutdown timeout %v, seed %d",
-		n, tasks, every, stops, shutdownTimeout, seed)
+	t.Logf("%d jobs over %d tasks, 3 workers, %d SIGTERMs spread over the batch, shutdown timeout %v, seed %d",
+		n, tasks, stops, shutdownTimeout, seed)
 	b := c.enqueue(t, makeBatch("term", n, tasks, "2"))
 	var stoppedAt []time.Time
 	var exitTimes []time.Duration
-	b.collect(t, pick(3*time.Minute, 10*time.Minute), every, func(time.Duration) {
-		if len(stoppedAt) >= stops || b.pending() == 0 {
+	var last time.Time
+	b.collect(t, pick(3*time.Minute, 10*time.Minute), func() {
+		if !b.faultDue(len(stoppedAt), stops, last, gap) {
 			return
 		}
 		victim := pickWorker(rng, c.running())
@@ -160,6 +163,7 @@ func TestWorkerSIGTERM(t *testing.T) {
 			t.Errorf("%s after SIGTERM: %v", victim.name, err)
 		}
 		exitTimes = append(exitTimes, time.Since(at))
+		last = time.Now()
 	})
 	batchTime := time.Since(b.started)
 	b.checkOneAnswer(t, c.rdb)
