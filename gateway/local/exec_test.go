@@ -94,8 +94,10 @@ func TestExecTimeoutKillsGroup(t *testing.T) {
 		if st.Status != gateway.StatusTimeout || st.RC() != gateway.ReturnCodeTimeout {
 			t.Errorf("got %s/%d, want timeout/124", st.Status, st.RC())
 		}
-		if took > 3*time.Second {
-			t.Errorf("the timeout took %v, want < 3s", took)
+		// Loose on purpose (shared, loaded machines): what it tells apart is
+		// a timeout that fires from one that lets the 30 s sleep run out.
+		if took > 10*time.Second {
+			t.Errorf("the timeout took %v, want well under the command's 30 s", took)
 		}
 		t.Logf("timeout of 1s answered after %v", took)
 		waitMarker(t, marker, false, 2*time.Second)
@@ -229,8 +231,8 @@ func TestLongPoll(t *testing.T) {
 		}
 		lag := answered.Sub(time.Unix(0, ns))
 		t.Logf("long poll answered %v after the command's last output", lag)
-		if lag > time.Second {
-			t.Errorf("long poll answered %v after the exec ended, want well under 1s", lag)
+		if lag > 5*time.Second {
+			t.Errorf("long poll answered %v after the exec ended, want it at the end, not at the 10 s waitMs", lag)
 		}
 	})
 	t.Run("answers running after waitMs", func(t *testing.T) {
@@ -242,7 +244,7 @@ func TestLongPoll(t *testing.T) {
 		if got.Status != gateway.StatusRunning {
 			t.Errorf("got %s, want running", got.Status)
 		}
-		if took < 150*time.Millisecond || took > 3*time.Second {
+		if took < 150*time.Millisecond || took > 4*time.Second {
 			t.Errorf("a 200 ms long poll took %v", took)
 		}
 		decode(t, "cancel", g.do(t, "POST", fmt.Sprintf("/v1/sandboxes/%s/execs/%s/cancel", sb, st.ExecID), nil), http.StatusOK, nil)
