@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -384,7 +385,9 @@ func (p *Pool) unlock(ctx context.Context, keys []string, tokens []any) error {
 // "") and now as its last use, marks the exec named at Acquire as collected
 // (see Config.InFlightGrace), and frees the lease. It refuses, with an
 // error wrapping ErrStaleLease, when the lease expired meanwhile. It runs
-// even when ctx is cancelled, and a second call does nothing.
+// even when ctx is cancelled, and a second call does nothing. When Redis
+// cannot be reached it tries again for up to 20 s, so that a Redis restart
+// does not leave the task's lease taken until its TTL lapses.
 //
 // One round trip to Redis.
 func (p *Pool) Release(ctx context.Context, l *Lease, cwd string) error {
@@ -397,13 +400,16 @@ func (p *Pool) Release(ctx context.Context, l *Lease, cwd string) error {
 // write, say, so that whoever reads the result finds the task free). The
 // commands run, under Release's own bounded context, even when the release
 // is refused or was done before; their errors are in their own Cmders.
+// When the release is tried again (Redis unreachable), also is called
+// again, for a new pipeline: the Cmders of its last call hold the outcome.
 // Scripts queued on the pipeline should be sent with Eval, not EvalSha:
 // a pipeline cannot fall back when Redis does not know a script.
 func (p *Pool) ReleaseWith(ctx context.Context, l *Lease, cwd string, also func(redis.Pipeliner)) error {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-	defer cancel()
+	ctx = context.WithoutCancel(ctx)
 	if l == nil || !l.released.CompareAndSwap(false, true) {
 		if also != nil {
+			ctx, cancel := context.WithTimeout(ctx, cleanupTimeout)
+			defer cancel()
 			pipe := p.rdb.Pipeline()
 			also(pipe)
 			_, _ = pipe.Exec(ctx)
@@ -417,26 +423,72 @@ func (p *Pool) ReleaseWith(ctx context.Context, l *Lease, cwd string, also func(
 	}
 	keys := []string{l.leaseKey, l.recordKey, p.indexKey}
 	args := []any{l.tokenArg, p.nowArg(), l.taskID, setCwd, cwd, l.execID}
-	var rel *redis.Cmd
+	// A release that cannot reach Redis is tried again while Redis comes
+	// back (a restart, a failover), for up to releaseRetryWindow: given up,
+	// it would leave the task's lease taken until its TTL lapses, and the
+	// task's next command (the job's own next delivery, if the caller's
+	// write failed with it) waiting that long (reliability.TestRedisRestart).
+	// A retry after a first try that did run and lost only its answer finds
+	// the lease gone, and says ErrStaleLease: nothing is done twice.
+	deadline := time.Now().Add(releaseRetryWindow)
+	for {
+		rel := p.releaseOnce(ctx, keys, args, also)
+		ok, err := rel.Int64()
+		if err != nil && retriable(err) && time.Now().Before(deadline) {
+			p.log.Debug("sandboxpool: release: Redis unreachable; trying again", "task_id", l.taskID, "err", err)
+			time.Sleep(releaseRetryPause) // ctx is never cancelled here: a release always runs
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("sandboxpool: release task %q: %w", l.taskID, err)
+		}
+		if ok == 0 {
+			return fmt.Errorf("sandboxpool: release task %q: %w", l.taskID, ErrStaleLease)
+		}
+		if cwd != "" {
+			l.cwd = cwd
+		}
+		return nil
+	}
+}
+
+// How long, and how often, Release tries again when Redis does not answer.
+// The window is what a worker waits on a failed job attempt too
+// (jobs.redisOutageWait), and under the default 30 s lease TTL.
+const (
+	releaseRetryWindow = 20 * time.Second
+	releaseRetryPause  = 250 * time.Millisecond
+)
+
+// releaseOnce runs the release script, with the caller's commands after it
+// on the same pipeline, under a bounded context of its own.
+func (p *Pool) releaseOnce(ctx context.Context, keys []string, args []any, also func(redis.Pipeliner)) *redis.Cmd {
+	ctx, cancel := context.WithTimeout(ctx, cleanupTimeout)
+	defer cancel()
 	if also == nil {
-		rel = releaseScript.Run(ctx, p.rdb, keys, args...)
-	} else {
-		pipe := p.rdb.Pipeline()
-		rel = releaseScript.Eval(ctx, pipe, keys, args...)
-		also(pipe)
-		_, _ = pipe.Exec(ctx) // each command's error is in its Cmder
+		return releaseScript.Run(ctx, p.rdb, keys, args...)
 	}
-	ok, err := rel.Int64()
-	if err != nil {
-		return fmt.Errorf("sandboxpool: release task %q: %w", l.taskID, err)
+	pipe := p.rdb.Pipeline()
+	rel := releaseScript.Eval(ctx, pipe, keys, args...)
+	also(pipe)
+	_, _ = pipe.Exec(ctx) // each command's error is in its Cmder
+	return rel
+}
+
+// retriable reports whether a failed call to Redis is worth making again
+// in a moment: the connection failed, or Redis is still loading its data
+// after a restart. A Redis error answer (a script error, say) is not, nor
+// is a closed client.
+func retriable(err error) bool {
+	if errors.Is(err, redis.ErrClosed) || errors.Is(err, context.Canceled) {
+		return false
 	}
-	if ok == 0 {
-		return fmt.Errorf("sandboxpool: release task %q: %w", l.taskID, ErrStaleLease)
+	var rerr redis.Error
+	if errors.As(err, &rerr) {
+		msg := rerr.Error()
+		return strings.HasPrefix(msg, "LOADING") || strings.HasPrefix(msg, "TRYAGAIN") || strings.HasPrefix(msg, "MASTERDOWN")
 	}
-	if cwd != "" {
-		l.cwd = cwd
-	}
-	return nil
+	return true
 }
 
 // Abandon frees the lease without recording a use and leaves the exec named

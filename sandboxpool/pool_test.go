@@ -310,6 +310,52 @@ func TestAcquireExclusive(t *testing.T) {
 	}
 }
 
+// TestReleaseRidesOutRedisRestart: a holder releases while Redis is down.
+// The release must land once Redis is back, rather than fail and leave the
+// task's lease taken until its TTL lapses (a minute here), holding up the
+// task's next command (found by reliability.TestRedisRestart).
+func TestReleaseRidesOutRedisRestart(t *testing.T) {
+	t.Parallel()
+	srv := redistest.StartServer(t, "--appendonly", "yes", "--appendfsync", "always")
+	rdb, _ := srv.New(t)
+	p, err := New(rdb, newFakeGateway(), Config{LeaseTTL: time.Minute, AcquireWait: 200 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := mustAcquire(t, p, "task", Spec{})
+	if err := srv.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	released := make(chan error, 1)
+	go func() { released <- p.Release(context.Background(), l, "/work") }()
+	// Down for longer than one try's own timeout (and go-redis's retries).
+	select {
+	case err := <-released:
+		t.Fatalf("Release returned %v while Redis was down", err)
+	case <-time.After(cleanupTimeout + time.Second):
+	}
+	if err := srv.Restart(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-released:
+		if err != nil {
+			t.Fatalf("Release after Redis came back: %v", err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("Release still waiting a minute after Redis came back")
+	}
+	// The lease is free now, long before its TTL, and the cwd was kept.
+	next, err := p.Acquire(context.Background(), "task", Spec{}, "")
+	if err != nil {
+		t.Fatalf("Acquire after the release: %v", err)
+	}
+	if next.Cwd() != "/work" || next.SandboxID() != l.SandboxID() {
+		t.Errorf("next lease: cwd %q, sandbox %q; want /work, %q", next.Cwd(), next.SandboxID(), l.SandboxID())
+	}
+	mustRelease(t, p, next, "")
+}
+
 func TestLeaseExpiresAfterCrash(t *testing.T) {
 	gw := newFakeGateway()
 	cfg := Config{LeaseTTL: 200 * time.Millisecond, AcquireWait: 5 * time.Second}
