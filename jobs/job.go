@@ -15,6 +15,7 @@ import (
 	"io"
 	"math"
 	"reflect"
+	"slices"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -102,6 +103,9 @@ func ParseJob(line []byte) (Job, error) {
 	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
 		return bad("more than one JSON value on the line (one job per line)")
 	}
+	if err := checkKeys(line); err != nil {
+		return Job{}, fmt.Errorf("invalid job: %w", err)
+	}
 	if err := j.Validate(); err != nil {
 		return Job{}, err
 	}
@@ -110,6 +114,43 @@ func ParseJob(line []byte) (Job, error) {
 
 // jobFields names the fields of a job, for the message about an unknown one.
 const jobFields = "id, task_id, command, cwd, timeout_s, stdin, image, cpu, memory_mib, disk_mib, persistent, queue"
+
+// checkKeys rejects what encoding/json takes quietly in a job that decoded:
+// a field name in another case ("Command", matched case-insensitively) and
+// a field given twice (the last one wins). Either way the job that would run
+// is not plainly the one written.
+func checkKeys(line []byte) error {
+	dec := json.NewDecoder(bytes.NewReader(line))
+	if _, err := dec.Token(); err != nil { // the '{'
+		return nil
+	}
+	seen := make(map[string]bool, 4)
+	for dec.More() {
+		tok, err := dec.Token()
+		key, ok := tok.(string)
+		if err != nil || !ok {
+			return nil
+		}
+		if seen[key] {
+			return fmt.Errorf("field %q is given twice", shorten(key, 40))
+		}
+		seen[key] = true
+		if !slices.Contains(jobFieldNames, key) {
+			for _, f := range jobFieldNames {
+				if strings.EqualFold(f, key) {
+					return fmt.Errorf("field %q is spelled %q (field names are lower case)", shorten(key, 40), f)
+				}
+			}
+		}
+		var skip json.RawMessage
+		if err := dec.Decode(&skip); err != nil {
+			return nil
+		}
+	}
+	return nil
+}
+
+var jobFieldNames = strings.Split(jobFields, ", ")
 
 // describeJSONError says what is wrong with a job's JSON in a user's terms:
 // JSON kinds, not Go types; field names as written in the job.

@@ -119,6 +119,10 @@ func TestParseJobMessages(t *testing.T) {
 		{"{\"task_id\":\"t\",\"command\":\"echo \xff\"}", `not valid UTF-8`},
 		{`{"task_id":"t"}`, `command is required`},
 		{`{"command":"x"}`, `task_id is required`},
+		{`{"task_id":"t","Command":"x"}`, `field "Command" is spelled "command"`},
+		{`{"TASK_ID":"t","command":"x"}`, `field "TASK_ID" is spelled "task_id"`},
+		{`{"task_id":"t","command":"ls","command":"rm -rf ~"}`, `field "command" is given twice`},
+		{`{"task_id":"t","command":"ls","cwd":"/a","CWD":"/b"}`, `field "CWD" is spelled "cwd"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.line, func(t *testing.T) {

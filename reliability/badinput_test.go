@@ -72,6 +72,8 @@ func TestBadInput(t *testing.T) {
 		{name: "40 MB line", line: append(append([]byte(`{"task_id":"x","command":"`), bytes.Repeat([]byte("z"), 40<<20)...), `"}`...), wantErr: "line is longer than"},
 		{name: "invalid UTF-8", line: []byte("{\"task_id\":\"u\",\"command\":\"echo \xff\xfe\"}"), wantErr: "not valid UTF-8"},
 		{name: "unknown field", line: []byte(`{"task_id":"x","command":"true","timeout":5}`), wantErr: `unknown field "timeout"`},
+		{name: "field name in another case", line: []byte(`{"task_id":"x","Command":"true"}`), wantErr: `field "Command" is spelled "command"`},
+		{name: "field given twice", line: []byte(`{"task_id":"x","command":"true","command":"false"}`), wantErr: `field "command" is given twice`},
 		{name: "wrong type", line: []byte(`{"task_id":"x","command":["ls","-l"]}`), wantErr: `field "command" must be a string, not an array`},
 		{name: "wrong type number", line: []byte(`{"task_id":"x","command":"true","timeout_s":"10"}`), wantErr: `field "timeout_s" must be a number, not a string`},
 		{name: "timeout 0", line: []byte(`{"task_id":"x","command":"true","timeout_s":0}`), wantErr: "timeout_s must be a positive number"},
