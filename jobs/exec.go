@@ -50,6 +50,7 @@ type ExecHandler struct {
 	log       *slog.Logger
 	now       func() time.Time
 	stopping  <-chan struct{}
+	cancels   *cancelWatch // cancels asked by asynq clients (the dashboard)
 	maxOutput int
 	metrics   *Metrics
 	// gatewayIdle is the idleTimeoutMs asked of the gateway (0: its default).
@@ -221,17 +222,26 @@ func (h *ExecHandler) vetoed(ctx context.Context, log *slog.Logger, queue, notif
 
 // runContext returns the context the gateway loop runs under. When the
 // job's context ends, it ends too: with cause context.Canceled, which
-// cancels the exec, when the job was cancelled (Producer.Cancel flags the
-// job before it cancels the context) or ran past asynq's deadline; with
-// cause ErrDetached, which leaves the exec running for the job's next
-// delivery to re-attach to, otherwise: the worker is shutting down, or
-// asynq lost the job's lease (Redis unreachable for longer than its 30 s)
-// and will deliver it again — a reason to wait, not to kill the command
-// (reliability.TestRedisOutageLongerThanLease).
+// cancels the exec, when the job was cancelled or ran past asynq's
+// deadline; with cause ErrDetached, which leaves the exec running for the
+// job's next delivery to re-attach to, when the worker is shutting down or
+// asynq lost the job's lease (Redis unreachable for longer than its 30 s:
+// it will deliver the job again, a reason to wait, not to kill the command;
+// reliability.TestRedisOutageLongerThanLease).
+//
+// A job was cancelled when Producer.Cancel flagged it (before it cancelled
+// the context), or when asynq's CancelProcessing, which is what the
+// dashboard's Cancel button calls, asked for it (cancelWatch;
+// TestCancelFromDashboard). Otherwise the exec is left running: a wrong
+// detach costs a re-attach, a wrong cancel a command.
 func (h *ExecHandler) runContext(ctx context.Context, jobID string) (context.Context, context.CancelCauseFunc) {
 	runCtx, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
 	stop := context.AfterFunc(ctx, func() {
-		if !stoppingNow(h.stopping) && (errors.Is(ctx.Err(), context.DeadlineExceeded) || h.store.cancelRequested(ctx, jobID)) {
+		if stoppingNow(h.stopping) {
+			cancel(gateway.ErrDetached)
+			return
+		}
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) || h.store.cancelRequested(ctx, jobID) || h.cancels.requested(jobID, cancelHeardWait) {
 			cancel(context.Canceled)
 			return
 		}
@@ -239,6 +249,11 @@ func (h *ExecHandler) runContext(ctx context.Context, jobID string) (context.Con
 	})
 	return runCtx, func(cause error) { stop(); cancel(cause) }
 }
+
+// cancelHeardWait is how long a job whose context ended waits to hear that
+// it was cancelled: asynq's subscriber, which ended the context, and the
+// worker's cancelWatch get the same message at about the same time.
+const cancelHeardWait = 2 * time.Second
 
 // stoppingNow reports whether the worker is shutting down.
 func stoppingNow(stopping <-chan struct{}) bool {

@@ -253,6 +253,31 @@ func TestCancelRunningJob(t *testing.T) {
 	}
 }
 
+// TestCancelFromDashboard cancels a running job the way the dashboard's
+// Cancel button does: asynq's CancelProcessing alone, with no mark of
+// boxq's. The command must be killed and the job end cancelled/130, as
+// with enqueue -cancel, not come back and re-attach.
+func TestCancelFromDashboard(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.startWorker(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	marker := "boxq-dash-cancel-" + randID()
+	w, e := s.submit(t, ctx, jobs.Job{ID: "dash-cancel", TaskID: "dc", Command: "sleep 60 # " + marker})
+	waitFor(t, 20*time.Second, "the command to start", func() bool { return len(findProcesses(marker)) > 0 })
+	if err := asynq.NewInspectorFromRedisClient(s.rdb).CancelProcessing(e.ID); err != nil {
+		t.Fatalf("CancelProcessing: %v", err)
+	}
+	r, err := w.Next(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Status != jobs.StatusCancelled || r.ReturnCode != 130 {
+		t.Errorf("result %+v, want cancelled/130", r)
+	}
+	waitFor(t, 5*time.Second, "the cancelled command's processes to go", func() bool { return len(findProcesses(marker)) == 0 })
+}
+
 func TestCancelPendingJobNeverRuns(t *testing.T) {
 	s := newStack(t, stackOptions{})
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)

@@ -122,6 +122,7 @@ type Worker struct {
 	reaper   *Reaper
 	client   *asynq.Client
 	stopping chan struct{}
+	cancels  *cancelWatch
 	handlers sync.WaitGroup // handlers still running, aborted ones included
 }
 
@@ -131,7 +132,7 @@ func NewWorker(cfg WorkerConfig) (*Worker, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	w := &Worker{cfg: cfg, stopping: make(chan struct{})}
+	w := &Worker{cfg: cfg, stopping: make(chan struct{}), cancels: newCancelWatch()}
 	log := cfg.Logger
 	w.srv = asynq.NewServerFromRedisClient(cfg.Redis, asynq.Config{
 		Concurrency:              cfg.Concurrency,
@@ -156,7 +157,7 @@ func NewWorker(cfg WorkerConfig) (*Worker, error) {
 	})
 	exec := &ExecHandler{
 		pool: cfg.Pool, gw: cfg.Gateway, store: store{rdb: cfg.Redis, prefix: cfg.Prefix},
-		log: log, now: cfg.Now, stopping: w.stopping, maxOutput: cfg.MaxOutput, metrics: cfg.Metrics,
+		log: log, now: cfg.Now, stopping: w.stopping, cancels: w.cancels, maxOutput: cfg.MaxOutput, metrics: cfg.Metrics,
 	}
 	if cfg.ReapEvery > 0 {
 		exec.gatewayIdle = max(cfg.IdleTTL+2*cfg.ReapEvery+30*time.Second, 5*time.Minute)
@@ -224,6 +225,16 @@ func (w *Worker) awaitRedis(next asynq.Handler) asynq.Handler {
 // running ones get ShutdownTimeout to finish, the rest are put back in the
 // queue with their execs left running, to be re-attached.
 func (w *Worker) Run(ctx context.Context) error {
+	// Listening for cancels before taking jobs, and until the last handler
+	// is done.
+	watchCtx, stopWatch := context.WithCancel(context.WithoutCancel(ctx))
+	cancelSub := w.cfg.Redis.Subscribe(watchCtx, asynqCancelChannel)
+	var watching sync.WaitGroup
+	watching.Go(func() { w.cancels.run(watchCtx, cancelSub) })
+	defer func() {
+		stopWatch()
+		watching.Wait()
+	}()
 	if err := w.srv.Start(w.mux); err != nil {
 		return fmt.Errorf("jobs: start worker: %w", err)
 	}
