@@ -24,7 +24,7 @@ const asynqCancelChannel = "asynq:cancel"
 // context that ends first waits a moment for it (requested).
 type cancelWatch struct {
 	mu      sync.Mutex
-	heard   map[string]time.Time        // job id → when its cancel arrived
+	heard   map[string]time.Time       // job id → when its cancel arrived
 	waiting map[string][]chan struct{} // job id → requested calls waiting for it
 }
 
