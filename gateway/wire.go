@@ -73,6 +73,12 @@ type ExecState struct {
 	Status     string `json:"status"`
 	Output     string `json:"output"`
 	ReturnCode *int   `json:"returncode"`
+	// OutputOmitted, an extension of the reference gateway, is how many
+	// bytes of the output it cut (0: none), where a line
+	// "[... N bytes omitted ...]" stands; set on a terminal state. Without
+	// it, a reader can only guess the cut from that line, which the command
+	// may have printed itself.
+	OutputOmitted *int64 `json:"outputOmittedBytes,omitempty"`
 }
 
 // RC returns the exec's return code, 1 when the gateway sent none.

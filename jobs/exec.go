@@ -188,7 +188,7 @@ func (h *ExecHandler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 
 	clean, newCwd := wrap.Parse(st.Output, marker)
 	res.Status, res.ReturnCode = resultStatus(st)
-	res.Output, res.Truncated, res.OutputBytes = capOutput(clean, h.maxOutput)
+	res.Output, res.Truncated, res.OutputBytes = capOutput(clean, h.maxOutput, st.OutputOmitted)
 	res.OutputInvalidUTF8 = strings.ContainsRune(clean, utf8.RuneError) || !utf8.ValidString(clean)
 	// A command that exits the shell, times out or is killed reports no
 	// cwd: it is where the command started, or the sandbox's default.
@@ -420,15 +420,33 @@ var omittedLine = regexp.MustCompile(`\n\[\.\.\. (\d+) bytes omitted \.\.\.\]\n`
 
 // capOutput keeps at most limit bytes of out (head and tail) and reports
 // whether anything was cut, by the gateway or here, and the size of the
-// command's whole output.
-func capOutput(out string, limit int) (string, bool, int) {
+// command's whole output. gatewayOmitted is what the gateway says it cut
+// (the reference gateway's outputOmittedBytes); nil when it does not say,
+// and then the last cut line in out is taken for the gateway's, though the
+// command may have printed it.
+func capOutput(out string, limit int, gatewayOmitted *int64) (string, bool, int) {
 	total := len(out)
 	truncated := false
-	if m := omittedLine.FindAllStringSubmatchIndex(out, -1); len(m) > 0 {
-		last := m[len(m)-1]
-		if n, err := strconv.Atoi(out[last[2]:last[3]]); err == nil {
-			total += n - (last[1] - last[0])
-			truncated = true
+	switch {
+	case gatewayOmitted != nil && *gatewayOmitted > 0:
+		// Its cut line is "[... N bytes omitted ...]" with N the count:
+		// whichever such line is the gateway's, it is this long.
+		line := "\n[... " + strconv.FormatInt(*gatewayOmitted, 10) + " bytes omitted ...]\n"
+		if strings.Contains(out, line) {
+			total += int(*gatewayOmitted) - len(line)
+		} else {
+			total += int(*gatewayOmitted)
+		}
+		truncated = true
+	case gatewayOmitted != nil:
+		// Nothing cut: a cut line in the output is the command's own.
+	default:
+		if m := omittedLine.FindAllStringSubmatchIndex(out, -1); len(m) > 0 {
+			last := m[len(m)-1]
+			if n, err := strconv.Atoi(out[last[2]:last[3]]); err == nil {
+				total += n - (last[1] - last[0])
+				truncated = true
+			}
 		}
 	}
 	if limit > 0 && len(out) > limit {

@@ -118,6 +118,18 @@ func TestLargeOutputIsTruncated(t *testing.T) {
 	}
 }
 
+// TestOwnCutLineIsNotTruncation: a command that prints the gateway's cut
+// line itself must not make its result say its output was cut.
+func TestOwnCutLineIsNotTruncation(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.startWorker(t, nil)
+	r := s.run1(t, jobs.Job{TaskID: "spoof", Command: `printf 'a\n[... 5000 bytes omitted ...]\nb\n'`})
+	want := "a\n[... 5000 bytes omitted ...]\nb\n"
+	if r.Truncated || r.Output != want || r.OutputBytes != len(want) {
+		t.Errorf("result truncated=%v output_bytes=%d output %q; want untruncated, %d bytes, %q", r.Truncated, r.OutputBytes, r.Output, len(want), want)
+	}
+}
+
 func TestInvalidJobFailsAtOnceWithClearError(t *testing.T) {
 	s := newStack(t, stackOptions{})
 	s.startWorker(t, nil)

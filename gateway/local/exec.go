@@ -32,9 +32,10 @@ type execution struct {
 	done chan struct{} // closed when the exec has ended
 
 	// Set before done is closed, read-only after.
-	status string
-	rc     int
-	output string
+	status  string
+	rc      int
+	output  string
+	omitted int64 // bytes cut from output
 
 	mu         sync.Mutex
 	pgid       int    // the process group; 0 until the process started
@@ -50,8 +51,8 @@ func newExecution(id string, log *slog.Logger) *execution {
 func (e *execution) state() gateway.ExecState {
 	select {
 	case <-e.done:
-		rc := e.rc
-		return gateway.ExecState{ExecID: e.id, Status: e.status, Output: e.output, ReturnCode: &rc}
+		rc, omitted := e.rc, e.omitted
+		return gateway.ExecState{ExecID: e.id, Status: e.status, Output: e.output, ReturnCode: &rc, OutputOmitted: &omitted}
 	default:
 		return gateway.ExecState{ExecID: e.id, Status: gateway.StatusRunning}
 	}
@@ -84,9 +85,9 @@ func (e *execution) kill(reason string) {
 }
 
 // finish records the exec's end and wakes every waiter.
-func (e *execution) finish(status string, rc int, output string) {
-	e.log.Debug("exec ended", "status", status, "returncode", rc, "output_bytes", len(output))
-	e.status, e.rc, e.output = status, rc, output
+func (e *execution) finish(status string, rc int, output string, omitted int64) {
+	e.log.Debug("exec ended", "status", status, "returncode", rc, "output_bytes", len(output), "omitted_bytes", omitted)
+	e.status, e.rc, e.output, e.omitted = status, rc, output, omitted
 	close(e.done)
 }
 
@@ -108,7 +109,7 @@ func (s *Server) launch(e *execution, spec execSpec, ended func(at time.Time)) {
 	fail := func(rc int, msg string) {
 		e.log.Warn("exec could not start", "error", msg)
 		ended(s.cfg.Now())
-		e.finish(gateway.StatusFailed, rc, msg+"\n")
+		e.finish(gateway.StatusFailed, rc, msg+"\n", 0)
 	}
 	if s.launcher.mode == IsolationNone {
 		// bwrap says itself when it cannot chdir; without it, the start
@@ -203,7 +204,8 @@ func (s *Server) launch(e *execution, spec execSpec, ended func(at time.Time)) {
 		pr.Close()
 		status, rc := outcome(cmd.ProcessState, waitErr, reason)
 		ended(s.cfg.Now())
-		e.finish(status, rc, out.String())
+		output, omitted := out.Result()
+		e.finish(status, rc, output, omitted)
 	}()
 }
 

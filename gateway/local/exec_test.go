@@ -275,13 +275,23 @@ func TestOutputLimit(t *testing.T) {
 		{"at the limit", "head -c 1000 /dev/zero | tr '\\0' x", 0, 1000},
 		{"over the limit", "printf HEAD; head -c 10000 /dev/zero | tr '\\0' x; printf TAIL", 10008 - limit, 0},
 		{"far over the limit, in many writes", "printf HEAD; for i in $(seq 2000); do echo line $i; done; printf TAIL", -1, 0},
+		// The command prints the gateway's cut line itself: outputOmittedBytes
+		// still says nothing was cut.
+		{"a cut line of the command's own", `printf 'a\n[... 99 bytes omitted ...]\nb'`, 0, 30},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			out := g.mustRun(t, sb, tt.command)
+			st := g.run(t, sb, tt.command)
+			if st.Status != gateway.StatusCompleted {
+				t.Fatalf("got %s/%d %q, want completed", st.Status, st.RC(), st.Output)
+			}
+			out := st.Output
+			if st.OutputOmitted == nil {
+				t.Fatalf("no outputOmittedBytes in the answer")
+			}
 			if tt.wantOmitted == 0 {
-				if len(out) != tt.wantLen || strings.Contains(out, "omitted") {
-					t.Errorf("got %d bytes, want %d, uncut", len(out), tt.wantLen)
+				if len(out) != tt.wantLen || *st.OutputOmitted != 0 {
+					t.Errorf("got %d bytes, %d omitted; want %d, uncut", len(out), *st.OutputOmitted, tt.wantLen)
 				}
 				return
 			}
@@ -305,6 +315,9 @@ func TestOutputLimit(t *testing.T) {
 			}
 			if omitted <= 0 {
 				t.Errorf("got %d bytes omitted, want > 0", omitted)
+			}
+			if *st.OutputOmitted != int64(omitted) {
+				t.Errorf("outputOmittedBytes %d, the cut line says %d", *st.OutputOmitted, omitted)
 			}
 		})
 	}

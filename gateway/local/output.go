@@ -58,23 +58,23 @@ func (b *capBuffer) Write(p []byte) (int, error) {
 	return n, nil
 }
 
-// String returns the kept output. When bytes were cut, a line
-// "[... N bytes omitted ...]" stands where they were. The cut points are
-// moved to UTF-8 boundaries, so that text output stays valid text; the
-// bytes this drops are counted as omitted.
-func (b *capBuffer) String() string {
+// Result returns the kept output, and how many bytes were cut from it.
+// When bytes were cut, a line "[... N bytes omitted ...]" stands where they
+// were. The cut points are moved to UTF-8 boundaries, so that text output
+// stays valid text; the bytes this drops are counted as omitted.
+func (b *capBuffer) Result() (output string, omitted int64) {
 	tail := b.tail
 	if b.tailPos != 0 {
 		tail = append(append(make([]byte, 0, len(b.tail)), b.tail[b.tailPos:]...), b.tail[:b.tailPos]...)
 	}
 	kept := int64(len(b.head) + len(tail))
 	if kept == b.total {
-		return string(b.head) + string(tail)
+		return string(b.head) + string(tail), 0
 	}
 	head := trimIncompleteEnd(b.head)
 	tail = trimIncompleteStart(tail)
-	omitted := b.total - int64(len(head)) - int64(len(tail))
-	return fmt.Sprintf("%s\n[... %d bytes omitted ...]\n%s", head, omitted, tail)
+	omitted = b.total - int64(len(head)) - int64(len(tail))
+	return fmt.Sprintf("%s\n[... %d bytes omitted ...]\n%s", head, omitted, tail), omitted
 }
 
 // trimIncompleteEnd drops a UTF-8 sequence cut short at the end of p.

@@ -43,8 +43,17 @@ func TestCapBuffer(t *testing.T) {
 				}
 				total += n
 			}
-			if got := b.String(); got != tt.want {
+			got, omitted := b.Result()
+			if got != tt.want {
 				t.Errorf("got %q, want %q", got, tt.want)
+			}
+			// The count it returns is the one it wrote in the output.
+			wantOmitted := int64(0)
+			if _, after, ok := strings.Cut(tt.want, "[... "); ok {
+				fmt.Sscanf(after, "%d", &wantOmitted)
+			}
+			if omitted != wantOmitted {
+				t.Errorf("got omitted %d, want %d", omitted, wantOmitted)
 			}
 			if b.total != int64(total) {
 				t.Errorf("got total %d, want %d", b.total, total)
@@ -61,7 +70,7 @@ func TestCapBufferValidUTF8(t *testing.T) {
 		for i := 0; i < len(text); i += 7 {
 			_, _ = b.Write([]byte(text[i:min(i+7, len(text))]))
 		}
-		if got := b.String(); !utf8.ValidString(got) {
+		if got, _ := b.Result(); !utf8.ValidString(got) {
 			t.Errorf("limit %d: got invalid UTF-8 %q", limit, got)
 		}
 	}
