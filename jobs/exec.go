@@ -97,7 +97,7 @@ func (h *ExecHandler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 	// request) rides along with the take of the lease: one round trip to
 	// Redis on the common path; the veto is the rare one.
 	acquireStart := time.Now()
-	lease, err := h.pool.AcquireUnless(ctx, p.TaskID, h.specOf(&p.Job), res.ExecID, h.store.deliveryChecks(queue, jobID))
+	lease, err := h.pool.AcquireUnless(ctx, p.TaskID, h.specOf(&p.Job), res.ExecID, h.store.deliveryChecks(queue, jobID, &p))
 	h.metrics.observeAcquire(time.Since(acquireStart))
 	if errors.Is(err, sandboxpool.ErrVetoed) {
 		return h.vetoed(ctx, log, queue, p.Notify, &res)

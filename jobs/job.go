@@ -398,6 +398,11 @@ type ExecPayload struct {
 	Notify string `json:"notify,omitempty"`
 	// QueuedAtMs is when the producer enqueued the job (Unix ms).
 	QueuedAtMs int64 `json:"queued_at_ms,omitempty"`
+	// AfterID and AfterQueue name the job enqueued for the same task just
+	// before this one (Producer.Enqueue): this one runs after that one has
+	// ended, so that a task's commands run in the order they were sent.
+	AfterID    string `json:"after_id,omitempty"`
+	AfterQueue string `json:"after_queue,omitempty"`
 }
 
 // execNamespace derives exec ids from job ids (UUID v5): a job has the same

@@ -207,6 +207,77 @@ func TestFanOutGetsOneSandboxPerTask(t *testing.T) {
 	}
 }
 
+// TestTaskCommandsRunInOrder: commands of one task enqueued together (a
+// batch) run in the order they were enqueued, each where the one before
+// left the cwd, however many workers take them; other tasks are not held up.
+func TestTaskCommandsRunInOrder(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	for range 3 {
+		s.startWorker(t, func(c *jobs.WorkerConfig) { c.Concurrency = 8 })
+	}
+	const n = 16
+	var js []jobs.Job
+	for i := range n {
+		cmd := fmt.Sprintf("echo %d >> ~/order", i)
+		if i == 4 {
+			cmd = "mkdir -p ~/sub && cd ~/sub && " + cmd
+		}
+		js = append(js, jobs.Job{ID: fmt.Sprintf("ord-%02d", i), TaskID: "ordered", Command: cmd})
+		js = append(js, jobs.Job{ID: fmt.Sprintf("other-%02d", i), TaskID: fmt.Sprintf("other-%d", i), Command: "true"})
+	}
+	res := s.runJobs(t, 90*time.Second, js...)
+	home := strings.TrimSpace(s.run1(t, jobs.Job{TaskID: "ordered", Command: "cd ~ && pwd -P"}).Output)
+	for i := range n {
+		r := res[fmt.Sprintf("ord-%02d", i)]
+		if r.Status != jobs.StatusCompleted {
+			t.Fatalf("job %s: %+v", r.ID, r)
+		}
+		want := home
+		if i >= 4 {
+			want = home + "/sub"
+		}
+		if r.Cwd != want {
+			t.Errorf("job %d: cwd %q, want %q", i, r.Cwd, want)
+		}
+	}
+	got := s.run1(t, jobs.Job{TaskID: "ordered", Command: "cat ~/order"}).Output
+	var want strings.Builder
+	for i := range n {
+		fmt.Fprintf(&want, "%d\n", i)
+	}
+	if got != want.String() {
+		t.Errorf("the commands ran in the order\n%s\nwant\n%s", got, want.String())
+	}
+}
+
+// TestOrderSurvivesAGoneEarlierJob: a job whose earlier job was deleted or
+// archived before it ran (from the dashboard, say) does not wait for it
+// forever.
+func TestOrderSurvivesAGoneEarlierJob(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	insp := asynq.NewInspectorFromRedisClient(s.rdb)
+	// No worker yet: the earlier jobs stay pending.
+	_, deleted := s.submit(t, ctx, jobs.Job{ID: "gone-1", TaskID: "gone", Command: "echo one >> ~/ran"})
+	_, archived := s.submit(t, ctx, jobs.Job{ID: "gone-2", TaskID: "gone", Command: "echo two >> ~/ran"})
+	w, _ := s.submit(t, ctx, jobs.Job{ID: "gone-3", TaskID: "gone", Command: "echo three >> ~/ran; cat ~/ran"})
+	if err := insp.DeleteTask(deleted.Queue, deleted.ID); err != nil {
+		t.Fatal(err)
+	}
+	if err := insp.ArchiveTask(archived.Queue, archived.ID); err != nil {
+		t.Fatal(err)
+	}
+	s.startWorker(t, nil)
+	r, err := w.Next(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Status != jobs.StatusCompleted || r.Output != "three\n" {
+		t.Errorf("result %+v, want completed with only its own line", r)
+	}
+}
+
 func TestJobsOfOneTaskNeverOverlap(t *testing.T) {
 	s := newStack(t, stackOptions{})
 	s.startWorker(t, func(c *jobs.WorkerConfig) { c.Concurrency = 16 })

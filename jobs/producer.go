@@ -91,7 +91,14 @@ func (p *Producer) Enqueue(ctx context.Context, j Job, notify string) (Enqueued,
 		j.ID = uuid.NewString()
 	}
 	e := Enqueued{ID: j.ID, Queue: j.QueueName()}
-	task, err := NewExecTask(ExecPayload{Job: j, Nonce: wrap.NewNonce(), Notify: notify, QueuedAtMs: time.Now().UnixMilli()})
+	// The task's commands run in the order they are enqueued: each one
+	// after the one before it (ExecPayload.AfterID).
+	afterQueue, afterID, err := p.store.chain(ctx, j.TaskID, e.Queue, j.ID, p.cfg.Retention)
+	if err != nil {
+		return Enqueued{}, err
+	}
+	task, err := NewExecTask(ExecPayload{Job: j, Nonce: wrap.NewNonce(), Notify: notify, QueuedAtMs: time.Now().UnixMilli(),
+		AfterID: afterID, AfterQueue: afterQueue})
 	if err != nil {
 		return Enqueued{}, err
 	}

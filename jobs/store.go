@@ -62,11 +62,50 @@ func (s store) queueResult(ctx context.Context, pipe redis.Pipeliner, queue, job
 	return writeResultScript.Eval(ctx, pipe, []string{taskKey(queue, jobID)}, data, notify)
 }
 
-// deliveryChecks are the marks that hold back a delivery of jobID: its
-// result, already written, and a cancel request. The pool checks them when
-// it takes the task's lease (sandboxpool.Pool.AcquireUnless).
-func (s store) deliveryChecks(queue, jobID string) []sandboxpool.Check {
-	return []sandboxpool.Check{{Key: taskKey(queue, jobID), Field: "result"}, {Key: s.cancelKey(jobID)}}
+// deliveryChecks are what holds back a delivery of job jobID of p: its
+// result, already written, and a cancel request (either ends the delivery
+// without running the command), and the job enqueued before it for the
+// same task, until that one has ended (a result, archived, or gone). The
+// pool checks them when it takes the task's lease
+// (sandboxpool.Pool.AcquireUnless).
+func (s store) deliveryChecks(queue, jobID string, p *ExecPayload) []sandboxpool.Check {
+	checks := []sandboxpool.Check{{Key: taskKey(queue, jobID), Field: "result"}, {Key: s.cancelKey(jobID)}}
+	if p.AfterID != "" && p.AfterQueue != "" {
+		checks = append(checks, sandboxpool.Check{Key: taskKey(p.AfterQueue, p.AfterID), Field: "result",
+			Wait: true, Settled: []string{"archived", "completed"}})
+	}
+	return checks
+}
+
+// chainKey holds the last job enqueued for a task: the next one runs after
+// it.
+func (s store) chainKey(taskID string) string { return s.prefix + "last:" + taskID }
+
+// chainScript records a task's newest job and returns the one before it
+// ({queue, id}, false for none). KEYS: the chain key. ARGV: queue, job id,
+// TTL ms.
+var chainScript = redis.NewScript(`
+local prev = redis.call('HMGET', KEYS[1], 'queue', 'id')
+redis.call('HSET', KEYS[1], 'queue', ARGV[1], 'id', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return prev
+`)
+
+// chain records jobID as taskID's newest job and returns the job before it
+// ("" for none).
+func (s store) chain(ctx context.Context, taskID, queue, jobID string, ttl time.Duration) (prevQueue, prevID string, err error) {
+	reply, err := chainScript.Run(ctx, s.rdb, []string{s.chainKey(taskID)}, queue, jobID, ttl.Milliseconds()).Slice()
+	if err != nil {
+		return "", "", fmt.Errorf("jobs: order after the task's last job: %w", err)
+	}
+	if len(reply) == 2 {
+		prevQueue, _ = reply[0].(string)
+		prevID, _ = reply[1].(string)
+	}
+	if prevID == jobID {
+		return "", "", nil // the same job enqueued again
+	}
+	return prevQueue, prevID, nil
 }
 
 // deliveryState is what a delivery of a job checks before it runs: a result

@@ -121,17 +121,45 @@ func (p *Pool) Acquire(ctx context.Context, taskID string, spec Spec, execID str
 }
 
 // Check names a mark of the caller's own in Redis: a key that exists
-// (Field "") or a field of a hash that is set.
+// (Field "") or a field of a hash that is set. It vetoes the take.
+//
+// With Wait set it is a condition to wait out instead: the take waits, as
+// for a busy lease (and then fails with ErrBusy), while the hash at Key
+// exists without Field and its field "state" is not one of Settled. A job
+// waits so for the job before it, until that one has a result, is settled
+// for good, or is gone.
 type Check struct {
-	Key   string
-	Field string
+	Key     string
+	Field   string
+	Wait    bool
+	Settled []string
+}
+
+// arg is the check's script argument: the field of a veto; for a wait,
+// "\x01" then the field and the settled states, each after a "\x01".
+func (c Check) arg() (string, error) {
+	if !c.Wait {
+		return c.Field, nil
+	}
+	if c.Field == "" {
+		return "", fmt.Errorf("sandboxpool: a wait check on %q needs a field", c.Key)
+	}
+	parts := append([]string{c.Field}, c.Settled...)
+	for _, s := range parts {
+		if s == "" || strings.Contains(s, "\x01") {
+			return "", fmt.Errorf("sandboxpool: wait check on %q: bad field or state %q", c.Key, s)
+		}
+	}
+	return "\x01" + strings.Join(parts, "\x01"), nil
 }
 
 // AcquireUnless is Acquire, except that it takes nothing, and returns an
-// error wrapping ErrVetoed, when one of the checks holds at the moment the
-// lease would be taken. The checks run in the same atomic step as the
-// take, so on the common path they cost no round trip of their own (a
-// job's "already done" and "cancelled" marks, say).
+// error wrapping ErrVetoed, when one of the veto checks holds at the moment
+// the lease would be taken, and waits while a wait check holds. The checks
+// run in the same atomic step as the take, so on the common path they cost
+// no round trip of their own (a job's "already done" and "cancelled"
+// marks, the job before it, say). They are tested in order; the first that
+// holds decides.
 func (p *Pool) AcquireUnless(ctx context.Context, taskID string, spec Spec, execID string, unless []Check) (*Lease, error) {
 	if taskID == "" {
 		return nil, errors.New("sandboxpool: acquire: empty task id")
@@ -168,8 +196,12 @@ func (p *Pool) take(ctx context.Context, taskID string, spec *Spec, execID strin
 	// the exec id, the scripts' last argument.
 	fields := make([]any, 0, len(unless)+1)
 	for _, c := range unless {
+		arg, err := c.arg()
+		if err != nil {
+			return nil, err
+		}
 		keys = append(keys, c.Key)
-		fields = append(fields, c.Field)
+		fields = append(fields, arg)
 	}
 	fields = append(fields, execID)
 	var (
@@ -209,6 +241,10 @@ func (p *Pool) take(ctx context.Context, taskID string, spec *Spec, execID strin
 			}
 			c := unless[n-1]
 			return nil, fmt.Errorf("sandboxpool: task %q: %s %s is set: %w", taskID, c.Key, c.Field, ErrVetoed)
+		case codeWaiting:
+			if n < 1 || int(n) > len(unless) {
+				return nil, fmt.Errorf("sandboxpool: acquire task %q: waiting on check %d of %d", taskID, n, len(unless))
+			}
 		}
 
 		if start.IsZero() {
@@ -218,6 +254,9 @@ func (p *Pool) take(ctx context.Context, taskID string, spec *Spec, execID strin
 		if left <= 0 {
 			if code == codeFull {
 				return nil, fmt.Errorf("sandboxpool: task %q: pool at capacity (%d sandboxes): %w", taskID, p.cfg.MaxSandboxes, ErrBusy)
+			}
+			if code == codeWaiting {
+				return nil, fmt.Errorf("sandboxpool: task %q: %s is not done yet: %w", taskID, unless[n-1].Key, ErrBusy)
 			}
 			return nil, fmt.Errorf("sandboxpool: task %q: lease held elsewhere: %w", taskID, ErrBusy)
 		}

@@ -1079,3 +1079,57 @@ func TestPrevExecIDsAfterACrashedWaiter(t *testing.T) {
 	}
 	mustRelease(t, p, again, "")
 }
+
+func TestAcquireChecks(t *testing.T) {
+	gw := newFakeGateway()
+	p, rdb := newPool(t, gw, Config{AcquireWait: 100 * time.Millisecond})
+	ctx := context.Background()
+	const mark, earlier = "caller:mark", "caller:earlier"
+	checks := []Check{
+		{Key: mark, Field: "done"},
+		{Key: earlier, Field: "result", Wait: true, Settled: []string{"archived", "completed"}},
+	}
+	take := func() error {
+		l, err := p.AcquireUnless(ctx, "task", Spec{}, "", checks)
+		if err == nil {
+			mustRelease(t, p, l, "")
+		}
+		return err
+	}
+
+	// Neither key exists: taken.
+	if err := take(); err != nil {
+		t.Fatalf("no marks: %v", err)
+	}
+	// The earlier job is pending: wait, then busy.
+	rdb.HSet(ctx, earlier, "state", "pending")
+	if err := take(); !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), earlier) {
+		t.Errorf("earlier job pending: got %v, want ErrBusy naming %s", err, earlier)
+	}
+	// ... until it ends, whichever way.
+	for _, done := range []func(){
+		func() { rdb.HSet(ctx, earlier, "result", "{}") },
+		func() { rdb.HDel(ctx, earlier, "result"); rdb.HSet(ctx, earlier, "state", "archived") },
+		func() { rdb.Del(ctx, earlier) },
+	} {
+		rdb.HSet(ctx, earlier, "state", "active")
+		done()
+		if err := take(); err != nil {
+			t.Errorf("earlier job done (%v): %v", rdb.HGetAll(ctx, earlier).Val(), err)
+		}
+	}
+	// A veto before the wait decides first.
+	rdb.HSet(ctx, earlier, "state", "pending")
+	rdb.HSet(ctx, mark, "done", "1")
+	if err := take(); !errors.Is(err, ErrVetoed) {
+		t.Errorf("vetoed and waiting: got %v, want ErrVetoed", err)
+	}
+	// The lease was never left taken.
+	if ttl := rdb.PTTL(ctx, p.leaseKey("task")).Val(); ttl > 0 {
+		t.Errorf("lease left with TTL %v", ttl)
+	}
+	// A wait needs a field.
+	if _, err := p.AcquireUnless(ctx, "task", Spec{}, "", []Check{{Key: earlier, Wait: true}}); err == nil {
+		t.Error("a wait check without a field was accepted")
+	}
+}

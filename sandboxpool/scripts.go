@@ -49,30 +49,51 @@ const hmgetRecord = `redis.call('HMGET', KEYS[2], 'sandbox_id', 'gen', 'cwd', 'k
 	'image', 'cpu', 'memory_mib', 'disk_mib', 'persistent', 'default_cwd', 'timeout_ms', 'idle_timeout_ms')`
 
 // Replies of acquireScript and reserveScript: {codeBusy, pttl},
-// {codeMissing}, {codeTaken, token, fields}, {codeFull}, {codeVetoed, i}.
+// {codeMissing}, {codeTaken, token, fields}, {codeFull}, {codeVetoed, i},
+// {codeWaiting, i}.
 const (
 	codeBusy    = 0
 	codeMissing = 1
 	codeTaken   = 2
 	codeFull    = 3
 	codeVetoed  = 4
+	codeWaiting = 5
 )
 
 // checkCaller is shared by the acquire and reserve scripts, and comes
 // before anything else they do: the caller's checks (AcquireUnless). Their
-// keys are KEYS[5] on; their fields (a field of a hash, or "" for the
-// key's existence) come last in ARGV but for the exec id. The first check
-// that holds ends the script with {codeVetoed, its index}.
+// keys are KEYS[5] on; their arguments (Check.arg: a field of a hash, or ""
+// for the key's existence; or a wait) come last in ARGV but for the exec
+// id. The first check that holds ends the script: {codeVetoed, its index}
+// for a veto, {codeWaiting, its index} for a wait.
 const checkCaller = `
 local checks = #KEYS - 4
 for i = 1, checks do
-	local field, hit = ARGV[#ARGV - checks - 1 + i], 0
-	if field == '' then
-		hit = redis.call('EXISTS', KEYS[4 + i])
+	local arg, key = ARGV[#ARGV - checks - 1 + i], KEYS[4 + i]
+	if string.byte(arg, 1) == 1 then
+		local parts, from = {}, 2
+		while true do
+			local at = string.find(arg, '\1', from, true)
+			if not at then parts[#parts + 1] = string.sub(arg, from); break end
+			parts[#parts + 1] = string.sub(arg, from, at - 1)
+			from = at + 1
+		end
+		if redis.call('EXISTS', key) == 1 and redis.call('HEXISTS', key, parts[1]) == 0 then
+			local state, settled = redis.call('HGET', key, 'state'), false
+			for j = 2, #parts do
+				if parts[j] == state then settled = true end
+			end
+			if not settled then return {5, i} end
+		end
 	else
-		hit = redis.call('HEXISTS', KEYS[4 + i], field)
+		local hit
+		if arg == '' then
+			hit = redis.call('EXISTS', key)
+		else
+			hit = redis.call('HEXISTS', key, arg)
+		end
+		if hit == 1 then return {4, i} end
 	end
-	if hit == 1 then return {4, i} end
 end
 `
 
