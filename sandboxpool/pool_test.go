@@ -1133,3 +1133,41 @@ func TestAcquireChecks(t *testing.T) {
 		t.Error("a wait check without a field was accepted")
 	}
 }
+
+// TestReapSparesPendingCreate: a create whose answer was lost leaves a
+// pending record (no sandbox id) while the gateway has the sandbox. The
+// reaper must leave the record, with its idempotency key, for the task's
+// job to come back and find that sandbox; deleting it orphaned the sandbox
+// and made a second one (reliability.TestGatewayFaults at 30 %).
+func TestReapSparesPendingCreate(t *testing.T) {
+	ctx := context.Background()
+	gw := newFakeGateway()
+	p, _ := newPool(t, gw, Config{InFlightGrace: time.Hour})
+	lost := errors.New("connection reset after the create")
+	gw.afterCreate = func(string) error { return lost }
+	if _, err := p.Acquire(ctx, "task", Spec{}, ""); !errors.Is(err, lost) {
+		t.Fatalf("Acquire with the create's answer lost: %v", err)
+	}
+	gw.afterCreate = nil
+
+	if n, err := p.ReapIdle(ctx, time.Now().Add(time.Minute), time.Second); n != 0 || err != nil {
+		t.Fatalf("ReapIdle of the pending record = %d, %v; want 0, nil", n, err)
+	}
+	l := mustAcquire(t, p, "task", Spec{})
+	mustRelease(t, p, l, "")
+	if len(gw.byKey) != 1 || len(gw.live) != 1 {
+		t.Errorf("%d sandboxes made, %d live; want the one the lost create made", len(gw.byKey), len(gw.live))
+	}
+
+	// A pending record nobody comes back for goes after the grace.
+	gw.afterCreate = func(string) error { return lost }
+	if _, err := p.Acquire(ctx, "task2", Spec{}, ""); !errors.Is(err, lost) {
+		t.Fatalf("Acquire task2: %v", err)
+	}
+	if n, err := p.ReapIdle(ctx, time.Now().Add(2*time.Hour), time.Second); n != 2 || err != nil {
+		t.Fatalf("ReapIdle past the grace = %d, %v; want 2 (task and task2), nil", n, err)
+	}
+	if n, err := p.Live(ctx); n != 0 || err != nil {
+		t.Errorf("Live = %d, %v; want no record left", n, err)
+	}
+}

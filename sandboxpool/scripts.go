@@ -264,7 +264,12 @@ return 1
 // claimScript is the reaper's: for each task still expired (last use before
 // the cutoff) and free, it takes the lease. A task whose sandbox holds an
 // exec marked in flight since the in-flight cutoff or later counts as busy:
-// its job will come back to collect it there. Replies per task: {0} no
+// its job will come back to collect it there. So does a pending record (a
+// create that failed: no sandbox id) used since the in-flight cutoff: its
+// create may have made a sandbox whose answer was lost, which only a create
+// with the record's idempotency key finds again, and the task's job comes
+// back to make it; past the cutoff, longer than the gateway's idle timeout,
+// such a sandbox has ended on its own. Replies per task: {0} no
 // longer expired or no record (a stale index entry is dropped), {1} busy,
 // {2, token, sandbox id, persistent}.
 //
@@ -295,6 +300,8 @@ for i = 1, #ARGV - 3 do
 		redis.call('ZREM', KEYS[1], task)
 		out[i] = {0}
 	elseif inflight(rec) then
+		out[i] = {1}
+	elseif tonumber(score) >= inflightCutoff and (redis.call('HGET', rec, 'sandbox_id') or '') == '' then
 		out[i] = {1}
 	else
 		local tok = redis.call('INCR', KEYS[2])
