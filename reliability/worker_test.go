@@ -107,6 +107,24 @@ func TestWorkerSIGKILL(t *testing.T) {
 	}
 }
 
+// busiestWorker returns the worker running the most jobs, as their last
+// heartbeats told Redis (a random one among equals): stopping it leaves
+// the most commands to re-attach to, so that the test does not depend on
+// where the jobs happened to be.
+func busiestWorker(rng *rand.Rand, insp *asynq.Inspector, ws []*proc) *proc {
+	var best []*proc
+	most := -1
+	for _, w := range ws {
+		switch n := len(activeJobs(insp, w.cmd.Process.Pid)); {
+		case n > most:
+			best, most = []*proc{w}, n
+		case n == most:
+			best = append(best, w)
+		}
+	}
+	return pickWorker(rng, best)
+}
+
 // activeJobs returns the jobs the worker process pid is running, as its
 // last heartbeat told Redis.
 func activeJobs(insp *asynq.Inspector, pid int) []string {
@@ -144,6 +162,7 @@ func TestWorkerSIGTERM(t *testing.T) {
 		gap      = pick(time.Second, 3*time.Second)
 		seed     = uint64(time.Now().UnixNano())
 		rng      = rand.New(rand.NewPCG(seed, 2))
+		insp     = asynq.NewInspectorFromRedisClient(c.rdb)
 	)
 	t.Logf("%d jobs over %d tasks, 3 workers, %d SIGTERMs spread over the batch, shutdown timeout %v, seed %d",
 		n, tasks, stops, shutdownTimeout, seed)
@@ -155,7 +174,7 @@ func TestWorkerSIGTERM(t *testing.T) {
 		if !b.faultDue(len(stoppedAt), stops, last, gap) {
 			return
 		}
-		victim := pickWorker(rng, c.running())
+		victim := busiestWorker(rng, insp, c.running())
 		at := signalWorker(victim, syscall.SIGTERM)
 		stoppedAt = append(stoppedAt, at)
 		c.startWorker(t)
