@@ -213,8 +213,8 @@ func TestCommandLine(t *testing.T) {
 }
 
 // demoWant is what each job of examples/demo.jsonl must end with. Jobs of
-// one task run one at a time but not necessarily in file order, so only
-// cwds that do not depend on that order are checked.
+// one task run in file order, each where the one before left the cwd:
+// demo-7 finds answer.py only in the directory demo-1 went to.
 var demoWant = map[string]struct {
 	status string
 	rc     int
@@ -222,11 +222,12 @@ var demoWant = map[string]struct {
 	cwd    string // "" = not checked
 }{
 	"demo-1": {jobs.StatusCompleted, 0, "answer.py\n", "/root/project"},
-	"demo-2": {jobs.StatusCompleted, 0, "reading stdin\nSHOUT THIS\n", ""},
+	"demo-2": {jobs.StatusCompleted, 0, "reading stdin\nSHOUT THIS\n", "/root"},
 	"demo-3": {jobs.StatusCompleted, 3, "about to fail\n", "/root"},
 	"demo-4": {jobs.StatusTimeout, 124, "sleeping\n", ""},
 	"demo-5": {jobs.StatusCompleted, 0, "", "/tmp/scratch"},
 	"demo-6": {jobs.StatusCompleted, 0, "3\n", ""},
+	"demo-7": {jobs.StatusCompleted, 0, "print(6 * 7)\n", "/root/project"},
 }
 
 // checkDemo checks the result lines of the example batch and returns them.
