@@ -76,7 +76,7 @@ func (c *cancelWatch) requested(jobID string, wait time.Duration) bool {
 		return false
 	}
 	c.mu.Lock()
-	if _, ok := c.heard[jobID]; ok {
+	if at, ok := c.heard[jobID]; ok && time.Since(at) <= heardFor {
 		c.mu.Unlock()
 		return true
 	}
@@ -105,6 +105,6 @@ func (c *cancelWatch) requested(jobID string, wait time.Duration) bool {
 	} else {
 		c.waiting[jobID] = chans
 	}
-	_, ok := c.heard[jobID]
-	return ok
+	at, ok := c.heard[jobID]
+	return ok && time.Since(at) <= heardFor
 }

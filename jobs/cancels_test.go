@@ -47,6 +47,12 @@ func TestCancelWatch(t *testing.T) {
 		t.Errorf("waiters left behind: %v", c.waiting)
 	}
 
+	// A cancel heard long ago no longer counts.
+	c.note("j5", time.Now().Add(-2*heardFor))
+	if c.requested("j5", 0) {
+		t.Error("j5: a cancel older than heardFor still counts")
+	}
+
 	// Old cancels are dropped when new ones arrive.
 	c.note("j4", time.Now().Add(2*heardFor))
 	if _, ok := c.heard["j1"]; ok {

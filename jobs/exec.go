@@ -97,7 +97,11 @@ func (h *ExecHandler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 	// request) rides along with the take of the lease: one round trip to
 	// Redis on the common path; the veto is the rare one.
 	acquireStart := time.Now()
-	lease, err := h.pool.AcquireUnless(ctx, p.TaskID, h.specOf(&p.Job), res.ExecID, h.store.deliveryChecks(queue, jobID, &p))
+	ordered := p.AfterID == "" || res.QueuedAt.IsZero() || startedAt.Sub(res.QueuedAt) < orderWait
+	if !ordered {
+		log.Warn("waited too long for the task's earlier job; running without waiting for it", "after_job_id", p.AfterID, "waited", startedAt.Sub(res.QueuedAt).Round(time.Second))
+	}
+	lease, err := h.pool.AcquireUnless(ctx, p.TaskID, h.specOf(&p.Job), res.ExecID, h.store.deliveryChecks(queue, jobID, &p, ordered))
 	h.metrics.observeAcquire(time.Since(acquireStart))
 	if errors.Is(err, sandboxpool.ErrVetoed) {
 		return h.vetoed(ctx, log, queue, p.Notify, &res)
@@ -250,6 +254,17 @@ func (h *ExecHandler) runContext(ctx context.Context, jobID string) (context.Con
 	return runCtx, func(cause error) { stop(); cancel(cause) }
 }
 
+// cancelMarkTTL is how long the mark of a job cancelled from the dashboard
+// is kept: as long as results are by default.
+const cancelMarkTTL = 24 * time.Hour
+
+// orderWait bounds how long a job waits for the job enqueued before it for
+// its task: past it (that job stuck in a queue no worker serves, in long
+// retries, or a loop left by a failed enqueue that was sent again) the job
+// runs without it. The task's commands still never overlap: the lease sees
+// to that.
+const orderWait = 10 * time.Minute
+
 // cancelHeardWait is how long a job whose context ended waits to hear that
 // it was cancelled: asynq's subscriber, which ended the context, and the
 // worker's cancelWatch get the same message at about the same time.
@@ -387,6 +402,15 @@ func (h *ExecHandler) failure(ctx context.Context, queue, notify string, res *Re
 	case gateway.StatusCode(err) != 0 && gateway.Classify(err) == gateway.Permanent:
 		return h.finalError(ctx, queue, notify, res, err)
 	case ctx.Err() != nil:
+		// Stopped while waiting (for the task's lease, or an exec left
+		// running): by a cancel from an asynq client (the dashboard), mark
+		// the job as Producer.Cancel does, so that its next delivery ends
+		// it cancelled rather than running it.
+		if !stoppingNow(h.stopping) && !errors.Is(ctx.Err(), context.DeadlineExceeded) && h.cancels.requested(res.ID, cancelHeardWait) {
+			if merr := h.store.markCancelled(context.WithoutCancel(ctx), res.ID, cancelMarkTTL); merr != nil {
+				h.log.Warn("could not mark a cancelled job", "job_id", res.ID, "err", merr)
+			}
+		}
 		return ctx.Err()
 	case retried >= maxRetry:
 		return h.finalError(ctx, queue, notify, res, fmt.Errorf("giving up after %d attempts: %w", retried+1, err))

@@ -113,6 +113,11 @@ func (p *Producer) Enqueue(ctx context.Context, j Job, notify string) (Enqueued,
 		return e, nil
 	}
 	if err != nil {
+		// Not enqueued (as far as we know): the task's next job must not
+		// follow this one.
+		if uerr := p.store.unchain(ctx, j.TaskID, j.ID, afterQueue, afterID, p.cfg.Retention); uerr != nil {
+			p.cfg.Logger.Warn("could not undo the job's place in its task's order", "job_id", j.ID, "task_id", j.TaskID, "err", uerr)
+		}
 		return Enqueued{}, fmt.Errorf("jobs: enqueue %s: %w", j.ID, err)
 	}
 	return e, nil

@@ -65,12 +65,12 @@ func (s store) queueResult(ctx context.Context, pipe redis.Pipeliner, queue, job
 // deliveryChecks are what holds back a delivery of job jobID of p: its
 // result, already written, and a cancel request (either ends the delivery
 // without running the command), and the job enqueued before it for the
-// same task, until that one has ended (a result, archived, or gone). The
-// pool checks them when it takes the task's lease
+// same task, until that one has ended (a result, archived, or gone), when
+// ordered. The pool checks them when it takes the task's lease
 // (sandboxpool.Pool.AcquireUnless).
-func (s store) deliveryChecks(queue, jobID string, p *ExecPayload) []sandboxpool.Check {
+func (s store) deliveryChecks(queue, jobID string, p *ExecPayload, ordered bool) []sandboxpool.Check {
 	checks := []sandboxpool.Check{{Key: taskKey(queue, jobID), Field: "result"}, {Key: s.cancelKey(jobID)}}
-	if p.AfterID != "" && p.AfterQueue != "" {
+	if ordered && p.AfterID != "" && p.AfterQueue != "" && p.AfterID != jobID {
 		checks = append(checks, sandboxpool.Check{Key: taskKey(p.AfterQueue, p.AfterID), Field: "result",
 			Wait: true, Settled: []string{"archived", "completed"}})
 	}
@@ -82,19 +82,39 @@ func (s store) deliveryChecks(queue, jobID string, p *ExecPayload) []sandboxpool
 func (s store) chainKey(taskID string) string { return s.prefix + "last:" + taskID }
 
 // chainScript records a task's newest job and returns the one before it
-// ({queue, id}, false for none). KEYS: the chain key. ARGV: queue, job id,
-// TTL ms.
+// ({queue, id}, false for none). A job that exists already (enqueued
+// again: asynq will refuse it) changes nothing and gets nothing, so that
+// the job after it still follows the task's real last job.
+//
+// KEYS: the chain key, the job's asynq task key. ARGV: queue, job id, TTL
+// ms.
 var chainScript = redis.NewScript(`
+if redis.call('EXISTS', KEYS[2]) == 1 then return {} end
 local prev = redis.call('HMGET', KEYS[1], 'queue', 'id')
 redis.call('HSET', KEYS[1], 'queue', ARGV[1], 'id', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return prev
 `)
 
+// unchainScript undoes chainScript for a job that was not enqueued after
+// all, if it is still the task's newest: the next job follows the one
+// before it instead. KEYS: the chain key. ARGV: job id, the previous
+// job's queue and id ("" for none), TTL ms.
+var unchainScript = redis.NewScript(`
+if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then return 0 end
+if ARGV[3] == '' then
+	redis.call('DEL', KEYS[1])
+else
+	redis.call('HSET', KEYS[1], 'queue', ARGV[2], 'id', ARGV[3])
+	redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
+return 1
+`)
+
 // chain records jobID as taskID's newest job and returns the job before it
 // ("" for none).
 func (s store) chain(ctx context.Context, taskID, queue, jobID string, ttl time.Duration) (prevQueue, prevID string, err error) {
-	reply, err := chainScript.Run(ctx, s.rdb, []string{s.chainKey(taskID)}, queue, jobID, ttl.Milliseconds()).Slice()
+	reply, err := chainScript.Run(ctx, s.rdb, []string{s.chainKey(taskID), taskKey(queue, jobID)}, queue, jobID, ttl.Milliseconds()).Slice()
 	if err != nil {
 		return "", "", fmt.Errorf("jobs: order after the task's last job: %w", err)
 	}
@@ -103,9 +123,16 @@ func (s store) chain(ctx context.Context, taskID, queue, jobID string, ttl time.
 		prevID, _ = reply[1].(string)
 	}
 	if prevID == jobID {
-		return "", "", nil // the same job enqueued again
+		return "", "", nil
 	}
 	return prevQueue, prevID, nil
+}
+
+// unchain undoes chain for a job whose enqueue failed.
+func (s store) unchain(ctx context.Context, taskID, jobID, prevQueue, prevID string, ttl time.Duration) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	return unchainScript.Run(ctx, s.rdb, []string{s.chainKey(taskID)}, jobID, prevQueue, prevID, ttl.Milliseconds()).Err()
 }
 
 // deliveryState is what a delivery of a job checks before it runs: a result
