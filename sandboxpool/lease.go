@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/boxq/boxq/gateway"
 	"github.com/redis/go-redis/v9"
 )
 
@@ -176,13 +177,35 @@ func (p *Pool) AcquireUnless(ctx context.Context, taskID string, spec Spec, exec
 		return l, nil
 	}
 	if err := p.create(ctx, l); err != nil {
-		// The pending record keeps its idempotency key: whoever retries
-		// gets the sandbox this create may have made.
-		p.Release(ctx, l, "")
+		if gateway.Classify(err) == gateway.Permanent {
+			// The gateway answered no (a bad spec, a bad token): it made no
+			// sandbox, so the record's key finds none. Drop the record
+			// rather than have the reaper spare it for InFlightGrace, with
+			// a slot under the cap.
+			p.forget(ctx, l)
+		} else {
+			// The pending record keeps its idempotency key: whoever retries
+			// gets the sandbox this create may have made.
+			p.Release(ctx, l, "")
+		}
 		return nil, err
 	}
 	l.created = true
 	return l, nil
+}
+
+// forget deletes the record of l's task, whose lease l holds, and frees
+// the lease.
+func (p *Pool) forget(ctx context.Context, l *Lease) {
+	if !l.released.CompareAndSwap(false, true) {
+		return
+	}
+	l.stop()
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+	defer cancel()
+	if err := deleteScript.Run(ctx, p.rdb, []string{p.indexKey, l.leaseKey, l.recordKey}, l.tokenArg, l.taskID).Err(); err != nil {
+		p.log.Warn("sandboxpool: drop the record of a refused create", "task_id", l.taskID, "err", err)
+	}
 }
 
 // take takes the lease of taskID, waiting while it is busy, unless one of

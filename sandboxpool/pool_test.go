@@ -30,6 +30,9 @@ type fakeGateway struct {
 	// afterCreate, when set, runs after the sandbox exists; an error it
 	// returns is the create's answer (the reply was lost).
 	afterCreate func(key string) error
+	// beforeCreate, when set, runs first; an error it returns is the
+	// create's answer, and no sandbox is made.
+	beforeCreate func(key string) error
 	// beforeTerminate, when set, answers a terminate before it happens.
 	beforeTerminate func(id string) error
 
@@ -55,6 +58,11 @@ func newFakeGateway() *fakeGateway {
 }
 
 func (g *fakeGateway) Create(_ context.Context, key string, req gateway.CreateRequest) (string, error) {
+	if g.beforeCreate != nil {
+		if err := g.beforeCreate(key); err != nil {
+			return "", err
+		}
+	}
 	g.mu.Lock()
 	g.creates[key]++
 	g.requests = append(g.requests, req)
@@ -1170,4 +1178,28 @@ func TestReapSparesPendingCreate(t *testing.T) {
 	if n, err := p.Live(ctx); n != 0 || err != nil {
 		t.Errorf("Live = %d, %v; want no record left", n, err)
 	}
+}
+
+// TestRefusedCreateFreesItsSlot: a create the gateway refuses for good (a
+// 400) made no sandbox, so its pending record is dropped at once instead of
+// being spared by the reaper, with its slot under the cap, for
+// InFlightGrace.
+func TestRefusedCreateFreesItsSlot(t *testing.T) {
+	ctx := context.Background()
+	gw := newFakeGateway()
+	p, _ := newPool(t, gw, Config{MaxSandboxes: 1, AcquireWait: 100 * time.Millisecond})
+	refused := &gateway.APIError{StatusCode: 400, Method: "POST", Path: "/v1/sandboxes", Message: "unknown image"}
+	gw.beforeCreate = func(string) error { return refused }
+	if _, err := p.Acquire(ctx, "bad", Spec{}, ""); !errors.As(err, new(*gateway.APIError)) {
+		t.Fatalf("Acquire with a refused create: %v", err)
+	}
+	gw.beforeCreate = nil
+	if n, err := p.Live(ctx); n != 0 || err != nil {
+		t.Errorf("Live after a refused create = %d, %v; want 0", n, err)
+	}
+	l, err := p.Acquire(ctx, "good", Spec{}, "")
+	if err != nil {
+		t.Fatalf("Acquire after a refused create, cap 1: %v", err)
+	}
+	mustRelease(t, p, l, "")
 }
