@@ -406,12 +406,17 @@ func (b *batch) collect(t *testing.T, limit time.Duration, tick func()) {
 
 // faultDue reports whether the next of a test's k faults is due, done of
 // them having been injected. Fault i (from 0) falls once (i+1)/(k+1) of the
-// batch's results are in, and not sooner than gap after the one before
-// (last): progress, not the clock, places the faults, so that they land in
-// the middle of the batch however fast or loaded the machine is. (A clock
-// schedule let a quick batch end before the first fault.)
-func (b *batch) faultDue(done, k int, last time.Time, gap time.Duration) bool {
-	return done < k && len(b.got) >= (done+1)*len(b.jobs)/(k+1) && time.Since(last) >= gap
+// batch's results are in, or, when every > 0, once (i+1)·every has passed
+// since the batch began, whichever comes first; and not sooner than gap
+// after the one before (last). Progress alone let results that came in a
+// burst at the end (a loaded machine) hold the faults until the commands
+// were done; the clock alone let a quick batch end before the first fault.
+func (b *batch) faultDue(done, k int, last time.Time, gap, every time.Duration) bool {
+	if done >= k || time.Since(last) < gap {
+		return false
+	}
+	return len(b.got) >= (done+1)*len(b.jobs)/(k+1) ||
+		every > 0 && time.Since(b.started) >= time.Duration(done+1)*every
 }
 
 // checkOneAnswer checks that every job has exactly one answer: the

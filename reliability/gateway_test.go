@@ -149,7 +149,7 @@ func TestGatewayRestart(t *testing.T) {
 	var killedAt []time.Time
 	var last time.Time
 	b.collect(t, pick(3*time.Minute, 10*time.Minute), func() {
-		if !b.faultDue(len(killedAt), restarts, last, gap) {
+		if !b.faultDue(len(killedAt), restarts, last, gap, 0) {
 			return
 		}
 		killedAt = append(killedAt, time.Now())

@@ -34,6 +34,7 @@ func TestWorkerSIGKILL(t *testing.T) {
 		n, tasks = pick(90, 300), pick(15, 30)
 		kills    = pick(2, 20)
 		gap      = pick(2500*time.Millisecond, 3*time.Second)
+		every    = pick(4*time.Second, 6*time.Second)
 		seed     = uint64(time.Now().UnixNano())
 		rng      = rand.New(rand.NewPCG(seed, 1))
 		insp     = asynq.NewInspectorFromRedisClient(c.rdb)
@@ -44,7 +45,7 @@ func TestWorkerSIGKILL(t *testing.T) {
 	killedWith := map[string]time.Time{} // job → when the worker running it was killed
 	var last time.Time
 	b.collect(t, pick(4*time.Minute, 12*time.Minute), func() {
-		if !b.faultDue(len(killedAt), kills, last, gap) {
+		if !b.faultDue(len(killedAt), kills, last, gap, every) {
 			return
 		}
 		// A victim that has been up for a heartbeat or two (asynq beats
@@ -160,6 +161,7 @@ func TestWorkerSIGTERM(t *testing.T) {
 		n, tasks = pick(60, 300), pick(12, 30)
 		stops    = pick(3, 20)
 		gap      = pick(time.Second, 3*time.Second)
+		every    = pick(2500*time.Millisecond, 3*time.Second)
 		seed     = uint64(time.Now().UnixNano())
 		rng      = rand.New(rand.NewPCG(seed, 2))
 		insp     = asynq.NewInspectorFromRedisClient(c.rdb)
@@ -171,7 +173,7 @@ func TestWorkerSIGTERM(t *testing.T) {
 	var exitTimes []time.Duration
 	var last time.Time
 	b.collect(t, pick(3*time.Minute, 10*time.Minute), func() {
-		if !b.faultDue(len(stoppedAt), stops, last, gap) {
+		if !b.faultDue(len(stoppedAt), stops, last, gap, every) {
 			return
 		}
 		victim := busiestWorker(rng, insp, c.running())

@@ -88,7 +88,7 @@ func TestExecTimeoutKillsGroup(t *testing.T) {
 		if st.Status != gateway.StatusRunning {
 			t.Fatalf("start: got %s, want running", st.Status)
 		}
-		waitMarker(t, marker, true, 2*time.Second)
+		waitMarker(t, marker, true, 10*time.Second)
 		st = g.wait(t, sb, st.ExecID, 5*time.Second)
 		took := time.Since(begin)
 		if st.Status != gateway.StatusTimeout || st.RC() != gateway.ReturnCodeTimeout {
@@ -100,7 +100,7 @@ func TestExecTimeoutKillsGroup(t *testing.T) {
 			t.Errorf("the timeout took %v, want well under the command's 30 s", took)
 		}
 		t.Logf("timeout of 1s answered after %v", took)
-		waitMarker(t, marker, false, 2*time.Second)
+		waitMarker(t, marker, false, 10*time.Second)
 	})
 }
 
@@ -110,7 +110,7 @@ func TestExecCancel(t *testing.T) {
 		sb := g.newSandbox(t)
 		marker := newMarker()
 		st := g.start(t, sb, gateway.StartRequest{Command: markerCommand(marker), TimeoutMs: 60_000})
-		waitMarker(t, marker, true, 2*time.Second)
+		waitMarker(t, marker, true, 10*time.Second)
 
 		path := fmt.Sprintf("/v1/sandboxes/%s/execs/%s/cancel", sb, st.ExecID)
 		var resp gateway.StatusResponse
@@ -122,7 +122,7 @@ func TestExecCancel(t *testing.T) {
 		if st.Status != gateway.StatusCancelled || st.RC() != gateway.ReturnCodeCancelled {
 			t.Errorf("got %s/%d, want cancelled/130", st.Status, st.RC())
 		}
-		waitMarker(t, marker, false, 2*time.Second)
+		waitMarker(t, marker, false, 10*time.Second)
 
 		// A cancel of an ended exec is harmless and changes nothing.
 		decode(t, "cancel again", g.do(t, "POST", path, nil), http.StatusOK, &resp)
@@ -146,7 +146,7 @@ func TestExecLeftoversKilled(t *testing.T) {
 		if st.Status != gateway.StatusCompleted || st.Output != "started\n" {
 			t.Fatalf("got %s/%d %q, want completed \"started\\n\"", st.Status, st.RC(), st.Output)
 		}
-		waitMarker(t, marker, false, 2*time.Second)
+		waitMarker(t, marker, false, 10*time.Second)
 	})
 }
 

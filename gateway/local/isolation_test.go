@@ -57,7 +57,7 @@ func TestIsolation(t *testing.T) {
 		g.srv.mu.Unlock()
 		marker := newMarker()
 		g.start(t, other, gateway.StartRequest{Command: markerCommand(marker), TimeoutMs: 60_000})
-		waitMarker(t, marker, true, 2*time.Second)
+		waitMarker(t, marker, true, 10*time.Second)
 
 		tests := []struct {
 			name    string

@@ -67,9 +67,9 @@ func TestLifetime(t *testing.T) {
 		sb := g.create(t, gateway.CreateRequest{TimeoutMs: 700}, "")
 		marker := newMarker()
 		st := g.start(t, sb, gateway.StartRequest{Command: markerCommand(marker), TimeoutMs: 60_000})
-		waitMarker(t, marker, true, 2*time.Second)
+		waitMarker(t, marker, true, 10*time.Second)
 		waitFor(t, 5*time.Second, "sandbox terminated at its lifetime", func() bool { return g.sandboxGone(t, sb, st.ExecID) })
-		waitMarker(t, marker, false, 2*time.Second)
+		waitMarker(t, marker, false, 10*time.Second)
 	})
 }
 
@@ -373,14 +373,14 @@ func TestTerminate(t *testing.T) {
 		sb := g.newSandbox(t)
 		marker := newMarker()
 		st := g.start(t, sb, gateway.StartRequest{Command: markerCommand(marker), TimeoutMs: 60_000})
-		waitMarker(t, marker, true, 2*time.Second)
+		waitMarker(t, marker, true, 10*time.Second)
 		dir := filepath.Join(g.srv.stateDir, "sandboxes", sb)
 		var resp gateway.StatusResponse
 		decode(t, "terminate", g.do(t, "POST", "/v1/sandboxes/"+sb+"/terminate", gateway.TerminateRequest{}), http.StatusOK, &resp)
 		if resp.Status != "terminated" {
 			t.Errorf("terminate: got %q, want terminated", resp.Status)
 		}
-		waitMarker(t, marker, false, 2*time.Second)
+		waitMarker(t, marker, false, 10*time.Second)
 		if _, err := os.Stat(dir); !os.IsNotExist(err) {
 			t.Errorf("the sandbox's files: got %v, want them removed", err)
 		}
@@ -399,7 +399,7 @@ func TestClose(t *testing.T) {
 	sb := g.newSandbox(t)
 	marker := newMarker()
 	st := g.start(t, sb, gateway.StartRequest{Command: markerCommand(marker), TimeoutMs: 60_000})
-	waitMarker(t, marker, true, 2*time.Second)
+	waitMarker(t, marker, true, 10*time.Second)
 
 	// A long poll in flight returns when the server closes.
 	polled := make(chan response, 1)
@@ -418,7 +418,7 @@ func TestClose(t *testing.T) {
 		t.Fatalf("Close: %v", err)
 	}
 	t.Logf("Close took %v", time.Since(begin))
-	waitMarker(t, marker, false, 2*time.Second)
+	waitMarker(t, marker, false, 10*time.Second)
 	select {
 	case r := <-polled:
 		if r.status != http.StatusOK && r.status != http.StatusServiceUnavailable {
