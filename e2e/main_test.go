@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/boxq/boxq/internal/syncbuf"
+
 	"go.uber.org/goleak"
 
 	"github.com/boxq/boxq/internal/redistest"
@@ -100,28 +102,9 @@ const repoRoot = ".."
 type proc struct {
 	name string
 	cmd  *exec.Cmd
-	out  *syncBuffer // stdout and stderr, interleaved
+	out  *syncbuf.Buffer // stdout and stderr, interleaved
 	done chan struct{}
 	err  error // of Wait, once done is closed
-}
-
-// syncBuffer is a bytes.Buffer safe for the process's writers and the
-// test's readers.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // start starts argv (argv[0] is a program of binaries) with the environment
@@ -131,7 +114,7 @@ func (s *syncBuffer) String() string {
 // test failed.
 func start(t *testing.T, name string, argv []string, env map[string]string) *proc {
 	t.Helper()
-	p := &proc{name: name, out: &syncBuffer{}, done: make(chan struct{})}
+	p := &proc{name: name, out: &syncbuf.Buffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command(filepath.Join(binaries(t), argv[0]), argv[1:]...)
 	p.cmd.Env = environ(env)
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out

@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/boxq/boxq/internal/syncbuf"
+
 	"github.com/boxq/boxq/gateway"
 	"github.com/boxq/boxq/jobs"
 	"github.com/boxq/boxq/sandboxpool"
@@ -22,7 +24,7 @@ import (
 // gateway at gatewayURL, with a gateway client whose timeouts are short,
 // so that answers held back by a fault proxy make it time out and retry.
 // They stop when the test ends.
-func (c *cluster) inProcessWorkers(t *testing.T, n int, gatewayURL string, logs *logBuffer) {
+func (c *cluster) inProcessWorkers(t *testing.T, n int, gatewayURL string, logs *syncbuf.Buffer) {
 	t.Helper()
 	log := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	for i := range n {
@@ -89,7 +91,7 @@ func TestGatewayFaults(t *testing.T) {
 				front.Close()
 				proxy.Close()
 			})
-			logs := &logBuffer{}
+			logs := &syncbuf.Buffer{}
 			c.inProcessWorkers(t, 3, front.URL, logs)
 			n, tasks := pick(90, 300), pick(15, 30)
 			t.Logf("%d jobs over %d tasks, 3 workers, fault rate %v, seed %d", n, tasks, rate, seed)
@@ -233,7 +235,7 @@ func TestStartAnswerLostThenRefused(t *testing.T) {
 		front.Close()
 		proxy.Close()
 	})
-	logs := &logBuffer{}
+	logs := &syncbuf.Buffer{}
 	c.inProcessWorkers(t, 1, front.URL, logs)
 	b1 := c.enqueue(t, []jobs.Job{first})
 	select {

@@ -1,7 +1,6 @@
 package reliability
 
 import (
-	"bytes"
 	"context"
 	"flag"
 	"fmt"
@@ -14,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/boxq/boxq/internal/syncbuf"
 
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/goleak"
@@ -108,51 +109,22 @@ func binary(t testing.TB, name string) string {
 	return path
 }
 
-// logBuffer collects the output of a process, line by line.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *logBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *logBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
-// Lines returns the complete lines written so far.
-func (b *logBuffer) Lines() []string {
-	s := b.String()
-	if i := strings.LastIndexByte(s, '\n'); i >= 0 {
-		s = s[:i]
-	} else {
-		return nil
-	}
-	return strings.Split(s, "\n")
-}
-
 // proc is a helper process: a worker, a gateway, an enqueue.
 type proc struct {
 	name    string
 	started time.Time
 	cmd     *exec.Cmd
-	logs    *logBuffer
+	logs    *syncbuf.Buffer
 	done    chan struct{} // closed when the process has exited
 	err     error         // how it exited, once done is closed
 }
 
-// startProc starts a process whose output goes to a logBuffer. It is
+// startProc starts a process whose output goes to a syncbuf.Buffer. It is
 // killed, if still running, when the test ends; on failure its last log
 // lines are shown.
 func startProc(t testing.TB, name, path string, args, env []string) *proc {
 	t.Helper()
-	p := &proc{name: name, started: time.Now(), logs: &logBuffer{}, done: make(chan struct{})}
+	p := &proc{name: name, started: time.Now(), logs: &syncbuf.Buffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command(path, args...)
 	p.cmd.Env = env
 	p.cmd.Stdout, p.cmd.Stderr = p.logs, p.logs

@@ -163,17 +163,26 @@ type rig struct {
 	stop      func() error
 }
 
+// clients connects, on a fresh database, a worker's Redis client sized for
+// concurrency (as internal/app sizes it) and a producer's.
+func (e *env) clients(ctx context.Context, concurrency int) (worker, producer *redis.Client, err error) {
+	db := e.db()
+	worker, err = e.redis.client(ctx, db, max(32, concurrency/4))
+	if err != nil {
+		return nil, nil, err
+	}
+	producer, err = e.redis.client(ctx, db, 0)
+	if err != nil {
+		worker.Close()
+		return nil, nil, err
+	}
+	return worker, producer, nil
+}
+
 // startRig starts a worker with concurrency over gw.
 func (e *env) startRig(ctx context.Context, gw fullGateway, concurrency int, checkInterval time.Duration) (*rig, error) {
-	db := e.db()
-	// As internal/app sizes the worker's client.
-	rdb, err := e.redis.client(ctx, db, max(32, concurrency/4))
+	rdb, prdb, err := e.clients(ctx, concurrency)
 	if err != nil {
-		return nil, err
-	}
-	prdb, err := e.redis.client(ctx, db, 0)
-	if err != nil {
-		rdb.Close()
 		return nil, err
 	}
 	r := &rig{rdb: rdb, prdb: prdb}

@@ -119,13 +119,22 @@ func (e *env) directRTT(ctx context.Context, g *gatewayServer, command string, s
 		return nil, err
 	}
 	defer client.Terminate(context.WithoutCancel(ctx), sb, false)
+	return timeExecs(ctx, command, 5, samples, func() (gateway.ExecState, error) {
+		return client.Run(ctx, sb, gateway.StartRequest{ExecID: uuid.NewString(), Command: command, TimeoutMs: 60_000})
+	})
+}
+
+// timeExecs runs warmup+samples execs of command one at a time, each after
+// a random idle gap, and returns how long each of the last samples took.
+// Every exec must complete.
+func timeExecs(ctx context.Context, command string, warmup, samples int, run func() (gateway.ExecState, error)) ([]time.Duration, error) {
 	var out []time.Duration
-	for i := range samples + 5 {
+	for i := range warmup + samples {
 		if !pause(ctx, rand.N(idleGap)) {
 			return nil, ctx.Err()
 		}
 		start := time.Now()
-		st, err := client.Run(ctx, sb, gateway.StartRequest{ExecID: uuid.NewString(), Command: command, TimeoutMs: 60_000})
+		st, err := run()
 		took := time.Since(start)
 		if err != nil {
 			return nil, err
@@ -133,7 +142,7 @@ func (e *env) directRTT(ctx context.Context, g *gatewayServer, command string, s
 		if st.Status != gateway.StatusCompleted {
 			return nil, fmt.Errorf("exec %q: %s, rc %d: %s", command, st.Status, st.RC(), st.Output)
 		}
-		if i >= 5 {
+		if i >= warmup {
 			out = append(out, took)
 		}
 	}
@@ -156,25 +165,9 @@ func (e *env) fixedPollRTT(ctx context.Context, g *gatewayServer, command string
 	t := gateway.NewTransport()
 	defer t.CloseIdleConnections()
 	fp := &fixedPoller{http: &http.Client{Transport: t}, base: g.url, token: e.token}
-	var out []time.Duration
-	for i := range samples + 2 {
-		if !pause(ctx, rand.N(idleGap)) {
-			return nil, ctx.Err()
-		}
-		start := time.Now()
-		st, err := fp.run(ctx, sb, command)
-		took := time.Since(start)
-		if err != nil {
-			return nil, err
-		}
-		if st.Status != gateway.StatusCompleted {
-			return nil, fmt.Errorf("exec %q: %s, rc %d: %s", command, st.Status, st.RC(), st.Output)
-		}
-		if i >= 2 {
-			out = append(out, took)
-		}
-	}
-	return out, nil
+	return timeExecs(ctx, command, 2, samples, func() (gateway.ExecState, error) {
+		return fp.run(ctx, sb, command)
+	})
 }
 
 // fixedPoller is a minimal gateway client with the Python client's loop.

@@ -223,14 +223,8 @@ type noopRunner struct {
 }
 
 func (e *env) newNoopRunner(ctx context.Context, conc int) (*noopRunner, error) {
-	db := e.db()
-	rdb, err := e.redis.client(ctx, db, max(32, conc/4))
+	rdb, prdb, err := e.clients(ctx, conc)
 	if err != nil {
-		return nil, err
-	}
-	prdb, err := e.redis.client(ctx, db, 0)
-	if err != nil {
-		rdb.Close()
 		return nil, err
 	}
 	r := &noopRunner{client: asynq.NewClientFromRedisClient(prdb), close1: rdb.Close, close2: prdb.Close, done: make(chan struct{}, 1)}

@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/boxq/boxq/internal/syncbuf"
+
 	"github.com/google/uuid"
 	"go.uber.org/goleak"
 
@@ -58,31 +60,13 @@ func requireBwrap(t testing.TB) {
 	}
 }
 
-// syncBuffer is a log sink that tests can read while the server writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // testGateway is a Server behind a real HTTP server.
 type testGateway struct {
 	srv    *Server
 	url    string
 	token  string
 	client *http.Client
-	logs   *syncBuffer
+	logs   *syncbuf.Buffer
 }
 
 // newGateway starts a server with cfg, filling in a token, a state dir, a
@@ -102,7 +86,7 @@ func newGateway(t testing.TB, cfg Config) *testGateway {
 	if cfg.Isolation == "" {
 		cfg.Isolation = IsolationNone
 	}
-	logs := &syncBuffer{}
+	logs := &syncbuf.Buffer{}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
