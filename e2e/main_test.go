@@ -17,11 +17,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/boxq/boxq/internal/syncbuf"
-
 	"go.uber.org/goleak"
 
 	"github.com/boxq/boxq/internal/redistest"
+	"github.com/boxq/boxq/internal/syncbuf"
 )
 
 func TestMain(m *testing.M) {

@@ -13,9 +13,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/boxq/boxq/internal/syncbuf"
-
 	"github.com/boxq/boxq/gateway"
+	"github.com/boxq/boxq/internal/syncbuf"
 	"github.com/boxq/boxq/jobs"
 	"github.com/boxq/boxq/sandboxpool"
 )

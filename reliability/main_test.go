@@ -14,12 +14,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/boxq/boxq/internal/syncbuf"
-
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/goleak"
 
 	"github.com/boxq/boxq/internal/redistest"
+	"github.com/boxq/boxq/internal/syncbuf"
 )
 
 // The full-size runs, with the numbers of issue 8, take several minutes

@@ -17,12 +17,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/boxq/boxq/internal/syncbuf"
-
 	"github.com/google/uuid"
 	"go.uber.org/goleak"
 
 	"github.com/boxq/boxq/gateway"
+	"github.com/boxq/boxq/internal/syncbuf"
 )
 
 func TestMain(m *testing.M) {
