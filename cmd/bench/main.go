@@ -67,9 +67,19 @@ Measurements (-phases):
   overhead   null_pipeline_execs_per_s: the pipeline against an in-memory
              gateway that completes every exec at once; asynq_noop_per_s:
              plain asynq, no-op handler, same Redis (rounds in turn)
+  chain      chain_taskmajor_execs_per_s, chain_stepmajor_execs_per_s: the
+             same -chain-tasks × -chain-steps true jobs as one batch, a
+             task's steps in a row (task-major) or step 0 of every task,
+             then step 1, … (step-major), rounds in turn;
+             chain_*_redis_cmds_per_job: Redis commands (all) per job
+  waiting    waiting_idle_redis_cmds_per_s: Redis commands/s while
+             -waiting jobs of -waiting-tasks tasks wait behind running
+             heads (sleep); waiting_idle0_redis_cmds_per_s: the same heads,
+             nothing behind them
   reap       reap_ms_100k_100exp, reap_ms_100k_10kexp: one ReapIdle pass
   rss        worker_rss_mb_1000_inflight: a worker process's VmRSS with
-             -inflight execs running
+             -inflight execs running (or, on a machine too slow to have
+             them all running at once, the most it saw: worker_rss_inflight)
   idle       idle_redis: Redis commands/s and CPU of an idle worker at each
              of -idle-intervals
 
@@ -95,6 +105,13 @@ type options struct {
 	reapRecords      int
 	inflight         int
 	hold             time.Duration
+	chainTasks       int
+	chainSteps       int
+	chainRounds      int
+	waitingJobs      int
+	waitingTasks     int
+	waitingHold      time.Duration
+	waitingWindow    time.Duration
 	checkInterval    time.Duration
 	idleWindow       time.Duration
 	idleIntervals    []time.Duration
@@ -102,7 +119,7 @@ type options struct {
 	cpuProfile       string
 }
 
-var allPhases = []string{"latency", "fixedpoll", "throughput", "overhead", "reap", "rss", "idle"}
+var allPhases = []string{"latency", "fixedpoll", "throughput", "overhead", "chain", "waiting", "reap", "rss", "idle"}
 
 // effectiveCheckInterval is the worker's task check interval.
 func (o *options) effectiveCheckInterval() time.Duration {
@@ -146,9 +163,15 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if o.json {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
-		return enc.Encode(rep)
+		if err := enc.Encode(rep); err != nil {
+			return err
+		}
+	} else {
+		printTable(stdout, rep)
 	}
-	printTable(stdout, rep)
+	if len(rep.Failed) > 0 {
+		return fmt.Errorf("%d measurements failed: %s (the others' numbers are above)", len(rep.Failed), strings.Join(slices.Sorted(maps.Keys(rep.Failed)), ", "))
+	}
 	return nil
 }
 
@@ -169,7 +192,14 @@ func parseFlags(args []string, stdout io.Writer) (*options, error) {
 	fs.IntVar(&o.overheadRounds, "overhead-rounds", 5, "rounds of null pipeline and plain asynq, in turn; the median counts (-quick: 2)")
 	fs.IntVar(&o.reapRecords, "reap-records", 100_000, "pool records of the reap measurement (-quick: 20000)")
 	fs.IntVar(&o.inflight, "inflight", 1000, "execs in flight in the worker-memory measurement (-quick: 100)")
-	fs.DurationVar(&o.hold, "hold", 5*time.Second, "how long each exec of the worker-memory measurement runs (-quick: 3s)")
+	fs.DurationVar(&o.hold, "hold", 5*time.Second, "how long each exec of the worker-memory measurement runs (-quick: 3s); twice that on a retry")
+	fs.IntVar(&o.chainTasks, "chain-tasks", 100, "tasks of the ordered-batch measurement (-quick: 20)")
+	fs.IntVar(&o.chainSteps, "chain-steps", 40, "commands per task of the ordered-batch measurement (-quick: 10)")
+	fs.IntVar(&o.chainRounds, "chain-rounds", 2, "rounds of task-major and step-major, in turn; the median counts (-quick: 1)")
+	fs.IntVar(&o.waitingJobs, "waiting", 2000, "jobs waiting behind running heads in the waiting-load measurement (-quick: 400)")
+	fs.IntVar(&o.waitingTasks, "waiting-tasks", 20, "tasks (running heads) of the waiting-load measurement")
+	fs.DurationVar(&o.waitingHold, "waiting-hold", 20*time.Second, "how long the heads would run (sleep): they are cancelled once measured")
+	fs.DurationVar(&o.waitingWindow, "waiting-window", 3*time.Second, "how long Redis commands are counted, with and without waiting jobs (-quick: 500ms)")
 	fs.DurationVar(&o.checkInterval, "task-check-interval", 0, "the workers' task check interval (0: jobs' default)")
 	fs.DurationVar(&o.idleWindow, "idle-window", 2*time.Second, "how long idle Redis load is counted per interval (-quick: 300ms)")
 	idle := fs.String("idle-intervals", "1s,10ms,5ms", "comma-separated task check `intervals` of the idle-load measurement")
@@ -198,8 +228,15 @@ func parseFlags(args []string, stdout io.Writer) (*options, error) {
 		quick("rounds", &o.rounds, 1)
 		quick("overhead-rounds", &o.overheadRounds, 2)
 		quick("reap-records", &o.reapRecords, 20_000)
+		quick("chain-tasks", &o.chainTasks, 20)
+		quick("chain-steps", &o.chainSteps, 10)
+		quick("chain-rounds", &o.chainRounds, 1)
+		quick("waiting", &o.waitingJobs, 400)
 		if !set["hold"] {
 			o.hold = 3 * time.Second
+		}
+		if !set["waiting-window"] {
+			o.waitingWindow = 500 * time.Millisecond
 		}
 		if !set["idle-window"] {
 			o.idleWindow = 300 * time.Millisecond
@@ -236,6 +273,10 @@ func parseFlags(args []string, stdout io.Writer) (*options, error) {
 		return nil, app.Usagef("-inflight and -hold must be positive")
 	case o.checkInterval < 0 || o.idleWindow <= 0:
 		return nil, app.Usagef("-task-check-interval must not be negative, -idle-window must be positive")
+	case o.chainTasks < 1 || o.chainSteps < 1 || o.chainRounds < 1:
+		return nil, app.Usagef("-chain-tasks, -chain-steps and -chain-rounds must be at least 1")
+	case o.waitingJobs < 1 || o.waitingTasks < 1 || o.waitingHold <= 0 || o.waitingWindow <= 0:
+		return nil, app.Usagef("-waiting, -waiting-tasks, -waiting-hold and -waiting-window must be positive")
 	}
 	switch local.Isolation(o.isolation) {
 	case local.IsolationNone, local.IsolationBwrap, local.IsolationAuto:
@@ -247,23 +288,36 @@ func parseFlags(args []string, stdout io.Writer) (*options, error) {
 
 // report is the bench's result: what -json prints.
 type report struct {
-	RTTP50        float64 `json:"rtt_p50_ms,omitempty"`
-	RTTP99        float64 `json:"rtt_p99_ms,omitempty"`
-	RTTTrueP50    float64 `json:"rtt_true_p50_ms,omitempty"`
-	DirectRTTP50  float64 `json:"direct_rtt_p50_ms,omitempty"`
-	FixedPollP50  float64 `json:"fixedpoll_rtt_p50_ms,omitempty"`
-	RTTNoWaitP50  float64 `json:"rtt_nostartwait_p50_ms,omitempty"`
-	DirectPerS    float64 `json:"direct_execs_per_s,omitempty"`
-	PipelinePerS  float64 `json:"pipeline_execs_per_s,omitempty"`
-	NullPerS      float64 `json:"null_pipeline_execs_per_s,omitempty"`
-	NoopPerS      float64 `json:"asynq_noop_per_s,omitempty"`
-	Reap100       float64 `json:"reap_ms_100k_100exp,omitempty"`
-	Reap10k       float64 `json:"reap_ms_100k_10kexp,omitempty"`
-	WorkerRSS     float64 `json:"worker_rss_mb_1000_inflight,omitempty"`
-	FixedOverRTT  float64 `json:"fixedpoll_over_rtt,omitempty"`
-	FixedOverSame float64 `json:"fixedpoll_over_rtt_nostartwait,omitempty"`
-	PipeOverDir   float64 `json:"pipeline_over_direct,omitempty"`
-	NullOverNoop  float64 `json:"null_pipeline_over_asynq_noop,omitempty"`
+	RTTP50       float64 `json:"rtt_p50_ms,omitempty"`
+	RTTP99       float64 `json:"rtt_p99_ms,omitempty"`
+	RTTTrueP50   float64 `json:"rtt_true_p50_ms,omitempty"`
+	DirectRTTP50 float64 `json:"direct_rtt_p50_ms,omitempty"`
+	FixedPollP50 float64 `json:"fixedpoll_rtt_p50_ms,omitempty"`
+	RTTNoWaitP50 float64 `json:"rtt_nostartwait_p50_ms,omitempty"`
+	DirectPerS   float64 `json:"direct_execs_per_s,omitempty"`
+	PipelinePerS float64 `json:"pipeline_execs_per_s,omitempty"`
+	NullPerS     float64 `json:"null_pipeline_execs_per_s,omitempty"`
+	NoopPerS     float64 `json:"asynq_noop_per_s,omitempty"`
+	Reap100      float64 `json:"reap_ms_100k_100exp,omitempty"`
+	Reap10k      float64 `json:"reap_ms_100k_10kexp,omitempty"`
+	WorkerRSS    float64 `json:"worker_rss_mb_1000_inflight,omitempty"`
+	// WorkerRSSInflight is how many execs ran when WorkerRSS was read:
+	// -inflight, or fewer where the machine never had them all running at
+	// once (Notes says so).
+	WorkerRSSInflight int     `json:"worker_rss_inflight,omitempty"`
+	ChainTaskPerS     float64 `json:"chain_taskmajor_execs_per_s,omitempty"`
+	ChainStepPerS     float64 `json:"chain_stepmajor_execs_per_s,omitempty"`
+	ChainTaskCmds     float64 `json:"chain_taskmajor_redis_cmds_per_job,omitempty"`
+	ChainStepCmds     float64 `json:"chain_stepmajor_redis_cmds_per_job,omitempty"`
+	WaitingCmdsPerS   float64 `json:"waiting_idle_redis_cmds_per_s,omitempty"`
+	Waiting0CmdsPerS  float64 `json:"waiting_idle0_redis_cmds_per_s,omitempty"`
+	FixedOverRTT      float64 `json:"fixedpoll_over_rtt,omitempty"`
+	FixedOverSame     float64 `json:"fixedpoll_over_rtt_nostartwait,omitempty"`
+	PipeOverDir       float64 `json:"pipeline_over_direct,omitempty"`
+	NullOverNoop      float64 `json:"null_pipeline_over_asynq_noop,omitempty"`
+	ChainTaskOverStep float64 `json:"chain_taskmajor_over_stepmajor,omitempty"`
+	ChainCmdsOverStep float64 `json:"chain_redis_cmds_taskmajor_over_stepmajor,omitempty"`
+	WaitingOverIdle0  float64 `json:"waiting_idle_over_idle0,omitempty"`
 
 	// RTTParts are the medians of the parts of rtt (sleep 0.01): pickup
 	// (enqueue to the handler's start), handler (to the result), notify
@@ -271,8 +325,14 @@ type report struct {
 	RTTParts  map[string]float64  `json:"rtt_parts_p50_ms,omitempty"`
 	IdleRedis map[string]idleLoad `json:"idle_redis,omitempty"`
 	// Runs are the rates of every round; the fields above are medians.
-	Runs   reportRuns   `json:"runs"`
-	Config reportConfig `json:"config"`
+	Runs reportRuns `json:"runs"`
+	// Notes say where a measurement could not set up what it meant to
+	// and measured what it could: read its number with them.
+	Notes []string `json:"notes,omitempty"`
+	// Failed are the measurements that ended in an error, and the error;
+	// the others ran and their numbers are above.
+	Failed map[string]string `json:"failed,omitempty"`
+	Config reportConfig      `json:"config"`
 }
 
 // reportRuns are the throughput rounds, per second, in the order they
@@ -283,12 +343,19 @@ type reportRuns struct {
 	Pipeline []float64 `json:"pipeline_execs_per_s,omitempty"`
 	Null     []float64 `json:"null_pipeline_execs_per_s,omitempty"`
 	Noop     []float64 `json:"asynq_noop_per_s,omitempty"`
+	// Chain rounds: task-major and step-major in turn.
+	ChainTask     []float64 `json:"chain_taskmajor_execs_per_s,omitempty"`
+	ChainStep     []float64 `json:"chain_stepmajor_execs_per_s,omitempty"`
+	ChainTaskCmds []float64 `json:"chain_taskmajor_redis_cmds_per_job,omitempty"`
+	ChainStepCmds []float64 `json:"chain_stepmajor_redis_cmds_per_job,omitempty"`
 }
 
-func rounded(vs []float64) []float64 {
+func rounded(vs []float64) []float64 { return roundedTo(vs, 0) }
+
+func roundedTo(vs []float64, digits int) []float64 {
 	out := make([]float64, len(vs))
 	for i, v := range vs {
-		out[i] = round(v, 0)
+		out[i] = round(v, digits)
 	}
 	return out
 }
@@ -309,6 +376,12 @@ type reportConfig struct {
 	NullJobs          int     `json:"null_jobs"`
 	ReapRecords       int     `json:"reap_records"`
 	Inflight          int     `json:"inflight"`
+	ChainTasks        int     `json:"chain_tasks"`
+	ChainSteps        int     `json:"chain_steps"`
+	ChainRounds       int     `json:"chain_rounds"`
+	WaitingJobs       int     `json:"waiting_jobs"`
+	WaitingTasks      int     `json:"waiting_tasks"`
+	WaitingWindow     string  `json:"waiting_window"`
 	Seconds           float64 `json:"seconds"`
 	// LoadAvg is /proc/loadavg's 1-minute load at the start and at the
 	// end: other work on the machine skews every number.
@@ -348,18 +421,26 @@ func (e *env) measure(ctx context.Context) (*report, error) {
 		Concurrency: o.concurrency, TaskCheckInterval: o.effectiveCheckInterval().String(),
 		Samples: o.samples, FixedPollSamples: o.fixedPollSamples, Execs: o.execs, Sandboxes: o.sandboxes,
 		NullJobs: o.nullJobs, ReapRecords: o.reapRecords, Inflight: o.inflight,
+		ChainTasks: o.chainTasks, ChainSteps: o.chainSteps, ChainRounds: o.chainRounds,
+		WaitingJobs: o.waitingJobs, WaitingTasks: o.waitingTasks, WaitingWindow: o.waitingWindow.String(),
 	}}
-	step := func(name string, f func() error) error {
+	// A measurement that fails is reported and the others still run: one
+	// bad phase does not cost the numbers of the rest.
+	step := func(name string, f func() error) {
 		if !o.phases[name] {
-			return nil
+			return
 		}
 		start := time.Now()
 		e.progress("%s ...", name)
 		if err := f(); err != nil {
-			return fmt.Errorf("%s: %w", name, err)
+			if rep.Failed == nil {
+				rep.Failed = map[string]string{}
+			}
+			rep.Failed[name] = err.Error()
+			e.progress("%s FAILED after %v: %v", name, time.Since(start).Round(time.Millisecond), err)
+			return
 		}
 		e.progress("%s done in %v", name, time.Since(start).Round(time.Millisecond))
-		return nil
 	}
 	steps := []struct {
 		name string
@@ -442,6 +523,39 @@ func (e *env) measure(ctx context.Context) (*report, error) {
 			rep.NullPerS, rep.NoopPerS = round(median(a), 0), round(median(b), 0)
 			return nil
 		}},
+		{"chain", func() error {
+			tm, sm, err := e.chains(ctx, o.chainTasks, o.chainSteps, o.chainRounds)
+			if err != nil {
+				return err
+			}
+			col := func(rs []chainRound, f func(chainRound) float64) []float64 {
+				out := make([]float64, len(rs))
+				for i, r := range rs {
+					out[i] = f(r)
+				}
+				return out
+			}
+			perS := func(r chainRound) float64 { return r.perS }
+			cmds := func(r chainRound) float64 { return r.cmdsPerJob }
+			tp, sp, tc, sc := col(tm, perS), col(sm, perS), col(tm, cmds), col(sm, cmds)
+			rep.ChainTaskOverStep = round(pairRatio(tp, sp), 2)
+			rep.ChainCmdsOverStep = round(pairRatio(tc, sc), 2)
+			rep.Runs.ChainTask, rep.Runs.ChainStep = rounded(tp), rounded(sp)
+			rep.Runs.ChainTaskCmds, rep.Runs.ChainStepCmds = roundedTo(tc, 1), roundedTo(sc, 1)
+			rep.ChainTaskPerS, rep.ChainStepPerS = round(median(tp), 0), round(median(sp), 0)
+			rep.ChainTaskCmds, rep.ChainStepCmds = round(median(tc), 1), round(median(sc), 1)
+			return nil
+		}},
+		{"waiting", func() error {
+			l, err := e.waitingRedisLoad(ctx, o.waitingTasks, o.waitingJobs, o.waitingHold, o.waitingWindow)
+			rep.Notes = append(rep.Notes, l.notes...)
+			if err != nil {
+				return err
+			}
+			rep.WaitingCmdsPerS, rep.Waiting0CmdsPerS = round(l.idle, 0), round(l.idle0, 0)
+			rep.WaitingOverIdle0 = ratio(l.idle, l.idle0)
+			return nil
+		}},
 		{"reap", func() error {
 			ds, err := e.reapIdle(ctx, o.reapRecords, []int{100, 10_000})
 			if err != nil {
@@ -452,8 +566,14 @@ func (e *env) measure(ctx context.Context) (*report, error) {
 		}},
 		{"rss", func() error {
 			v, err := e.workerRSS(ctx, o.inflight, o.hold)
-			rep.WorkerRSS = round(v, 1)
-			return err
+			if err != nil {
+				return err
+			}
+			rep.WorkerRSS, rep.WorkerRSSInflight = round(v.mib, 1), v.inflight
+			if v.note != "" {
+				rep.Notes = append(rep.Notes, v.note)
+			}
+			return nil
 		}},
 		{"idle", func() error {
 			rep.IdleRedis = map[string]idleLoad{}
@@ -469,9 +589,7 @@ func (e *env) measure(ctx context.Context) (*report, error) {
 		}},
 	}
 	for _, s := range steps {
-		if err := step(s.name, s.f); err != nil {
-			return nil, err
-		}
+		step(s.name, s.f)
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
@@ -511,11 +629,20 @@ func printTable(w io.Writer, r *report) {
 		{"asynq_noop_per_s", r.NoopPerS, "", nil},
 		{"reap_ms_100k_100exp", r.Reap100, "≤ 50", le(50)},
 		{"reap_ms_100k_10kexp", r.Reap10k, "", nil},
-		{fmt.Sprintf("worker_rss_mb_1000_inflight (%d in flight)", c.Inflight), r.WorkerRSS, "≤ 200", le(200)},
+		{fmt.Sprintf("worker_rss_mb_1000_inflight (%d in flight)", cmp.Or(r.WorkerRSSInflight, c.Inflight)), r.WorkerRSS, "≤ 200", le(200)},
 		{"fixedpoll / rtt", r.FixedOverRTT, "≥ 8", ge(8)},
 		{"fixedpoll / rtt_nostartwait", r.FixedOverSame, "", nil},
 		{"pipeline / direct", r.PipeOverDir, "≥ 0.6", ge(0.6)},
 		{"null_pipeline / asynq_noop", r.NullOverNoop, "≥ 0.5", ge(0.5)},
+		{fmt.Sprintf("chain_taskmajor_execs_per_s (%d × %d true)", c.ChainTasks, c.ChainSteps), r.ChainTaskPerS, "", nil},
+		{"chain_stepmajor_execs_per_s", r.ChainStepPerS, "", nil},
+		{"chain_taskmajor_redis_cmds_per_job", r.ChainTaskCmds, "", nil},
+		{"chain_stepmajor_redis_cmds_per_job", r.ChainStepCmds, "", nil},
+		{"chain task-major / step-major, execs/s", r.ChainTaskOverStep, "≥ 0.9", ge(0.9)},
+		{"chain task-major / step-major, cmds/job", r.ChainCmdsOverStep, "≤ 1.2", le(1.2)},
+		{fmt.Sprintf("waiting_idle_redis_cmds_per_s (%d waiting)", c.WaitingJobs), r.WaitingCmdsPerS, "", nil},
+		{"waiting_idle0_redis_cmds_per_s (0 waiting)", r.Waiting0CmdsPerS, "", nil},
+		{"waiting_idle / waiting_idle0", r.WaitingOverIdle0, "≈ 1", func(v float64) bool { return v >= 0.8 && v <= 1.2 }},
 	}
 	fmt.Fprintf(w, "%-50s %10s  %-7s %s\n", "metric", "value", "goal", "")
 	for _, row := range rows {
@@ -533,6 +660,18 @@ func printTable(w io.Writer, r *report) {
 	}
 	if p := r.RTTParts; len(p) > 0 {
 		fmt.Fprintf(w, "\nrtt (sleep 0.01), median parts: pickup %.2f ms, handler %.2f ms, notify %.2f ms\n", p["pickup"], p["handler"], p["notify"])
+	}
+	if len(r.Notes) > 0 {
+		fmt.Fprintf(w, "\nnotes:\n")
+		for _, n := range r.Notes {
+			fmt.Fprintf(w, "  %s\n", n)
+		}
+	}
+	if len(r.Failed) > 0 {
+		fmt.Fprintf(w, "\nfailed:\n")
+		for _, name := range slices.Sorted(maps.Keys(r.Failed)) {
+			fmt.Fprintf(w, "  %s: %s\n", name, r.Failed[name])
+		}
 	}
 	if len(r.IdleRedis) > 0 {
 		fmt.Fprintf(w, "\nidle worker's Redis load by task check interval:\n")
