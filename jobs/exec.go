@@ -24,20 +24,22 @@ import (
 
 // Pool is what the handlers need of sandboxpool.Pool.
 type Pool interface {
-	AcquireUnless(ctx context.Context, taskID string, spec sandboxpool.Spec, execID string, unless []sandboxpool.Check) (*sandboxpool.Lease, error)
+	AcquireFor(ctx context.Context, taskID string, spec sandboxpool.Spec, in sandboxpool.Intent) (*sandboxpool.Lease, error)
 	Release(ctx context.Context, l *sandboxpool.Lease, cwd string) error
 	ReleaseWith(ctx context.Context, l *sandboxpool.Lease, cwd string, also func(redis.Pipeliner)) error
-	Abandon(ctx context.Context, l *sandboxpool.Lease) error
+	Abandon(ctx context.Context, l *sandboxpool.Lease, rescueIn time.Duration) error
 	Yield(ctx context.Context, l *sandboxpool.Lease) error
 	Recreate(ctx context.Context, l *sandboxpool.Lease) error
 	Terminate(ctx context.Context, taskID string) error
 	ReapIdle(ctx context.Context, now time.Time, ttl time.Duration) (int, error)
+	ClaimOrphans(ctx context.Context) ([]sandboxpool.Orphan, error)
 }
 
 // Gateway is what the handlers need of gateway.Client.
 type Gateway interface {
 	Run(ctx context.Context, sandboxID string, req gateway.StartRequest) (gateway.ExecState, error)
 	PollExec(ctx context.Context, sandboxID, execID string, wait time.Duration) (gateway.ExecState, error)
+	CancelExec(ctx context.Context, sandboxID, execID string) error
 }
 
 // ExecHandler runs TypeExec tasks: it borrows the task's sandbox, runs the
@@ -64,6 +66,9 @@ type ExecHandler struct {
 // gateway answer (asynq.SkipRetry, result "error" written), a capacity wait
 // (*retryLater: not counted as a failure), or an infrastructure fault
 // (retried; on the last attempt the result "error" is written first).
+//
+// The lifecycle of a delivery, its lease, its exec and its result, and how
+// a rescuer takes over from a dead worker, is drawn in docs/LIFECYCLE.md.
 func (h *ExecHandler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 	h.metrics.addInFlight(1)
 	defer h.metrics.addInFlight(-1)
@@ -75,13 +80,18 @@ func (h *ExecHandler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 
 	var p ExecPayload
 	res := Result{ID: jobID, ExecID: ExecID(jobID), Attempts: retried + 1, StartedAt: startedAt}
+	d := &delivery{queue: queue, jobID: jobID, res: &res}
 	if err := json.Unmarshal(t.Payload(), &p); err != nil {
-		return h.finalError(ctx, queue, "", &res, fmt.Errorf("invalid job: %w", describeJSONError(err)))
+		return h.finalError(ctx, d, fmt.Errorf("invalid job: %w", describeJSONError(err)))
+	}
+	d.notify = p.Notify
+	if p.Seq {
+		d.seqTask = p.TaskID
 	}
 	res.TaskID = p.TaskID
 	if !utf8.Valid(t.Payload()) {
 		// Decoding turned the bad bytes into U+FFFD: not the job written.
-		return h.finalError(ctx, queue, p.Notify, &res, errors.New("invalid job: the payload is not valid UTF-8"))
+		return h.finalError(ctx, d, errors.New("invalid job: the payload is not valid UTF-8"))
 	}
 	if p.QueuedAtMs > 0 {
 		res.QueuedAt = time.UnixMilli(p.QueuedAtMs).UTC()
@@ -90,25 +100,39 @@ func (h *ExecHandler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 	log := h.log.With("job_id", jobID, "task_id", p.TaskID)
 	if err := p.Validate(); err != nil {
 		log.Info("rejected job", "err", err)
-		return h.finalError(ctx, queue, p.Notify, &res, err)
+		return h.finalError(ctx, d, err)
 	}
 
 	// What a delivery must check first (a result already written, a cancel
-	// request) rides along with the take of the lease: one round trip to
-	// Redis on the common path; the veto is the rare one.
-	acquireStart := time.Now()
-	ordered := p.AfterID == "" || res.QueuedAt.IsZero() || startedAt.Sub(res.QueuedAt) < orderWait
-	if !ordered {
-		log.Warn("waited too long for the task's earlier job; running without waiting for it", "after_job_id", p.AfterID, "waited", startedAt.Sub(res.QueuedAt).Round(time.Second))
+	// request, another job's turn) rides along with the take of the lease,
+	// and so do the exec's in-flight mark with what a rescuer needs, and
+	// the job's stamp (the lease's token fences the result; the sandbox
+	// the command starts in tells a later delivery whether it may start
+	// it): one round trip to Redis.
+	nonce := p.Nonce
+	if nonce == "" {
+		// Payloads written by other producers may lack it: derive one from
+		// the job id, so that every delivery parses the same marker.
+		sum := sha256.Sum256([]byte("boxq-marker:" + jobID))
+		nonce = hex.EncodeToString(sum[:12])
 	}
-	lease, err := h.pool.AcquireUnless(ctx, p.TaskID, h.specOf(&p.Job), res.ExecID, h.store.deliveryChecks(queue, jobID, &p, ordered))
+	note, err := json.Marshal(rescueNote{Job: jobID, Queue: queue, Task: p.TaskID, Seq: p.Seq, Nonce: nonce, Notify: p.Notify,
+		Cwd: p.Cwd, TimeoutMs: p.Timeout().Milliseconds(), QueuedAtMs: p.QueuedAtMs, StartedAtMs: startedAt.UnixMilli(), Attempts: res.Attempts})
+	if err != nil {
+		return fmt.Errorf("jobs: encode rescue note: %w", err)
+	}
+	acquireStart := time.Now()
+	lease, err := h.pool.AcquireFor(ctx, p.TaskID, h.specOf(&p.Job), sandboxpool.Intent{
+		ExecID: res.ExecID, Note: string(note), Unless: h.store.deliveryChecks(queue, jobID, &p), Stamp: taskKey(queue, jobID)})
 	h.metrics.observeAcquire(time.Since(acquireStart))
-	if errors.Is(err, sandboxpool.ErrVetoed) {
-		return h.vetoed(ctx, log, queue, p.Notify, &res)
+	var veto *sandboxpool.VetoError
+	if errors.As(err, &veto) {
+		return h.vetoed(ctx, log, d, veto.Index)
 	}
 	if err != nil {
-		return h.failure(ctx, queue, p.Notify, &res, retried, maxRetry, fmt.Errorf("acquire sandbox: %w", err))
+		return h.failure(ctx, d, retried, maxRetry, fmt.Errorf("acquire sandbox: %w", err))
 	}
+	d.owner = strconv.FormatInt(lease.Token(), 10)
 	log = log.With("sandbox_id", lease.SandboxID())
 	res.SandboxID = lease.SandboxID()
 
@@ -122,18 +146,21 @@ func (h *ExecHandler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 			if yerr := h.pool.Yield(ctx, lease); yerr != nil {
 				log.Warn("yield sandbox lease failed", "err", yerr)
 			}
-			return h.failure(ctx, queue, p.Notify, &res, retried, maxRetry, err)
+			return h.failure(ctx, d, retried, maxRetry, err)
 		}
 	}
 
-	// The marker nonce is fixed at enqueue, so a re-delivery parses the
-	// output of the exec it re-attaches to. Payloads written by other
-	// producers may lack it: derive one from the job id then.
-	nonce := p.Nonce
-	if nonce == "" {
-		sum := sha256.Sum256([]byte("boxq-marker:" + jobID))
-		nonce = hex.EncodeToString(sum[:12])
+	// An earlier delivery of this job may have started the command (it
+	// took the job this far, then died, stopped or lost its lease). In the
+	// same sandbox, starting the same exec id again re-attaches to it. In
+	// another one (the first was terminated, reaped, or lost with a
+	// gateway restart) the command must not run again.
+	startedIn := lease.StartedIn()
+	if startedIn != "" && startedIn != lease.SandboxKey() {
+		log.Warn("the sandbox this job's command may have started in is gone; not running it again")
+		return h.finalResult(ctx, log, d, lease, errLostWhileRunning)
 	}
+
 	marker := wrap.Marker(nonce)
 	// No cwd known: no cd at all, so the command starts in the sandbox's
 	// default cwd as the gateway sets it. (Spelling out "/root" would be the
@@ -141,18 +168,27 @@ func (h *ExecHandler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 	// own default to the sandbox's directory, not a path a script cds to.)
 	cwd := firstNonEmpty(p.Cwd, lease.Cwd())
 
-	runCtx, cancelRun := h.runContext(ctx, jobID)
+	runCtx, cancelRun := h.runContext(ctx, jobID, lease.Lost())
 	defer cancelRun(nil)
 	execStart := time.Now()
 	st, err := h.gw.Run(runCtx, lease.SandboxID(), h.startRequest(&p, res.ExecID, cwd, marker))
+	if errors.Is(err, gateway.ErrSandboxGone) && startedIn != "" {
+		// The sandbox was there when an earlier delivery took the job; the
+		// command may have run in it before it went.
+		log.Warn("sandbox is gone, and an earlier delivery may have started the command in it; not running it again", "err", err)
+		return h.finalResult(ctx, log, d, lease, errLostWhileRunning)
+	}
 	if errors.Is(err, gateway.ErrSandboxGone) {
 		// The sandbox was reaped, outlived its lifetime, or the gateway
-		// restarted. Create a new one and run once more there.
+		// restarted, before this command started: create a new one and
+		// run it there.
 		log.Warn("sandbox is gone; recreating it", "err", err)
 		if rerr := h.pool.Recreate(ctx, lease); rerr != nil {
 			// Classify by the create's failure (a capacity wait or a fault
 			// comes back later; a permanent answer ends the job), and say
 			// what started it.
+			err = fmt.Errorf("%w (recreating it after: %v)", rerr, err)
+		} else if rerr := h.store.restamp(ctx, queue, jobID, d.owner, lease.SandboxKey()); rerr != nil {
 			err = fmt.Errorf("%w (recreating it after: %v)", rerr, err)
 		} else {
 			res.SandboxRecreated = true
@@ -164,65 +200,123 @@ func (h *ExecHandler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 	}
 	h.metrics.observeExec(time.Since(execStart))
 	if errors.Is(err, gateway.ErrDetached) {
+		if leaseLost(lease) {
+			// Another holder (a rescuer) has the task: it writes the
+			// result. Stop waiting; never cancel the command.
+			log.Warn("lease lost to another holder while the command ran; leaving the command and its result to it")
+			return &retryLater{err: ErrFenced, after: 5 * time.Second}
+		}
 		// The worker is shutting down and asynq has put the job back. The
-		// exec goes on; the next delivery re-attaches to it.
+		// exec goes on; the next delivery, or a rescuer, re-attaches to it.
 		if stoppingNow(h.stopping) {
-			log.Info("worker stopping; leaving the exec running for the next delivery")
+			log.Info("worker stopping; leaving the exec running for the next delivery or a rescuer")
 		} else {
 			log.Warn("asynq stopped waiting for the job (its lease lapsed: Redis unreachable?); leaving the exec running for the next delivery")
 		}
-		h.abandon(ctx, log, lease)
+		h.abandon(ctx, log, lease, 0)
 		return err
 	}
 	if err != nil {
-		ret := h.failure(ctx, queue, p.Notify, &res, retried, maxRetry, fmt.Errorf("run command: %w", err))
-		if errors.Is(ret, asynq.SkipRetry) {
-			// The job has its final answer: nothing comes back for the exec.
+		ret := h.failure(ctx, d, retried, maxRetry, fmt.Errorf("run command: %w", err))
+		switch {
+		case errors.Is(ret, asynq.SkipRetry) && !errors.Is(err, gateway.ErrExecNotFound):
+			// The job has its final answer, but its command may still run
+			// (a permanent poll error, the last retry): stop it before the
+			// task's next command can start, or leave it marked in flight.
+			h.stopAndRelease(ctx, log, lease, res.ExecID)
+		case errors.Is(ret, asynq.SkipRetry):
 			h.release(ctx, log, lease, "")
-		} else {
+		default:
 			// The job comes back, and its start may have reached the
 			// gateway (an answer lost, then a refusal): leave the exec
 			// marked in flight, so the task's next command waits for it
 			// and the job's next delivery re-attaches to it
-			// (reliability.TestStartAnswerLostThenRefused).
-			h.abandon(ctx, log, lease)
+			// (reliability.TestStartAnswerLostThenRefused). A rescuer
+			// steps in only if the job does not come back for it.
+			h.abandon(ctx, log, lease, rescueDelay)
 		}
 		return ret
 	}
 
+	newCwd := h.fillResult(&res, st, marker, cwd, lease.Spec().WithDefaults().Cwd, p.Timeout())
+	log.Debug("exec finished", "status", res.Status, "returncode", res.ReturnCode, "exec_id", res.ExecID)
+	return h.releaseAndFinish(ctx, log, lease, newCwd, d)
+}
+
+// delivery is one delivery of a job, as far as writing its result goes.
+type delivery struct {
+	queue, jobID, notify string
+	seqTask              string // its task, when it is part of the task's sequence
+	owner                string // the lease token that fences its result ("" none yet)
+	res                  *Result
+}
+
+func (d *delivery) write(data []byte) resultWrite {
+	return resultWrite{queue: d.queue, jobID: d.jobID, notify: d.notify, seqTask: d.seqTask, owner: d.owner, data: data}
+}
+
+// rescueDelay is how long a rescuer leaves an exec alone whose job comes
+// back by itself (a retry after a failed attempt): asynq's first retry
+// comes after about a second.
+const rescueDelay = time.Minute
+
+// errLostWhileRunning is the result of a job whose command may have run in
+// a sandbox that is gone.
+var errLostWhileRunning = errors.New("the sandbox was lost while the command ran (it was terminated, reaped, or the gateway restarted); the command is not run again, so that it cannot run twice")
+
+// leaseLost reports whether another holder took l.
+func leaseLost(l *sandboxpool.Lease) bool {
+	select {
+	case <-l.Lost():
+		return true
+	default:
+		return false
+	}
+}
+
+// fillResult fills res from a finished exec and returns the cwd the
+// command reported ("" none). A command that exits the shell, times out
+// or is killed reports no cwd: it is where the command started, or the
+// sandbox's default.
+func (h *ExecHandler) fillResult(res *Result, st gateway.ExecState, marker, cwd, defaultCwd string, timeout time.Duration) string {
 	clean, newCwd := wrap.Parse(st.Output, marker)
 	res.Status, res.ReturnCode = resultStatus(st)
 	res.Output, res.Truncated, res.OutputBytes = capOutput(clean, h.maxOutput, st.OutputOmitted)
 	res.OutputInvalidUTF8 = strings.ContainsRune(clean, utf8.RuneError) || !utf8.ValidString(clean)
-	// A command that exits the shell, times out or is killed reports no
-	// cwd: it is where the command started, or the sandbox's default.
-	res.Cwd = firstNonEmpty(newCwd, cwd, lease.Spec().WithDefaults().Cwd)
+	res.Cwd = firstNonEmpty(newCwd, cwd, defaultCwd)
 	if st.Status == gateway.StatusTimeout {
-		res.Error = fmt.Sprintf("command timed out after %s", p.Timeout())
+		res.Error = fmt.Sprintf("command timed out after %s", timeout)
 	}
-	log.Debug("exec finished", "status", res.Status, "returncode", res.ReturnCode, "exec_id", res.ExecID)
-	return h.releaseAndFinish(ctx, log, lease, newCwd, queue, p.Notify, &res)
+	return newCwd
 }
 
 // vetoed ends a delivery that found, before it took the sandbox, that the
-// job has a result already or was cancelled.
-func (h *ExecHandler) vetoed(ctx context.Context, log *slog.Logger, queue, notify string, res *Result) error {
-	prev, cancelled, err := h.store.deliveryState(ctx, queue, res.ID)
-	switch {
-	case err != nil:
-		return err
-	case prev != nil:
-		// An earlier delivery finished this job; asynq just did not hear
-		// of it (a crash between the result write and the ack). Publish the
-		// same result again for a producer that may be waiting.
+// job has a result already, was cancelled, or waits for its turn.
+func (h *ExecHandler) vetoed(ctx context.Context, log *slog.Logger, d *delivery, check int) error {
+	switch check {
+	case vetoResult:
+		// An earlier delivery, or a rescuer, finished this job; asynq just
+		// did not hear of it (a crash between the result write and the
+		// ack). The result was published when it was written; a producer
+		// that missed it finds it by its sweep.
 		log.Info("result already recorded; not running the command again")
-		return h.store.writeResult(ctx, queue, res.ID, notify, prev)
-	case cancelled:
-		res.Status, res.ReturnCode, res.Error = StatusCancelled, gateway.ReturnCodeCancelled, "cancelled before it ran"
-		return h.finish(ctx, queue, notify, res)
+		return nil
+	case vetoCancel:
+		d.res.Status, d.res.ReturnCode, d.res.Error = StatusCancelled, gateway.ReturnCodeCancelled, "cancelled before it ran"
+		return h.finish(ctx, d)
+	case vetoTurn:
+		// Run out of turn (the dashboard's "run now" on a parked job):
+		// back to waiting; the hand-over promotes it from the retry set
+		// when its turn comes.
+		log.Info("not this job's turn in its task's sequence; it waits")
+		return &retryLater{err: errors.New("another job of the task has the turn"), after: turnRetry}
 	}
-	return fmt.Errorf("jobs: delivery of %s was held back by a mark that is gone now; trying again", res.ID)
+	return fmt.Errorf("jobs: delivery of %s was held back by check %d", d.jobID, check)
 }
+
+// turnRetry is when a job run out of turn is looked at again, if its turn
+// has not come by then.
+const turnRetry = time.Minute
 
 // runContext returns the context the gateway loop runs under. When the
 // job's context ends, it ends too: with cause context.Canceled, which
@@ -231,15 +325,24 @@ func (h *ExecHandler) vetoed(ctx context.Context, log *slog.Logger, queue, notif
 // job's next delivery to re-attach to, when the worker is shutting down or
 // asynq lost the job's lease (Redis unreachable for longer than its 30 s:
 // it will deliver the job again, a reason to wait, not to kill the command;
-// reliability.TestRedisOutageLongerThanLease).
+// reliability.TestRedisOutageLongerThanLease), or when the pool's lease
+// is lost to another holder (a rescuer: it collects the exec).
 //
 // A job was cancelled when Producer.Cancel flagged it (before it cancelled
 // the context), or when asynq's CancelProcessing, which is what the
 // dashboard's Cancel button calls, asked for it (cancelWatch;
 // TestCancelFromDashboard). Otherwise the exec is left running: a wrong
 // detach costs a re-attach, a wrong cancel a command.
-func (h *ExecHandler) runContext(ctx context.Context, jobID string) (context.Context, context.CancelCauseFunc) {
+func (h *ExecHandler) runContext(ctx context.Context, jobID string, lost <-chan struct{}) (context.Context, context.CancelCauseFunc) {
 	runCtx, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
+	go func() {
+		// The lease lost to another holder: stop waiting, leave the exec.
+		select {
+		case <-lost:
+			cancel(gateway.ErrDetached)
+		case <-runCtx.Done():
+		}
+	}()
 	stop := context.AfterFunc(ctx, func() {
 		if stoppingNow(h.stopping) {
 			cancel(gateway.ErrDetached)
@@ -257,13 +360,6 @@ func (h *ExecHandler) runContext(ctx context.Context, jobID string) (context.Con
 // cancelMarkTTL is how long the mark of a job cancelled from the dashboard
 // is kept: as long as results are by default.
 const cancelMarkTTL = 24 * time.Hour
-
-// orderWait bounds how long a job waits for the job enqueued before it for
-// its task: past it (that job stuck in a queue no worker serves, in long
-// retries, or a loop left by a failed enqueue that was sent again) the job
-// runs without it. The task's commands still never overlap: the lease sees
-// to that.
-const orderWait = 10 * time.Minute
 
 // cancelHeardWait is how long a job whose context ended waits to hear that
 // it was cancelled: asynq's subscriber, which ended the context, and the
@@ -321,46 +417,103 @@ func (h *ExecHandler) release(ctx context.Context, log *slog.Logger, l *sandboxp
 	}
 }
 
-func (h *ExecHandler) abandon(ctx context.Context, log *slog.Logger, l *sandboxpool.Lease) {
-	if err := h.pool.Abandon(ctx, l); err != nil {
+func (h *ExecHandler) abandon(ctx context.Context, log *slog.Logger, l *sandboxpool.Lease, rescueIn time.Duration) {
+	if err := h.pool.Abandon(ctx, l, rescueIn); err != nil {
 		log.Warn("abandon sandbox lease failed", "err", err)
 	}
 }
 
+// stopAndRelease cancels an exec that may still run and waits a little for
+// it to end, then frees the lease; an exec that cannot be seen to end stays
+// marked in flight, so that the task's next command waits for it and a
+// rescuer clears the mark once it has ended.
+func (h *ExecHandler) stopAndRelease(ctx context.Context, log *slog.Logger, l *sandboxpool.Lease, execID string) {
+	bg, cancel := context.WithTimeout(context.WithoutCancel(ctx), stopExecWait)
+	defer cancel()
+	if err := h.gw.CancelExec(bg, l.SandboxID(), execID); err != nil && !errors.Is(err, gateway.ErrExecNotFound) {
+		log.Warn("cancel exec failed", "exec_id", execID, "err", err)
+	}
+	for bg.Err() == nil {
+		st, err := h.gw.PollExec(bg, l.SandboxID(), execID, 2*time.Second)
+		if errors.Is(err, gateway.ErrExecNotFound) || err == nil && gateway.Terminal(st.Status) {
+			h.release(ctx, log, l, "")
+			return
+		}
+		if err != nil && !sleepCtx(bg, 200*time.Millisecond) {
+			break
+		}
+	}
+	log.Warn("could not see the command end; leaving it marked in flight", "exec_id", execID)
+	h.abandon(ctx, log, l, 0)
+}
+
+// stopExecWait bounds how long a job that ends for good waits for its
+// cancelled command to stop.
+const stopExecWait = 15 * time.Second
+
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
 // finish writes the result (and publishes it) and records its metrics.
-func (h *ExecHandler) finish(ctx context.Context, queue, notify string, res *Result) error {
-	data, err := h.encode(res)
+func (h *ExecHandler) finish(ctx context.Context, d *delivery) error {
+	data, err := h.encode(d.res)
 	if err != nil {
 		return err
 	}
-	if err := h.store.writeResult(ctx, queue, res.ID, notify, data); err != nil {
+	if err := h.store.writeResult(ctx, d.write(data)); err != nil {
 		return err
 	}
-	h.metrics.observeResult(res)
+	h.metrics.observeResult(d.res)
 	return nil
 }
 
 // releaseAndFinish releases the lease with the new cwd and then writes the
-// result, in one round trip to Redis: the release goes first, so that a
-// producer that reads the result and enqueues the task's next command
-// finds the task's sandbox free.
-func (h *ExecHandler) releaseAndFinish(ctx context.Context, log *slog.Logger, l *sandboxpool.Lease, cwd, queue, notify string, res *Result) error {
-	data, err := h.encode(res)
+// result, in one round trip to Redis: the release goes first, so that the
+// task's next job, which the result write hands the turn to, finds the
+// task's sandbox free. The result write is fenced by the lease's token: a
+// holder whose job was taken over writes nothing (ErrFenced), and the job
+// comes back to find the other holder's result.
+func (h *ExecHandler) releaseAndFinish(ctx context.Context, log *slog.Logger, l *sandboxpool.Lease, cwd string, d *delivery) error {
+	data, err := h.encode(d.res)
 	if err != nil {
 		h.release(ctx, log, l, cwd)
 		return err
 	}
 	var write *redis.Cmd
 	if err := h.pool.ReleaseWith(ctx, l, cwd, func(pipe redis.Pipeliner) {
-		write = h.store.queueResult(ctx, pipe, queue, res.ID, notify, data)
+		write = h.store.queueResult(ctx, pipe, d.write(data))
 	}); err != nil {
 		log.Warn("release sandbox lease failed", "err", err)
 	}
-	if err := write.Err(); err != nil {
-		return fmt.Errorf("jobs: write result of %s: %w", res.ID, err)
+	n, err := write.Int64()
+	if err := resultErr(d.jobID, n, err); err != nil {
+		if errors.Is(err, ErrFenced) {
+			log.Warn("another holder took the job over; its result stands, not ours")
+			return &retryLater{err: err, after: 5 * time.Second}
+		}
+		return err
 	}
-	h.metrics.observeResult(res)
+	h.metrics.observeResult(d.res)
 	return nil
+}
+
+// finalResult ends a job that holds the lease with status "error" and no
+// retries: it releases the lease (the command never started here) and
+// writes the result, fenced.
+func (h *ExecHandler) finalResult(ctx context.Context, log *slog.Logger, d *delivery, l *sandboxpool.Lease, cause error) error {
+	d.res.Status, d.res.ReturnCode, d.res.Error = StatusError, 1, cause.Error()
+	if err := h.releaseAndFinish(ctx, log, l, "", d); err != nil {
+		return err
+	}
+	return fmt.Errorf("%w: %w", cause, asynq.SkipRetry)
 }
 
 // encode stamps the result's end and encodes it.
@@ -378,16 +531,19 @@ func (h *ExecHandler) encode(res *Result) ([]byte, error) {
 
 // finalError records a result with status "error" and ends the job without
 // retries.
-func (h *ExecHandler) finalError(ctx context.Context, queue, notify string, res *Result, cause error) error {
-	res.Status, res.ReturnCode, res.Error = StatusError, 1, cause.Error()
-	if err := h.finish(ctx, queue, notify, res); err != nil {
+func (h *ExecHandler) finalError(ctx context.Context, d *delivery, cause error) error {
+	d.res.Status, d.res.ReturnCode, d.res.Error = StatusError, 1, cause.Error()
+	if err := h.finish(ctx, d); err != nil {
+		if errors.Is(err, ErrFenced) {
+			return &retryLater{err: err, after: 5 * time.Second}
+		}
 		return err // not recorded: let asynq retry, so the answer is not lost
 	}
 	return fmt.Errorf("%w: %w", cause, asynq.SkipRetry)
 }
 
 // failure decides, in one place, what a failed attempt becomes.
-func (h *ExecHandler) failure(ctx context.Context, queue, notify string, res *Result, retried, maxRetry int, err error) error {
+func (h *ExecHandler) failure(ctx context.Context, d *delivery, retried, maxRetry int, err error) error {
 	h.metrics.observeGatewayError(err)
 	switch {
 	case errors.Is(err, sandboxpool.ErrBusy):
@@ -398,22 +554,34 @@ func (h *ExecHandler) failure(ctx context.Context, queue, notify string, res *Re
 		// The gateway forgot the exec (restart, the sandbox ended, or a
 		// re-delivery later than its retention). Running it again could
 		// run the command twice. (Before the permanent case: a 404 is one.)
-		return h.finalError(ctx, queue, notify, res, fmt.Errorf("%w (the gateway lost track of the command: it restarted, or the sandbox ended; its outcome is unknown, and it is not run again so that it cannot run twice)", err))
+		return h.finalError(ctx, d, fmt.Errorf("%w (the gateway lost track of the command: it restarted, or the sandbox ended; its outcome is unknown, and it is not run again so that it cannot run twice)", err))
 	case gateway.StatusCode(err) != 0 && gateway.Classify(err) == gateway.Permanent:
-		return h.finalError(ctx, queue, notify, res, err)
+		return h.finalError(ctx, d, err)
+	case ctx.Err() != nil && retried >= maxRetry && !stoppingNow(h.stopping):
+		// The last attempt ran out of time (asynq's deadline) or was
+		// cancelled: the job will not come back, so it ends here, with a
+		// result that lasts (issue 12, item 7).
+		if h.cancels.requested(d.jobID, cancelHeardWait) || h.store.cancelRequested(ctx, d.jobID) {
+			d.res.Status, d.res.ReturnCode, d.res.Error = StatusCancelled, gateway.ReturnCodeCancelled, "cancelled"
+			if ferr := h.finish(ctx, d); ferr != nil {
+				return ferr
+			}
+			return fmt.Errorf("%w: %w", ctx.Err(), asynq.SkipRetry)
+		}
+		return h.finalError(ctx, d, fmt.Errorf("giving up after %d attempts: %w", retried+1, err))
 	case ctx.Err() != nil:
 		// Stopped while waiting (for the task's lease, or an exec left
 		// running): by a cancel from an asynq client (the dashboard), mark
 		// the job as Producer.Cancel does, so that its next delivery ends
 		// it cancelled rather than running it.
-		if !stoppingNow(h.stopping) && !errors.Is(ctx.Err(), context.DeadlineExceeded) && h.cancels.requested(res.ID, cancelHeardWait) {
-			if merr := h.store.markCancelled(context.WithoutCancel(ctx), res.ID, cancelMarkTTL); merr != nil {
-				h.log.Warn("could not mark a cancelled job", "job_id", res.ID, "err", merr)
+		if !stoppingNow(h.stopping) && !errors.Is(ctx.Err(), context.DeadlineExceeded) && h.cancels.requested(d.jobID, cancelHeardWait) {
+			if merr := h.store.markCancelled(context.WithoutCancel(ctx), d.jobID, cancelMarkTTL); merr != nil {
+				h.log.Warn("could not mark a cancelled job", "job_id", d.jobID, "err", merr)
 			}
 		}
 		return ctx.Err()
 	case retried >= maxRetry:
-		return h.finalError(ctx, queue, notify, res, fmt.Errorf("giving up after %d attempts: %w", retried+1, err))
+		return h.finalError(ctx, d, fmt.Errorf("giving up after %d attempts: %w", retried+1, err))
 	}
 	return err
 }

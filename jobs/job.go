@@ -398,11 +398,11 @@ type ExecPayload struct {
 	Notify string `json:"notify,omitempty"`
 	// QueuedAtMs is when the producer enqueued the job (Unix ms).
 	QueuedAtMs int64 `json:"queued_at_ms,omitempty"`
-	// AfterID and AfterQueue name the job enqueued for the same task just
-	// before this one (Producer.Enqueue): this one runs after that one has
-	// ended, so that a task's commands run in the order they were sent.
-	AfterID    string `json:"after_id,omitempty"`
-	AfterQueue string `json:"after_queue,omitempty"`
+	// Seq says the job is part of its task's sequence in its queue
+	// (sequence.go): Producer.Enqueue put it there. A job without it (from
+	// another producer) runs when a worker takes it, one at a time with the
+	// task's other commands, in no set order.
+	Seq bool `json:"seq,omitempty"`
 }
 
 // execNamespace derives exec ids from job ids (UUID v5): a job has the same
@@ -475,12 +475,16 @@ type Result struct {
 	// not the exact bytes (encode binary output in the command, e.g.
 	// base64, to get it intact). A command that prints U+FFFD itself also
 	// sets it.
-	OutputInvalidUTF8 bool      `json:"output_invalid_utf8"`
-	SandboxRecreated  bool      `json:"sandbox_recreated"`
-	Attempts          int       `json:"attempts"`
-	QueuedAt          time.Time `json:"queued_at"`
-	StartedAt         time.Time `json:"started_at"`
-	FinishedAt        time.Time `json:"finished_at"`
-	DurationMs        int64     `json:"duration_ms"`
-	Error             string    `json:"error"`
+	OutputInvalidUTF8 bool `json:"output_invalid_utf8"`
+	SandboxRecreated  bool `json:"sandbox_recreated"`
+	// Rescued says a worker other than the one that started the command
+	// wrote the result: that one died (or stalled past its lease) while the
+	// command ran, and a rescuer collected it (docs/LIFECYCLE.md).
+	Rescued    bool      `json:"rescued,omitempty"`
+	Attempts   int       `json:"attempts"`
+	QueuedAt   time.Time `json:"queued_at"`
+	StartedAt  time.Time `json:"started_at"`
+	FinishedAt time.Time `json:"finished_at"`
+	DurationMs int64     `json:"duration_ms"`
+	Error      string    `json:"error"`
 }

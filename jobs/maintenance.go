@@ -34,17 +34,32 @@ func (h *TerminateHandler) ProcessTask(ctx context.Context, t *asynq.Task) error
 }
 
 // ReapHandler runs TypeReap tasks: it terminates sandboxes idle for longer
-// than ttl.
+// than ttl, and repairs the task sequences of the worker's queues
+// (sequence.go). One runs per tick across the fleet.
 type ReapHandler struct {
-	pool    Pool
-	ttl     time.Duration
-	now     func() time.Time
-	log     *slog.Logger
-	metrics *Metrics
+	pool   Pool
+	store  store
+	queues []string
+	// repairAfter: WorkerConfig.SeqRepairAfter.
+	repairAfter time.Duration
+	ttl         time.Duration
+	now         func() time.Time
+	log         *slog.Logger
+	metrics     *Metrics
 }
 
 // ProcessTask implements asynq.Handler.
 func (h *ReapHandler) ProcessTask(ctx context.Context, _ *asynq.Task) error {
+	for _, q := range h.queues {
+		moved, err := h.store.repairSequences(ctx, q, h.now(), h.repairAfter)
+		h.metrics.addSeqRepairs(moved)
+		if moved > 0 {
+			h.log.Info("repaired task sequences", "queue", q, "count", moved)
+		}
+		if err != nil {
+			h.log.Warn("repair task sequences", "queue", q, "err", err)
+		}
+	}
 	n, err := h.pool.ReapIdle(ctx, h.now(), h.ttl)
 	h.metrics.addReaped(n)
 	if n > 0 {

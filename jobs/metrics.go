@@ -23,6 +23,8 @@ type Metrics struct {
 	gwErrors   *prometheus.CounterVec
 	inFlight   prometheus.Gauge
 	reaped     prometheus.Counter
+	rescues    prometheus.Counter
+	seqRepairs prometheus.Counter
 	liveSource func(context.Context) (int64, error)
 }
 
@@ -49,9 +51,13 @@ func NewMetrics(reg prometheus.Registerer, live func(context.Context) (int64, er
 			Help: "Exec jobs being handled by this worker."}),
 		reaped: prometheus.NewCounter(prometheus.CounterOpts{Namespace: "boxq", Name: "sandboxes_reaped_total",
 			Help: "Idle sandboxes terminated by this worker's reaper."}),
+		rescues: prometheus.NewCounter(prometheus.CounterOpts{Namespace: "boxq", Name: "rescues_total",
+			Help: "Commands of dead (or stalled) workers that this worker's rescuer took over."}),
+		seqRepairs: prometheus.NewCounter(prometheus.CounterOpts{Namespace: "boxq", Name: "sequence_repairs_total",
+			Help: "Task sequences this worker's repair moved on (a head deleted or archived from the dashboard, or a producer that died mid-enqueue)."}),
 		liveSource: live,
 	}
-	cs := []prometheus.Collector{m.queueWait, m.acquire, m.execRun, m.endToEnd, m.results, m.gwErrors, m.inFlight, m.reaped}
+	cs := []prometheus.Collector{m.queueWait, m.acquire, m.execRun, m.endToEnd, m.results, m.gwErrors, m.inFlight, m.reaped, m.rescues, m.seqRepairs}
 	for _, s := range []string{StatusCompleted, StatusTimeout, StatusCancelled, StatusError} {
 		m.results.WithLabelValues(s)
 	}
@@ -123,6 +129,18 @@ func (m *Metrics) observeGatewayError(err error) {
 func (m *Metrics) addInFlight(d float64) {
 	if m != nil {
 		m.inFlight.Add(d)
+	}
+}
+
+func (m *Metrics) addRescue() {
+	if m != nil {
+		m.rescues.Inc()
+	}
+}
+
+func (m *Metrics) addSeqRepairs(n int) {
+	if m != nil {
+		m.seqRepairs.Add(float64(n))
 	}
 }
 

@@ -38,6 +38,7 @@ type Producer struct {
 	insp   *asynq.Inspector
 	store  store
 	cfg    ProducerConfig
+	faults producerFaults
 }
 
 // NewProducer returns a Producer on rdb. Close it when done.
@@ -91,36 +92,62 @@ func (p *Producer) Enqueue(ctx context.Context, j Job, notify string) (Enqueued,
 		j.ID = uuid.NewString()
 	}
 	e := Enqueued{ID: j.ID, Queue: j.QueueName()}
-	// The task's commands run in the order they are enqueued: each one
-	// after the one before it (ExecPayload.AfterID).
-	afterQueue, afterID, err := p.store.chain(ctx, j.TaskID, e.Queue, j.ID, p.cfg.Retention)
+	// The task's commands run in the order they are enqueued: the job
+	// joins its task's sequence first, and is enqueued runnable when it is
+	// the head, parked when it waits (sequence.go).
+	seq := p.store.sequence(e.Queue, j.TaskID)
+	place, err := seq.join(ctx, p.rdb, j.ID)
 	if err != nil {
 		return Enqueued{}, err
 	}
-	task, err := NewExecTask(ExecPayload{Job: j, Nonce: wrap.NewNonce(), Notify: notify, QueuedAtMs: time.Now().UnixMilli(),
-		AfterID: afterID, AfterQueue: afterQueue})
+	if place == joinExists {
+		e.Existed = true
+		return e, nil
+	}
+	if p.faults.afterJoin != nil {
+		p.faults.afterJoin()
+	}
+	task, err := NewExecTask(ExecPayload{Job: j, Nonce: wrap.NewNonce(), Notify: notify, QueuedAtMs: time.Now().UnixMilli(), Seq: true})
 	if err != nil {
 		return Enqueued{}, err
 	}
-	_, err = p.client.EnqueueContext(ctx, task,
-		asynq.TaskID(j.ID), asynq.Queue(e.Queue), asynq.MaxRetry(p.cfg.MaxRetry),
+	opts := []asynq.Option{asynq.TaskID(j.ID), asynq.Queue(e.Queue), asynq.MaxRetry(p.cfg.MaxRetry),
 		asynq.Retention(p.cfg.Retention),
 		// asynq's own deadline sits well past the client's (timeout + 10s
 		// grace), so that the gateway loop, not asynq, ends a slow command.
-		asynq.Timeout(j.Timeout()+2*time.Minute))
+		asynq.Timeout(j.Timeout() + 2*time.Minute)}
+	if place == joinWait {
+		opts = append(opts, asynq.ProcessAt(parkedAt))
+	}
+	_, err = p.client.EnqueueContext(ctx, task, opts...)
 	if errors.Is(err, asynq.ErrTaskIDConflict) {
+		// Enqueued meanwhile by another producer of the same id.
 		e.Existed = true
 		return e, nil
 	}
 	if err != nil {
-		// Not enqueued (as far as we know): the task's next job must not
-		// follow this one.
-		if uerr := p.store.unchain(ctx, j.TaskID, j.ID, afterQueue, afterID, p.cfg.Retention); uerr != nil {
-			p.cfg.Logger.Warn("could not undo the job's place in its task's order", "job_id", j.ID, "task_id", j.TaskID, "err", uerr)
-		}
+		// Not enqueued, as far as we know: its place in the sequence is
+		// passed over by the repair if the job never appears.
 		return Enqueued{}, fmt.Errorf("jobs: enqueue %s: %w", j.ID, err)
 	}
+	if place == joinWait {
+		if p.faults.beforeConfirm != nil {
+			p.faults.beforeConfirm()
+		}
+		// Its predecessor may have ended between join and enqueue, and
+		// handed it the turn while it was not there to promote.
+		if err := seq.confirm(ctx, p.rdb, j.ID); err != nil {
+			return e, err
+		}
+	}
 	return e, nil
+}
+
+// producerFaults are fault points for tests: a producer that dies between
+// the steps of an enqueue (the hook panics, or blocks).
+type producerFaults struct {
+	afterJoin     func()
+	beforeConfirm func()
 }
 
 // Terminate enqueues a job that ends taskID's sandbox now.
@@ -141,7 +168,9 @@ var ErrJobNotFound = errors.New("job not found")
 
 // Cancel cancels a job: a pending one never runs, a running one has its
 // exec cancelled; both end with a "cancelled" result (rc 130). A job that
-// already has a result is left as it is.
+// waits for its turn in its task's sequence leaves it and gets its
+// "cancelled" result at once. A job that already has a result is left as
+// it is.
 func (p *Producer) Cancel(ctx context.Context, jobID string) error {
 	info, err := p.find(jobID)
 	if err != nil {
@@ -155,24 +184,59 @@ func (p *Producer) Cancel(ctx context.Context, jobID string) error {
 	if err := p.store.markCancelled(ctx, jobID, p.cfg.Retention); err != nil {
 		return err
 	}
+	if pl, ok := payloadOf(info); ok && pl.Seq {
+		res, err := json.Marshal(Result{ID: jobID, TaskID: pl.TaskID, ExecID: ExecID(jobID), Status: StatusCancelled,
+			ReturnCode: 130, Error: "cancelled while it waited for its turn", FinishedAt: time.Now().UTC(),
+			QueuedAt: time.UnixMilli(pl.QueuedAtMs).UTC()})
+		if err != nil {
+			return fmt.Errorf("jobs: encode result: %w", err)
+		}
+		if _, err := p.store.sequence(info.Queue, pl.TaskID).leave(ctx, p.rdb, jobID, res); err != nil {
+			return err
+		}
+	}
 	if err := p.insp.CancelProcessing(jobID); err != nil {
 		return fmt.Errorf("jobs: cancel %s: %w", jobID, err)
 	}
 	if info.State == asynq.TaskStateRetry || info.State == asynq.TaskStateScheduled {
-		// Bring it forward so its cancelled result is written now.
+		// Bring it forward so that a worker ends it: with its cancelled
+		// result, or, for one taken out of its sequence with its result
+		// written, just acked.
 		_ = p.insp.RunTask(info.Queue, jobID)
 	}
 	return nil
 }
 
-// Lookup returns a job's result. ok is false while the job has none yet.
+// payloadOf decodes an exec job's payload.
+func payloadOf(info *asynq.TaskInfo) (ExecPayload, bool) {
+	var pl ExecPayload
+	if info.Type != TypeExec || json.Unmarshal(info.Payload, &pl) != nil {
+		return pl, false
+	}
+	return pl, true
+}
+
+// Lookup returns a job's result. ok is false while the job has none yet;
+// state then says where it is: asynq's state (pending, active, retry,
+// …), or, for a job waiting for its turn in its task's sequence,
+// "waiting" with the job whose turn it is and how many are ahead.
 func (p *Producer) Lookup(ctx context.Context, jobID string) (res Result, state string, ok bool, err error) {
 	info, err := p.find(jobID)
 	if err != nil {
 		return Result{}, "", false, err
 	}
 	if len(info.Result) == 0 {
-		return Result{}, info.State.String(), false, nil
+		state := info.State.String()
+		if pl, isExec := payloadOf(info); isExec && pl.Seq && info.State == asynq.TaskStateScheduled {
+			place, waiting, err := p.store.sequence(info.Queue, pl.TaskID).place(ctx, p.rdb, jobID)
+			if err != nil {
+				return Result{}, "", false, err
+			}
+			if waiting {
+				state = fmt.Sprintf("waiting for its turn in task %q: behind job %s, %d ahead", pl.TaskID, place.Head, place.Ahead)
+			}
+		}
+		return Result{}, state, false, nil
 	}
 	if err := json.Unmarshal(info.Result, &res); err != nil {
 		return Result{}, info.State.String(), false, fmt.Errorf("jobs: decode result of %s: %w", jobID, err)

@@ -22,18 +22,72 @@ func taskKey(queue, id string) string {
 	return "asynq:{" + queue + "}:t:" + id
 }
 
-// writeResultScript stores a result and publishes it in one round trip.
-// It never creates the task hash: a result for a task that asynq has
-// already deleted would otherwise linger without expiry.
-var writeResultScript = redis.NewScript(`
-if redis.call("EXISTS", KEYS[1]) == 1 then
-	redis.call("HSET", KEYS[1], "result", ARGV[1])
+// resultScript stores a job's result, publishes it, and hands the job's
+// sequence over to the next job, in one atomic step (sequence.go).
+//
+// The write is fenced: with an owner token, it is refused ({0}) unless the
+// job's hash still names that owner (the lease token that last took the
+// job: a worker that stalled while a rescuer took over, or a rescuer that
+// lost to the job's own delivery, writes nothing). A job that has a result
+// already keeps it ({2}): a job gets one result, published once. It never
+// creates the task hash: a result for a task that asynq has already
+// deleted would otherwise linger without expiry (the sequence still moves
+// on).
+//
+// KEYS: seqLib's, 4 the job's task hash. ARGV: seqLib's (task "" for a job
+// in no sequence), 6 result, 7 notify channel ("" none), 8 job id, 9 owner
+// token ("" unfenced).
+var resultScript = redis.NewScript(seqLib + `
+local tk = KEYS[4]
+local wrote = 1
+if redis.call('EXISTS', tk) == 1 then
+	if ARGV[9] ~= '' and redis.call('HGET', tk, 'boxq_owner') ~= ARGV[9] then return 0 end
+	if redis.call('HEXISTS', tk, 'result') == 1 then
+		wrote = 2
+	else
+		redis.call('HSET', tk, 'result', ARGV[6])
+	end
 end
-if ARGV[2] ~= "" then
-	redis.call("PUBLISH", ARGV[2], ARGV[1])
+if wrote == 1 and ARGV[7] ~= '' then
+	redis.call('PUBLISH', ARGV[7], ARGV[6])
 end
-return 1
+if TASK ~= '' and redis.call('HGET', SEQ, 'head') == ARGV[8] then handover() end
+return wrote
 `)
+
+// Replies of resultScript.
+const (
+	resultFenced  = 0
+	resultWritten = 1
+	resultHadOne  = 2
+)
+
+// ErrFenced means a result write was refused: the job is in other hands
+// (a rescuer took it over, or the job's own later delivery).
+var ErrFenced = errors.New("jobs: fenced out: the job is in other hands")
+
+// resultWrite is one result to write.
+type resultWrite struct {
+	queue, jobID, notify string
+	seqTask              string // the task whose sequence moves on ("" none)
+	owner                string // fencing token ("" unfenced)
+	data                 []byte
+}
+
+func (w resultWrite) keysArgs(prefix string) ([]string, []any) {
+	q := sequence{queue: w.queue, task: w.seqTask, prefix: prefix}
+	return q.keys(taskKey(w.queue, w.jobID)), q.args(time.Now(), w.data, w.notify, w.jobID, w.owner)
+}
+
+func resultErr(jobID string, n int64, err error) error {
+	switch {
+	case err != nil:
+		return fmt.Errorf("jobs: write result of %s: %w", jobID, err)
+	case n == resultFenced:
+		return fmt.Errorf("jobs: write result of %s: %w", jobID, ErrFenced)
+	}
+	return nil
+}
 
 // store holds the few Redis keys boxq keeps next to asynq's.
 type store struct {
@@ -43,96 +97,84 @@ type store struct {
 
 func (s store) cancelKey(jobID string) string { return s.prefix + "cancel:" + jobID }
 
-// writeResult stores the encoded result with the task and publishes it on
-// notify ("" = nobody waits). It uses its own bounded context: a result
-// must be written even when the job's context is gone.
-func (s store) writeResult(ctx context.Context, queue, jobID, notify string, data []byte) error {
+// writeResult writes a result (resultScript). It uses its own bounded
+// context: a result must be written even when the job's context is gone.
+func (s store) writeResult(ctx context.Context, w resultWrite) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
-	if err := writeResultScript.Run(ctx, s.rdb, []string{taskKey(queue, jobID)}, data, notify).Err(); err != nil {
-		return fmt.Errorf("jobs: write result of %s: %w", jobID, err)
-	}
-	return nil
+	keys, args := w.keysArgs(s.prefix)
+	n, err := resultScript.Run(ctx, s.rdb, keys, args...).Int64()
+	return resultErr(w.jobID, n, err)
 }
 
 // queueResult queues on pipe what writeResult does, for a caller that
 // sends it with other commands (sandboxpool.Pool.ReleaseWith). Eval, not
 // EvalSha: a pipeline cannot fall back when Redis lost its scripts.
-func (s store) queueResult(ctx context.Context, pipe redis.Pipeliner, queue, jobID, notify string, data []byte) *redis.Cmd {
-	return writeResultScript.Eval(ctx, pipe, []string{taskKey(queue, jobID)}, data, notify)
+func (s store) queueResult(ctx context.Context, pipe redis.Pipeliner, w resultWrite) *redis.Cmd {
+	keys, args := w.keysArgs(s.prefix)
+	return resultScript.Eval(ctx, pipe, keys, args...)
 }
 
-// deliveryChecks are what holds back a delivery of job jobID of p: its
-// result, already written, and a cancel request (either ends the delivery
-// without running the command), and the job enqueued before it for the
-// same task, until that one has ended (a result, archived, or gone), when
-// ordered. The pool checks them when it takes the task's lease
-// (sandboxpool.Pool.AcquireUnless).
-func (s store) deliveryChecks(queue, jobID string, p *ExecPayload, ordered bool) []sandboxpool.Check {
-	checks := []sandboxpool.Check{{Key: taskKey(queue, jobID), Field: "result"}, {Key: s.cancelKey(jobID)}}
-	if ordered && p.AfterID != "" && p.AfterQueue != "" && p.AfterID != jobID {
-		checks = append(checks, sandboxpool.Check{Key: taskKey(p.AfterQueue, p.AfterID), Field: "result",
-			Wait: true, Settled: []string{"archived", "completed"}})
-	}
-	return checks
-}
-
-// chainKey holds the last job enqueued for a task: the next one runs after
-// it.
-func (s store) chainKey(taskID string) string { return s.prefix + "last:" + taskID }
-
-// chainScript records a task's newest job and returns the one before it
-// ({queue, id}, false for none). A job that exists already (enqueued
-// again: asynq will refuse it) changes nothing and gets nothing, so that
-// the job after it still follows the task's real last job.
+// takeOverScript makes a rescuer the owner of a job's results, unless the
+// job has a result already ({2}) or a later lease took it ({0}: the owner
+// token is larger than the rescuer's). {1}: taken over.
 //
-// KEYS: the chain key, the job's asynq task key. ARGV: queue, job id, TTL
-// ms.
-var chainScript = redis.NewScript(`
-if redis.call('EXISTS', KEYS[2]) == 1 then return {} end
-local prev = redis.call('HMGET', KEYS[1], 'queue', 'id')
-redis.call('HSET', KEYS[1], 'queue', ARGV[1], 'id', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return prev
-`)
-
-// unchainScript undoes chainScript for a job that was not enqueued after
-// all, if it is still the task's newest: the next job follows the one
-// before it instead. KEYS: the chain key. ARGV: job id, the previous
-// job's queue and id ("" for none), TTL ms.
-var unchainScript = redis.NewScript(`
-if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then return 0 end
-if ARGV[3] == '' then
-	redis.call('DEL', KEYS[1])
-else
-	redis.call('HSET', KEYS[1], 'queue', ARGV[2], 'id', ARGV[3])
-	redis.call('PEXPIRE', KEYS[1], ARGV[4])
-end
+// KEYS: the job's task hash. ARGV: the rescuer's token.
+var takeOverScript = redis.NewScript(`
+if redis.call('HEXISTS', KEYS[1], 'result') == 1 then return 2 end
+local owner = tonumber(redis.call('HGET', KEYS[1], 'boxq_owner') or '0')
+if owner > tonumber(ARGV[1]) then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'boxq_owner', ARGV[1]) end
 return 1
 `)
 
-// chain records jobID as taskID's newest job and returns the job before it
-// ("" for none).
-func (s store) chain(ctx context.Context, taskID, queue, jobID string, ttl time.Duration) (prevQueue, prevID string, err error) {
-	reply, err := chainScript.Run(ctx, s.rdb, []string{s.chainKey(taskID), taskKey(queue, jobID)}, queue, jobID, ttl.Milliseconds()).Slice()
+// takeOver makes owner the writer of jobID's result (takeOverScript).
+func (s store) takeOver(ctx context.Context, queue, jobID, owner string) (int64, error) {
+	n, err := takeOverScript.Run(ctx, s.rdb, []string{taskKey(queue, jobID)}, owner).Int64()
 	if err != nil {
-		return "", "", fmt.Errorf("jobs: order after the task's last job: %w", err)
+		return 0, fmt.Errorf("jobs: take over %s: %w", jobID, err)
 	}
-	if len(reply) == 2 {
-		prevQueue, _ = reply[0].(string)
-		prevID, _ = reply[1].(string)
-	}
-	if prevID == jobID {
-		return "", "", nil
-	}
-	return prevQueue, prevID, nil
+	return n, nil
 }
 
-// unchain undoes chain for a job whose enqueue failed.
-func (s store) unchain(ctx context.Context, taskID, jobID, prevQueue, prevID string, ttl time.Duration) error {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-	defer cancel()
-	return unchainScript.Run(ctx, s.rdb, []string{s.chainKey(taskID)}, jobID, prevQueue, prevID, ttl.Milliseconds()).Err()
+// restampScript records the new sandbox a job's command starts in after
+// the first was found gone, if the job is still the owner's.
+//
+// KEYS: the job's task hash. ARGV: owner token, sandbox key.
+var restampScript = redis.NewScript(`
+if redis.call('HGET', KEYS[1], 'boxq_owner') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'boxq_start', ARGV[2])
+return 1
+`)
+
+func (s store) restamp(ctx context.Context, queue, jobID, owner, sandboxKey string) error {
+	n, err := restampScript.Run(ctx, s.rdb, []string{taskKey(queue, jobID)}, owner, sandboxKey).Int64()
+	if err != nil {
+		return fmt.Errorf("jobs: record the new sandbox of %s: %w", jobID, err)
+	}
+	if n == 0 {
+		return fmt.Errorf("jobs: record the new sandbox of %s: %w", jobID, ErrFenced)
+	}
+	return nil
+}
+
+// Checks that hold back a delivery, in this order (ExecHandler.vetoed).
+const (
+	vetoResult = iota // the job has a result already
+	vetoCancel        // the job was cancelled
+	vetoTurn          // another job of the task's sequence has the turn
+)
+
+// deliveryChecks are what holds back a delivery of job jobID of p: its
+// result, already written, a cancel request, and, for a job of a
+// sequence, another job's turn. The pool checks them when it takes the
+// task's lease (sandboxpool.Pool.AcquireFor).
+func (s store) deliveryChecks(queue, jobID string, p *ExecPayload) []sandboxpool.Check {
+	checks := []sandboxpool.Check{{Key: taskKey(queue, jobID), Field: "result"}, {Key: s.cancelKey(jobID)}}
+	if p.Seq {
+		checks = append(checks, sandboxpool.Check{Key: s.sequence(queue, p.TaskID).key(), Field: "head", Other: jobID})
+	}
+	return checks
 }
 
 // deliveryState is what a delivery of a job checks before it runs: a result

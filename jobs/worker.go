@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"time"
 
@@ -51,7 +52,17 @@ type WorkerConfig struct {
 	// IdleTTL: sandboxes unused for this long are terminated. Default 5m.
 	IdleTTL time.Duration
 	// ReapEvery is the reaper's tick; 0 = default 30s, negative = no reaper.
+	// The same tick repairs the task sequences of Queues.
 	ReapEvery time.Duration
+	// SeqRepairAfter is how long a task sequence's head may keep its turn
+	// unchanged before the reaper's tick looks at it (deleted or archived
+	// from the dashboard, its producer dead mid-enqueue). Default
+	// DefaultSeqRepairAfter.
+	SeqRepairAfter time.Duration
+	// RescueEvery is how often the worker looks for commands left running
+	// by dead workers, to finish their jobs (Rescuer); 0 = default 1s,
+	// negative = never.
+	RescueEvery time.Duration
 	// MaxOutput caps a result's output (head and tail kept). Default 1 MiB.
 	MaxOutput int
 	// Prefix of boxq's own Redis keys (cancel flags). Default "boxq:".
@@ -82,6 +93,12 @@ func (c *WorkerConfig) withDefaults() {
 	}
 	if c.ReapEvery == 0 {
 		c.ReapEvery = 30 * time.Second
+	}
+	if c.SeqRepairAfter == 0 {
+		c.SeqRepairAfter = DefaultSeqRepairAfter
+	}
+	if c.RescueEvery == 0 {
+		c.RescueEvery = DefaultRescueEvery
 	}
 	if c.MaxOutput == 0 {
 		c.MaxOutput = 1 << 20
@@ -120,6 +137,7 @@ type Worker struct {
 	srv      *asynq.Server
 	mux      *asynq.ServeMux
 	reaper   *Reaper
+	rescuer  *Rescuer
 	client   *asynq.Client
 	stopping chan struct{}
 	cancels  *cancelWatch
@@ -166,7 +184,15 @@ func NewWorker(cfg WorkerConfig) (*Worker, error) {
 	w.mux.Use(w.track, w.awaitRedis)
 	w.mux.Handle(TypeExec, exec)
 	w.mux.Handle(TypeTerminate, &TerminateHandler{pool: cfg.Pool, log: log})
-	w.mux.Handle(TypeReap, &ReapHandler{pool: cfg.Pool, ttl: cfg.IdleTTL, now: cfg.Now, log: log, metrics: cfg.Metrics})
+	queues := make([]string, 0, len(cfg.Queues))
+	for q := range cfg.Queues {
+		queues = append(queues, q)
+	}
+	slices.Sort(queues)
+	w.mux.Handle(TypeReap, &ReapHandler{pool: cfg.Pool, store: exec.store, queues: queues, repairAfter: cfg.SeqRepairAfter, ttl: cfg.IdleTTL, now: cfg.Now, log: log, metrics: cfg.Metrics})
+	if cfg.RescueEvery > 0 {
+		w.rescuer = &Rescuer{h: exec, every: cfg.RescueEvery, log: log.With("component", "rescuer"), max: cfg.Concurrency}
+	}
 	if cfg.ReapEvery > 0 {
 		w.client = asynq.NewClientFromRedisClient(cfg.Redis)
 		w.reaper = &Reaper{client: w.client, every: cfg.ReapEvery, queue: DefaultQueue, now: cfg.Now, log: log}
@@ -241,6 +267,9 @@ func (w *Worker) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
 	if w.reaper != nil {
 		wg.Go(func() { _ = w.reaper.Run(ctx) })
+	}
+	if w.rescuer != nil {
+		wg.Go(func() { _ = w.rescuer.Run(ctx) })
 	}
 	<-ctx.Done()
 	w.cfg.Logger.Info("stopping: waiting for running jobs", "timeout", w.cfg.ShutdownTimeout)

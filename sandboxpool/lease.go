@@ -38,6 +38,7 @@ type Lease struct {
 	prevExec   string
 	otherExecs []string // execs marked in flight besides prevExec and execID
 	execID     string   // the exec this holder runs, named at Acquire
+	stamp      string   // the stamp's previous boxq_start (Intent.Stamp)
 
 	released atomic.Bool
 	stop     func() // stops the renewal and waits for it; idempotent
@@ -89,6 +90,21 @@ func (l *Lease) PrevExecIDs() []string {
 	return append(ids, l.otherExecs...)
 }
 
+// SandboxKey returns the idempotency key of the current sandbox's create:
+// it names one sandbox generation of the task, even before the gateway
+// has answered with an id, and changes with every new sandbox (Recreate,
+// or a new record after a terminate or a reap).
+func (l *Lease) SandboxKey() string { return l.key }
+
+// StartedIn returns what the take found in the caller's stamp hash
+// (Intent.Stamp): the SandboxKey of the sandbox an earlier holder took the
+// same stamp for, "" when none did. A job uses it to tell a first delivery
+// from one that may have started its command before, and in which sandbox.
+func (l *Lease) StartedIn() string { return l.stamp }
+
+// ExecID returns the exec named when the lease was taken.
+func (l *Lease) ExecID() string { return l.execID }
+
 // Recreated reports whether Recreate replaced the sandbox under this lease.
 func (l *Lease) Recreated() bool { return l.recreated }
 
@@ -118,50 +134,56 @@ const (
 // Release, so that if the holder vanishes, the next holder knows which exec
 // may still be running (Lease.PrevExecID). "" records none.
 func (p *Pool) Acquire(ctx context.Context, taskID string, spec Spec, execID string) (*Lease, error) {
-	return p.AcquireUnless(ctx, taskID, spec, execID, nil)
+	return p.AcquireFor(ctx, taskID, spec, Intent{ExecID: execID})
 }
 
-// Check names a mark of the caller's own in Redis: a key that exists
-// (Field "") or a field of a hash that is set. It vetoes the take.
-//
-// With Wait set it is a condition to wait out instead: the take waits, as
-// for a busy lease (and then fails with ErrBusy), while the hash at Key
-// exists without Field and its field "state" is not one of Settled. A job
-// waits so for the job before it, until that one has a result, is settled
-// for good, or is gone.
+// Intent says what a holder takes a task's lease for. Everything in it is
+// done in the same atomic step as the take.
+type Intent struct {
+	// ExecID names the exec the holder is about to run ("" none): it is
+	// marked in flight until the Release of a holder of that exec.
+	ExecID string
+	// Note is kept with the in-flight mark: what a rescuer needs to finish
+	// the exec's job if the holder dies (ClaimOrphans). Opaque to the pool;
+	// "" makes the exec one no rescuer touches.
+	Note string
+	// Unless are vetoes: the take does nothing, and fails with ErrVetoed,
+	// when one holds. They are tested in order.
+	Unless []Check
+	// Stamp names a hash of the caller's (a job's) to stamp with the
+	// lease's token (field boxq_owner) and the SandboxKey the exec will
+	// start in (boxq_start); the previous boxq_start comes back in
+	// Lease.StartedIn. A hash that does not exist is left alone. "" none.
+	Stamp string
+}
+
+// Check names a mark of the caller's own in Redis that vetoes a take: a
+// key that exists (Field ""), a field of a hash that is set, or, with
+// Other set, a field set to anything other than Other (a task's sequence
+// whose head is another job, say).
 type Check struct {
-	Key     string
-	Field   string
-	Wait    bool
-	Settled []string
+	Key   string
+	Field string
+	Other string
 }
 
-// arg is the check's script argument: the field of a veto; for a wait,
-// "\x01" then the field and the settled states, each after a "\x01".
+// arg is the check's script argument (checkCaller).
 func (c Check) arg() (string, error) {
-	if !c.Wait {
+	if c.Other == "" {
 		return c.Field, nil
 	}
-	if c.Field == "" {
-		return "", fmt.Errorf("sandboxpool: a wait check on %q needs a field", c.Key)
+	if c.Field == "" || strings.ContainsRune(c.Field, '\x02') || strings.HasPrefix(c.Field, "\x02") {
+		return "", fmt.Errorf("sandboxpool: check on %q: bad field %q", c.Key, c.Field)
 	}
-	parts := append([]string{c.Field}, c.Settled...)
-	for _, s := range parts {
-		if s == "" || strings.Contains(s, "\x01") {
-			return "", fmt.Errorf("sandboxpool: wait check on %q: bad field or state %q", c.Key, s)
-		}
-	}
-	return "\x01" + strings.Join(parts, "\x01"), nil
+	return "\x02" + c.Field + "\x02" + c.Other, nil
 }
 
-// AcquireUnless is Acquire, except that it takes nothing, and returns an
-// error wrapping ErrVetoed, when one of the veto checks holds at the moment
-// the lease would be taken, and waits while a wait check holds. The checks
-// run in the same atomic step as the take, so on the common path they cost
-// no round trip of their own (a job's "already done" and "cancelled"
-// marks, the job before it, say). They are tested in order; the first that
-// holds decides.
-func (p *Pool) AcquireUnless(ctx context.Context, taskID string, spec Spec, execID string, unless []Check) (*Lease, error) {
+// AcquireFor is Acquire with an Intent: the exec and its rescue note, the
+// vetoes and the stamp, all in the same atomic step as the take, so that
+// on the common path they cost no round trip of their own. When a veto
+// holds it takes nothing and returns an error wrapping ErrVetoed and a
+// *VetoError naming the check.
+func (p *Pool) AcquireFor(ctx context.Context, taskID string, spec Spec, in Intent) (*Lease, error) {
 	if taskID == "" {
 		return nil, errors.New("sandboxpool: acquire: empty task id")
 	}
@@ -169,7 +191,7 @@ func (p *Pool) AcquireUnless(ctx context.Context, taskID string, spec Spec, exec
 	if err := spec.validate(); err != nil {
 		return nil, err
 	}
-	l, err := p.take(ctx, taskID, &spec, execID, unless)
+	l, err := p.take(ctx, taskID, &spec, in)
 	if err != nil {
 		return nil, err
 	}
@@ -194,6 +216,20 @@ func (p *Pool) AcquireUnless(ctx context.Context, taskID string, spec Spec, exec
 	return l, nil
 }
 
+// VetoError says which check of an Intent vetoed a take: Index is its
+// position in Intent.Unless.
+type VetoError struct {
+	TaskID string
+	Index  int
+	Check  Check
+}
+
+func (e *VetoError) Error() string {
+	return fmt.Sprintf("sandboxpool: task %q: check %d (%s %s) holds", e.TaskID, e.Index, e.Check.Key, e.Check.Field)
+}
+
+func (e *VetoError) Unwrap() error { return ErrVetoed }
+
 // forget deletes the record of l's task, whose lease l holds, and frees
 // the lease.
 func (p *Pool) forget(ctx context.Context, l *Lease) {
@@ -209,65 +245,64 @@ func (p *Pool) forget(ctx context.Context, l *Lease) {
 }
 
 // take takes the lease of taskID, waiting while it is busy, unless one of
-// the checks holds. With a spec it reserves a record (and a slot under the
-// cap) for a task that has none; without one it returns nil, nil for such
-// a task.
-func (p *Pool) take(ctx context.Context, taskID string, spec *Spec, execID string, unless []Check) (*Lease, error) {
-	keys := make([]string, 4, 4+len(unless))
-	keys[0], keys[1], keys[2], keys[3] = p.leaseKey(taskID), p.recordKey(taskID), p.indexKey, p.fenceKey
-	// The checks' keys follow the pool's, their fields come just before
-	// the exec id, the scripts' last argument.
-	fields := make([]any, 0, len(unless)+1)
-	for _, c := range unless {
+// the intent's checks holds. With a spec it reserves a record (and a slot
+// under the cap) for a task that has none; without one it returns nil, nil
+// for such a task.
+func (p *Pool) take(ctx context.Context, taskID string, spec *Spec, in Intent) (*Lease, error) {
+	stampKey, stampArg := p.recordKey(taskID), ""
+	if in.Stamp != "" {
+		stampKey, stampArg = in.Stamp, "1"
+	}
+	keys := make([]string, takeArgs, takeArgs+len(in.Unless))
+	keys[0], keys[1], keys[2], keys[3], keys[4], keys[5] = p.leaseKey(taskID), p.recordKey(taskID), p.indexKey, p.fenceKey, p.inflightKey, stampKey
+	args := make([]any, takeArgs, takeArgs+len(in.Unless)+10)
+	args[0], args[1], args[2], args[3], args[4], args[5] = p.ttlArg, "", taskID, in.ExecID, in.Note, stampArg
+	for _, c := range in.Unless {
 		arg, err := c.arg()
 		if err != nil {
 			return nil, err
 		}
 		keys = append(keys, c.Key)
-		fields = append(fields, arg)
+		args = append(args, arg)
 	}
-	fields = append(fields, execID)
 	var (
 		start time.Time
 		timer *time.Timer
 		poll  = minPoll
 	)
 	for {
-		now := p.nowArg()
-		reply, err := acquireScript.Run(ctx, p.rdb, keys, append([]any{p.ttlArg, now, taskID}, fields...)...).Slice()
+		args[1] = p.nowArg()
+		reply, err := acquireScript.Run(ctx, p.rdb, keys, args...).Slice()
 		if err != nil {
 			return nil, fmt.Errorf("sandboxpool: acquire task %q: %w", taskID, err)
 		}
-		code, n, record, prev, err := parseTake(reply)
+		code, n, record, prev, stamp, err := parseTake(reply)
 		if err == nil && code == codeMissing {
 			if spec == nil {
 				return nil, nil
 			}
-			args := make([]any, 0, 14+len(fields))
-			args = spec.args(append(args, p.ttlArg, now, taskID, p.capArg, p.cfg.NewKey()))
-			args = append(args, fields...)
-			reply, err = reserveScript.Run(ctx, p.rdb, keys, args...).Slice()
+			rargs := spec.args(append(args[:len(args):len(args)], p.capArg, p.cfg.NewKey()))
+			reply, err = reserveScript.Run(ctx, p.rdb, keys, rargs...).Slice()
 			if err != nil {
 				return nil, fmt.Errorf("sandboxpool: reserve task %q: %w", taskID, err)
 			}
-			code, n, record, prev, err = parseTake(reply)
+			code, n, record, prev, stamp, err = parseTake(reply)
 		}
 		if err != nil {
 			return nil, fmt.Errorf("sandboxpool: acquire task %q: %w", taskID, err)
 		}
 		switch code {
 		case codeTaken:
-			return p.newLease(ctx, taskID, keys, n, record, prev, execID)
+			l, err := p.newLease(ctx, taskID, n, record, prev, in.ExecID)
+			if l != nil {
+				l.stamp = stamp
+			}
+			return l, err
 		case codeVetoed:
-			if n < 1 || int(n) > len(unless) {
-				return nil, fmt.Errorf("sandboxpool: acquire task %q: vetoed by check %d of %d", taskID, n, len(unless))
+			if n < 1 || int(n) > len(in.Unless) {
+				return nil, fmt.Errorf("sandboxpool: acquire task %q: vetoed by check %d of %d", taskID, n, len(in.Unless))
 			}
-			c := unless[n-1]
-			return nil, fmt.Errorf("sandboxpool: task %q: %s %s is set: %w", taskID, c.Key, c.Field, ErrVetoed)
-		case codeWaiting:
-			if n < 1 || int(n) > len(unless) {
-				return nil, fmt.Errorf("sandboxpool: acquire task %q: waiting on check %d of %d", taskID, n, len(unless))
-			}
+			return nil, &VetoError{TaskID: taskID, Index: int(n) - 1, Check: in.Unless[n-1]}
 		}
 
 		if start.IsZero() {
@@ -277,9 +312,6 @@ func (p *Pool) take(ctx context.Context, taskID string, spec *Spec, execID strin
 		if left <= 0 {
 			if code == codeFull {
 				return nil, fmt.Errorf("sandboxpool: task %q: pool at capacity (%d sandboxes): %w", taskID, p.cfg.MaxSandboxes, ErrBusy)
-			}
-			if code == codeWaiting {
-				return nil, fmt.Errorf("sandboxpool: task %q: %s is not done yet: %w", taskID, unless[n-1].Key, ErrBusy)
 			}
 			return nil, fmt.Errorf("sandboxpool: task %q: lease held elsewhere: %w", taskID, ErrBusy)
 		}
@@ -305,47 +337,49 @@ func (p *Pool) take(ctx context.Context, taskID string, spec *Spec, execID strin
 }
 
 // parseTake reads a reply of acquireScript or reserveScript: the code, then
-// the lease's PTTL (busy) or token (taken), the record's fields and the
-// execs earlier holders left in flight (the last one's first, "" if none).
-func parseTake(reply []any) (code, n int64, fields []any, prev []string, err error) {
+// the lease's PTTL (busy) or token (taken), the record's fields, the execs
+// earlier holders left in flight (the last one's first, "" if none) and the
+// stamp's previous value.
+func parseTake(reply []any) (code, n int64, fields []any, prev []string, stamp string, err error) {
 	if len(reply) == 0 {
-		return 0, 0, nil, nil, errors.New("empty script reply")
+		return 0, 0, nil, nil, "", errors.New("empty script reply")
 	}
 	code, ok := reply[0].(int64)
 	if !ok {
-		return 0, 0, nil, nil, fmt.Errorf("script reply code is %T", reply[0])
+		return 0, 0, nil, nil, "", fmt.Errorf("script reply code is %T", reply[0])
 	}
 	if len(reply) > 1 {
 		if n, ok = reply[1].(int64); !ok {
-			return 0, 0, nil, nil, fmt.Errorf("script reply value is %T", reply[1])
+			return 0, 0, nil, nil, "", fmt.Errorf("script reply value is %T", reply[1])
 		}
 	}
 	if code == codeTaken {
-		if len(reply) != 4 {
-			return 0, 0, nil, nil, fmt.Errorf("script reply has %d elements, want 4", len(reply))
+		if len(reply) != 5 {
+			return 0, 0, nil, nil, "", fmt.Errorf("script reply has %d elements, want 5", len(reply))
 		}
 		if fields, ok = reply[2].([]any); !ok {
-			return 0, 0, nil, nil, fmt.Errorf("script reply record is %T", reply[2])
+			return 0, 0, nil, nil, "", fmt.Errorf("script reply record is %T", reply[2])
 		}
 		ids, _ := reply[3].([]any)
 		for _, id := range ids {
 			s, _ := id.(string)
 			prev = append(prev, s)
 		}
+		stamp, _ = reply[4].(string)
 	}
-	return code, n, fields, prev, nil
+	return code, n, fields, prev, stamp, nil
 }
 
 // newLease makes the Lease for a taken lease and starts renewing it.
-func (p *Pool) newLease(ctx context.Context, taskID string, keys []string, token int64, fields []any, prev []string, execID string) (*Lease, error) {
+func (p *Pool) newLease(ctx context.Context, taskID string, token int64, fields []any, prev []string, execID string) (*Lease, error) {
 	l := &Lease{
 		execID:    execID,
 		pool:      p,
 		taskID:    taskID,
 		token:     token,
 		tokenArg:  strconv.FormatInt(token, 10),
-		leaseKey:  keys[0],
-		recordKey: keys[1],
+		leaseKey:  p.leaseKey(taskID),
+		recordKey: p.recordKey(taskID),
 		lost:      make(chan struct{}),
 	}
 	if len(prev) > 0 {
@@ -358,8 +392,8 @@ func (p *Pool) newLease(ctx context.Context, taskID string, keys []string, token
 	}
 	l.sandboxID, l.cwd, l.gen, l.key = rec.SandboxID, rec.Cwd, rec.Generation, rec.IdempotencyKey
 	l.spec = rec.Spec.WithDefaults()
-	l.stop = p.keepAlive(ctx, []string{l.leaseKey}, []any{p.ttlArg, l.tokenArg}, func() {
-		p.log.Warn("sandboxpool: lease lost", "task_id", taskID, "token", token)
+	l.stop = p.keepAlive(ctx, []renewal{{lease: l.leaseKey, record: l.recordKey, token: l.tokenArg, task: taskID}}, func() {
+		p.log.Warn("sandboxpool: lease lost to another holder", "task_id", taskID, "token", token)
 		close(l.lost)
 	})
 	return l, nil
@@ -391,14 +425,33 @@ func (p *Pool) create(ctx context.Context, l *Lease) error {
 	return nil
 }
 
-// keepAlive renews the leases keys (args: the TTL, then their tokens) every
-// LeaseTTL/3 until the returned stop is called. For a single lease, lost
-// is called, and renewal ends, when the lease turns out to be gone. The
-// renewal outlives ctx's cancellation on purpose: only stop ends it.
-func (p *Pool) keepAlive(ctx context.Context, keys []string, args []any, lost func()) (stop func()) {
+// renewal is one lease that keepAlive renews.
+type renewal struct {
+	lease, record, token, task string
+}
+
+// renewEvery is how often a lease is renewed: 3/10 of its TTL, so that
+// three renewals in a row can fail (a Redis blip) before it lapses, and a
+// dead holder's lease lapses within a TTL and a renewal of its last one.
+func (p *Pool) renewEvery() time.Duration { return p.cfg.LeaseTTL * 3 / 10 }
+
+// keepAlive renews the leases every renewEvery until the returned stop is
+// called. A lease that lapsed with nobody taking it since is taken back
+// (renewScript). For a single lease, lost is called, and renewal ends, when
+// another holder has it. The renewal outlives ctx's cancellation on
+// purpose: only stop ends it.
+func (p *Pool) keepAlive(ctx context.Context, leases []renewal, lost func()) (stop func()) {
 	ctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	done := make(chan struct{})
-	every := p.cfg.LeaseTTL / 3
+	every := p.renewEvery()
+	keys := make([]string, 1, 1+2*len(leases))
+	keys[0] = p.inflightKey
+	args := make([]any, 2, 2+2*len(leases))
+	args[0] = p.ttlArg
+	for _, r := range leases {
+		keys = append(keys, r.lease, r.record)
+		args = append(args, r.token, r.task)
+	}
 	go func() {
 		defer close(done)
 		t := time.NewTicker(every)
@@ -409,6 +462,7 @@ func (p *Pool) keepAlive(ctx context.Context, keys []string, args []any, lost fu
 				return
 			case <-t.C:
 			}
+			args[1] = p.nowArg()
 			rctx, rcancel := context.WithTimeout(ctx, every)
 			res, err := renewScript.Run(rctx, p.rdb, keys, args...).Slice()
 			rcancel()
@@ -417,8 +471,9 @@ func (p *Pool) keepAlive(ctx context.Context, keys []string, args []any, lost fu
 					return
 				}
 				// Keep trying: the lease holds for a full TTL, and a
-				// renewal after it expired reports the loss.
-				p.log.Warn("sandboxpool: renew leases", "leases", len(keys), "err", err)
+				// renewal after it lapsed takes it back if nobody else
+				// took it, or reports the loss.
+				p.log.Warn("sandboxpool: renew leases", "leases", len(leases), "err", err)
 				continue
 			}
 			if lost != nil && len(res) == 1 && res[0] == int64(0) {
@@ -483,7 +538,7 @@ func (p *Pool) ReleaseWith(ctx context.Context, l *Lease, cwd string, also func(
 	if cwd != "" {
 		setCwd = "1"
 	}
-	keys := []string{l.leaseKey, l.recordKey, p.indexKey}
+	keys := []string{l.leaseKey, l.recordKey, p.indexKey, p.inflightKey}
 	args := []any{l.tokenArg, p.nowArg(), l.taskID, setCwd, cwd, l.execID}
 	// A release that cannot reach Redis is tried again while Redis comes
 	// back (a restart, a failover), for up to releaseRetryWindow: given up,
@@ -558,14 +613,28 @@ func retriable(err error) bool {
 // exec that goes on running (a worker shutting down). The next holder sees
 // it in Lease.PrevExecID, and the reaper leaves the sandbox alone until the
 // job's next delivery collects the exec (or Config.InFlightGrace passes).
+// A rescuer may finish the exec's job (ClaimOrphans) once rescueIn has
+// passed: 0 for at once (the holder is going away), longer for a holder
+// whose job comes back soon by itself and should collect the exec first.
 // It runs even when ctx is cancelled, and does nothing after Release or a
 // first Abandon.
-func (p *Pool) Abandon(ctx context.Context, l *Lease) error {
+func (p *Pool) Abandon(ctx context.Context, l *Lease, rescueIn time.Duration) error {
 	if l == nil || !l.released.CompareAndSwap(false, true) {
 		return nil
 	}
 	l.stop()
-	return p.unlock(ctx, []string{l.leaseKey}, []any{l.tokenArg})
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+	defer cancel()
+	at := p.cfg.Now().Add(rescueIn).UnixMilli()
+	pipe := p.rdb.Pipeline()
+	unlockScript.Eval(ctx, pipe, []string{l.leaseKey}, l.tokenArg)
+	if l.execID != "" {
+		pipe.ZAddXX(ctx, p.inflightKey, redis.Z{Score: float64(at), Member: l.taskID})
+	}
+	if _, err := pipe.Exec(ctx); err != nil {
+		return fmt.Errorf("sandboxpool: abandon task %q: %w", l.taskID, err)
+	}
+	return nil
 }
 
 // Yield frees the lease as if its holder had never taken it, for a holder
@@ -582,7 +651,7 @@ func (p *Pool) Yield(ctx context.Context, l *Lease) error {
 	l.stop()
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 	defer cancel()
-	if err := yieldScript.Run(ctx, p.rdb, []string{l.leaseKey, l.recordKey}, l.tokenArg, l.execID, l.prevExec).Err(); err != nil {
+	if err := yieldScript.Run(ctx, p.rdb, []string{l.leaseKey, l.recordKey, p.inflightKey}, l.tokenArg, l.execID, l.prevExec, l.taskID).Err(); err != nil {
 		return fmt.Errorf("sandboxpool: yield task %q: %w", l.taskID, err)
 	}
 	return nil

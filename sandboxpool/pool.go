@@ -51,8 +51,11 @@ type Config struct {
 	// Prefix starts every Redis key of the pool. Default "boxq:".
 	Prefix string
 	// LeaseTTL is how long a lease outlives its holder: a holder that
-	// crashes blocks its task for at most this long. Leases are renewed
-	// every LeaseTTL/3 while held. Default 30s; at least 50ms.
+	// crashes blocks its task for at most this long, and a rescuer finds
+	// the exec it left this long after its last renewal. Leases are renewed
+	// every 3/10 of it while held (each renewal is one script call per
+	// held lease). A holder that stalls for longer keeps its lease if
+	// nobody took it meanwhile. Default 5s; at least 50ms.
 	LeaseTTL time.Duration
 	// AcquireWait is how long Acquire and Terminate wait for a busy lease
 	// or a free slot before giving up with ErrBusy. Default 2s; negative:
@@ -84,7 +87,7 @@ type Config struct {
 // Defaults of Config.
 const (
 	DefaultPrefix        = "boxq:"
-	DefaultLeaseTTL      = 30 * time.Second
+	DefaultLeaseTTL      = 5 * time.Second
 	DefaultAcquireWait   = 2 * time.Second
 	DefaultInFlightGrace = 10 * time.Minute
 
@@ -147,6 +150,7 @@ type Pool struct {
 	recordPrefix string
 	indexKey     string
 	fenceKey     string
+	inflightKey  string
 	ttlArg       string // LeaseTTL in ms
 	capArg       string // MaxSandboxes
 }
@@ -172,6 +176,7 @@ func New(rdb redis.UniversalClient, gw Gateway, cfg Config) (*Pool, error) {
 		recordPrefix: cfg.Prefix + "sandbox:",
 		indexKey:     cfg.Prefix + "sandboxes",
 		fenceKey:     cfg.Prefix + "fence",
+		inflightKey:  cfg.Prefix + "inflight",
 		ttlArg:       strconv.FormatInt(cfg.LeaseTTL.Milliseconds(), 10),
 		capArg:       strconv.Itoa(cfg.MaxSandboxes),
 	}, nil

@@ -189,7 +189,7 @@ func TestNewValidates(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if p.cfg.Prefix != "boxq:" || p.cfg.LeaseTTL != 30*time.Second || p.cfg.AcquireWait != 2*time.Second {
+	if p.cfg.Prefix != "boxq:" || p.cfg.LeaseTTL != 5*time.Second || p.cfg.AcquireWait != 2*time.Second {
 		t.Fatalf("defaults: prefix %q, lease TTL %v, acquire wait %v", p.cfg.Prefix, p.cfg.LeaseTTL, p.cfg.AcquireWait)
 	}
 }
@@ -413,8 +413,10 @@ func TestLeaseLost(t *testing.T) {
 	gw := newFakeGateway()
 	p, rdb := newPool(t, gw, Config{LeaseTTL: 150 * time.Millisecond})
 	l := mustAcquire(t, p, "task", Spec{})
-	// Redis forgets the lease (a failover, an eviction, a long stall).
-	if err := rdb.Del(context.Background(), p.leaseKey("task")).Err(); err != nil {
+	// Another holder has the lease (it lapsed during a long stall, and was
+	// taken): a lease that merely lapsed is taken back
+	// (TestLapsedLeaseIsTakenBack).
+	if err := rdb.Set(context.Background(), p.leaseKey("task"), "999999", 0).Err(); err != nil {
 		t.Fatal(err)
 	}
 	select {
@@ -903,7 +905,7 @@ func TestInFlightExecIsHandedToTheNextHolder(t *testing.T) {
 		t.Errorf("first lease PrevExecID = %q, want none", got)
 	}
 	// The holder stops waiting for exec-1, which goes on running.
-	if err := p.Abandon(ctx, l1); err != nil {
+	if err := p.Abandon(ctx, l1, 0); err != nil {
 		t.Fatalf("Abandon: %v", err)
 	}
 	if err := p.Release(ctx, l1, "/x"); err != nil {
@@ -1018,7 +1020,7 @@ func TestYieldHandsOnThePreviousExec(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := p.Abandon(ctx, a); err != nil { // exec-a goes on running
+	if err := p.Abandon(ctx, a, 0); err != nil { // exec-a goes on running
 		t.Fatal(err)
 	}
 	b, err := p.Acquire(ctx, "task", Spec{}, "exec-b")
@@ -1092,53 +1094,244 @@ func TestAcquireChecks(t *testing.T) {
 	gw := newFakeGateway()
 	p, rdb := newPool(t, gw, Config{AcquireWait: 100 * time.Millisecond})
 	ctx := context.Background()
-	const mark, earlier = "caller:mark", "caller:earlier"
+	const mark, flag, seq = "caller:mark", "caller:flag", "caller:seq"
 	checks := []Check{
 		{Key: mark, Field: "done"},
-		{Key: earlier, Field: "result", Wait: true, Settled: []string{"archived", "completed"}},
+		{Key: flag},
+		{Key: seq, Field: "head", Other: "me"},
 	}
 	take := func() error {
-		l, err := p.AcquireUnless(ctx, "task", Spec{}, "", checks)
+		l, err := p.AcquireFor(ctx, "task", Spec{}, Intent{Unless: checks})
 		if err == nil {
 			mustRelease(t, p, l, "")
 		}
 		return err
 	}
+	vetoedBy := func(err error) int {
+		var v *VetoError
+		if !errors.As(err, &v) || !errors.Is(err, ErrVetoed) {
+			return -1
+		}
+		return v.Index
+	}
 
-	// Neither key exists: taken.
+	// No mark: taken.
 	if err := take(); err != nil {
 		t.Fatalf("no marks: %v", err)
 	}
-	// The earlier job is pending: wait, then busy.
-	rdb.HSet(ctx, earlier, "state", "pending")
-	if err := take(); !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), earlier) {
-		t.Errorf("earlier job pending: got %v, want ErrBusy naming %s", err, earlier)
+	// The sequence's head is "me", or the hash has no head: taken.
+	rdb.HSet(ctx, seq, "head", "me")
+	if err := take(); err != nil {
+		t.Fatalf("head is me: %v", err)
 	}
-	// ... until it ends, whichever way.
-	for _, done := range []func(){
-		func() { rdb.HSet(ctx, earlier, "result", "{}") },
-		func() { rdb.HDel(ctx, earlier, "result"); rdb.HSet(ctx, earlier, "state", "archived") },
-		func() { rdb.Del(ctx, earlier) },
-	} {
-		rdb.HSet(ctx, earlier, "state", "active")
-		done()
-		if err := take(); err != nil {
-			t.Errorf("earlier job done (%v): %v", rdb.HGetAll(ctx, earlier).Val(), err)
-		}
+	rdb.HSet(ctx, seq, "head", "someone-else")
+	if err := take(); vetoedBy(err) != 2 {
+		t.Errorf("head is another: got %v, want a veto by check 2", err)
 	}
-	// A veto before the wait decides first.
-	rdb.HSet(ctx, earlier, "state", "pending")
+	rdb.Set(ctx, flag, "1", 0)
+	if err := take(); vetoedBy(err) != 1 {
+		t.Errorf("flag set: got %v, want a veto by check 1 (the first that holds)", err)
+	}
 	rdb.HSet(ctx, mark, "done", "1")
-	if err := take(); !errors.Is(err, ErrVetoed) {
-		t.Errorf("vetoed and waiting: got %v, want ErrVetoed", err)
+	if err := take(); vetoedBy(err) != 0 {
+		t.Errorf("mark set: got %v, want a veto by check 0", err)
 	}
 	// The lease was never left taken.
 	if ttl := rdb.PTTL(ctx, p.leaseKey("task")).Val(); ttl > 0 {
 		t.Errorf("lease left with TTL %v", ttl)
 	}
-	// A wait needs a field.
-	if _, err := p.AcquireUnless(ctx, "task", Spec{}, "", []Check{{Key: earlier, Wait: true}}); err == nil {
-		t.Error("a wait check without a field was accepted")
+	if _, err := p.AcquireFor(ctx, "task", Spec{}, Intent{Unless: []Check{{Key: seq, Other: "x"}}}); err == nil {
+		t.Error("a check on a value without a field was accepted")
+	}
+}
+
+// TestStamp: the take stamps the caller's hash with its token and the
+// sandbox's key, and hands back what an earlier take stamped, so that a
+// job knows whether, and in which sandbox, it may have started before.
+func TestStamp(t *testing.T) {
+	gw := newFakeGateway()
+	p, rdb := newPool(t, gw, Config{})
+	ctx := context.Background()
+	const job = "caller:job"
+	rdb.HSet(ctx, job, "state", "active")
+	in := Intent{ExecID: "exec-1", Stamp: job}
+	l, err := p.AcquireFor(ctx, "task", Spec{}, in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.StartedIn() != "" {
+		t.Errorf("first take: StartedIn = %q, want none", l.StartedIn())
+	}
+	if got := rdb.HGet(ctx, job, "boxq_owner").Val(); got != strconv.FormatInt(l.Token(), 10) {
+		t.Errorf("boxq_owner = %q, want the token %d", got, l.Token())
+	}
+	first := l.SandboxKey()
+	if first == "" {
+		t.Fatal("no sandbox key")
+	}
+	mustRelease(t, p, l, "")
+
+	again, err := p.AcquireFor(ctx, "task", Spec{}, in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again.StartedIn() != first || again.SandboxKey() != first {
+		t.Errorf("second take: StartedIn %q, SandboxKey %q; want both %q", again.StartedIn(), again.SandboxKey(), first)
+	}
+	mustRelease(t, p, again, "")
+
+	// A terminated sandbox: the next take is in a new one, and says where
+	// the earlier one started.
+	if err := p.Terminate(ctx, "task"); err != nil {
+		t.Fatal(err)
+	}
+	third, err := p.AcquireFor(ctx, "task", Spec{}, in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if third.StartedIn() != first || third.SandboxKey() == first {
+		t.Errorf("after terminate: StartedIn %q, SandboxKey %q; want %q and a new key", third.StartedIn(), third.SandboxKey(), first)
+	}
+	mustRelease(t, p, third, "")
+
+	// A hash that is gone is not made again.
+	rdb.Del(ctx, job)
+	l, err = p.AcquireFor(ctx, "task", Spec{}, in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustRelease(t, p, l, "")
+	if n := rdb.Exists(ctx, job).Val(); n != 0 {
+		t.Errorf("the stamp made the deleted hash again: %v", rdb.HGetAll(ctx, job).Val())
+	}
+}
+
+// TestLapsedLeaseIsTakenBack: a holder that stalls past the TTL (a Redis
+// outage, a pause) with nobody taking its lease meanwhile keeps it: the
+// renewal takes it back and its release stores the cwd and clears its
+// in-flight mark (issue 12, item 3: the cwd was dropped and the mark
+// stayed for good).
+func TestLapsedLeaseIsTakenBack(t *testing.T) {
+	gw := newFakeGateway()
+	p, rdb := newPool(t, gw, Config{LeaseTTL: 200 * time.Millisecond})
+	ctx := context.Background()
+
+	// The release of a lease that lapsed unnoticed.
+	l, err := p.Acquire(ctx, "task", Spec{}, "exec-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.stop() // no renewal: the lease lapses as if Redis had been away
+	waitFor(t, "the lease to lapse", func() bool { return rdb.Exists(ctx, p.leaseKey("task")).Val() == 0 })
+	if err := p.Release(ctx, l, "/tmp"); err != nil {
+		t.Fatalf("Release of a lapsed lease nobody took: %v", err)
+	}
+	rec, _, _ := p.Get(ctx, "task")
+	if rec.Cwd != "/tmp" {
+		t.Errorf("cwd = %q, want /tmp", rec.Cwd)
+	}
+	if marks := inflightMarks(t, rdb, p.recordKey("task")); len(marks) != 0 {
+		t.Errorf("marks left: %v", marks)
+	}
+	if n := rdb.ZCard(ctx, p.inflightKey).Val(); n != 0 {
+		t.Errorf("in-flight index has %d entries, want 0", n)
+	}
+
+	// The renewal takes a lapsed lease back.
+	l, err = p.Acquire(ctx, "task", Spec{}, "exec-2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rdb.Del(ctx, p.leaseKey("task"))
+	waitFor(t, "the renewal to take the lease back", func() bool {
+		return rdb.Get(ctx, p.leaseKey("task")).Val() == strconv.FormatInt(l.Token(), 10)
+	})
+	select {
+	case <-l.Lost():
+		t.Fatal("lease reported lost though nobody took it")
+	default:
+	}
+	mustRelease(t, p, l, "/var")
+
+	// Taken by someone else meanwhile: lost, and the release is refused.
+	l, err = p.Acquire(ctx, "task", Spec{}, "exec-3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.stop()
+	waitFor(t, "the lease to lapse", func() bool { return rdb.Exists(ctx, p.leaseKey("task")).Val() == 0 })
+	other, err := p.Acquire(ctx, "task", Spec{}, "exec-4")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Release(ctx, l, "/wrong"); !errors.Is(err, ErrStaleLease) {
+		t.Errorf("Release after another took the lease = %v, want ErrStaleLease", err)
+	}
+	mustRelease(t, p, other, "")
+	if rec, _, _ := p.Get(ctx, "task"); rec.Cwd != "/var" {
+		t.Errorf("cwd = %q, want /var (the stale release must change nothing)", rec.Cwd)
+	}
+}
+
+// TestClaimOrphans: a holder that dies with an exec in flight is found
+// once its lease lapses, by one rescuer, with its note; a live holder's
+// exec is not.
+func TestClaimOrphans(t *testing.T) {
+	gw := newFakeGateway()
+	cfg := Config{LeaseTTL: 200 * time.Millisecond}
+	p, rdb := newPool(t, gw, cfg)
+	q := secondPool(t, p, gw, cfg)
+	ctx := context.Background()
+
+	live, err := p.AcquireFor(ctx, "live", Spec{}, Intent{ExecID: "exec-live", Note: "n-live"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead, err := p.AcquireFor(ctx, "dead", Spec{}, Intent{ExecID: "exec-dead", Note: "n-dead"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead.stop() // the holder died
+	rdb.HSet(ctx, p.recordKey("dead"), "cwd", "/work")
+
+	var got []Orphan
+	waitFor(t, "the dead holder's task to be claimed", func() bool {
+		o, err := q.ClaimOrphans(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, o...)
+		return len(got) > 0
+	})
+	if len(got) != 1 || got[0].Lease.TaskID() != "dead" {
+		t.Fatalf("claimed %v, want the task dead alone", got)
+	}
+	o := got[0]
+	if len(o.Execs) != 1 || o.Execs[0] != (OrphanExec{ExecID: "exec-dead", Note: "n-dead"}) {
+		t.Errorf("execs = %v, want exec-dead with its note", o.Execs)
+	}
+	if o.Lease.Cwd() != "/work" || o.Lease.SandboxID() != dead.SandboxID() {
+		t.Errorf("rescue lease: cwd %q sandbox %q; want /work and %q", o.Lease.Cwd(), o.Lease.SandboxID(), dead.SandboxID())
+	}
+	// Claimed once: nobody else gets it while the rescuer holds it.
+	if more, _ := p.ClaimOrphans(ctx); len(more) != 0 {
+		t.Errorf("claimed twice: %v", more)
+	}
+	// The dead holder's writes are fenced out.
+	if err := p.Release(ctx, dead, "/dead"); !errors.Is(err, ErrStaleLease) {
+		t.Errorf("dead holder's release = %v, want ErrStaleLease", err)
+	}
+	o.Lease.Rescue("exec-dead")
+	mustRelease(t, q, o.Lease, "/rescued")
+	if rec, _, _ := p.Get(ctx, "dead"); rec.Cwd != "/rescued" {
+		t.Errorf("cwd after rescue = %q, want /rescued", rec.Cwd)
+	}
+	if n := rdb.ZScore(ctx, p.inflightKey, "dead").Err(); !errors.Is(n, redis.Nil) {
+		t.Errorf("rescued task still in the in-flight index (%v)", n)
+	}
+	mustRelease(t, p, live, "")
+	if n := rdb.ZCard(ctx, p.inflightKey).Val(); n != 0 {
+		t.Errorf("in-flight index has %d entries after every release, want 0", n)
 	}
 }
 
@@ -1202,4 +1395,28 @@ func TestRefusedCreateFreesItsSlot(t *testing.T) {
 		t.Fatalf("Acquire after a refused create, cap 1: %v", err)
 	}
 	mustRelease(t, p, l, "")
+}
+
+// waitFor polls cond until it holds, failing the test after 10 s.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// inflightMarks lists the in-flight marks of a record.
+func inflightMarks(t *testing.T, rdb redis.UniversalClient, record string) []string {
+	t.Helper()
+	var marks []string
+	for _, k := range rdb.HKeys(context.Background(), record).Val() {
+		if strings.HasPrefix(k, "inflight:") {
+			marks = append(marks, k)
+		}
+	}
+	return marks
 }

@@ -20,7 +20,7 @@ import (
 // A record whose create never recorded an id is just deleted: if the
 // gateway made that sandbox, its own idle timeout ends it.
 func (p *Pool) Terminate(ctx context.Context, taskID string) error {
-	l, err := p.take(ctx, taskID, nil, "", nil)
+	l, err := p.take(ctx, taskID, nil, Intent{})
 	if err != nil || l == nil {
 		return err
 	}
@@ -171,13 +171,12 @@ func (p *Pool) reapPage(ctx context.Context, tasks []string, cutoff, inflightCut
 	// Keep the claims alive while the gateway works: a claim that expired
 	// mid-terminate could be claimed again by another reaper.
 	leaseKeys := make([]string, len(claims))
-	renewArgs := make([]any, 1, 1+len(claims))
-	renewArgs[0] = p.ttlArg
+	renewals := make([]renewal, len(claims))
 	for i, c := range claims {
 		leaseKeys[i] = p.leaseKey(c.task)
-		renewArgs = append(renewArgs, c.token)
+		renewals[i] = renewal{lease: leaseKeys[i], record: p.recordKey(c.task), token: c.token, task: c.task}
 	}
-	stop := p.keepAlive(ctx, leaseKeys, renewArgs, nil)
+	stop := p.keepAlive(ctx, renewals, nil)
 	p.terminateAll(ctx, claims)
 	stop()
 

@@ -15,6 +15,9 @@ import "github.com/redis/go-redis/v9"
 //	P sandboxes       zset    task id → last use (unix ms); its size is the
 //	                          live count the capacity cap checks
 //	P fence           string  counter handing out fencing tokens
+//	P inflight        zset    task id → when its lease lapses unless renewed
+//	                          (unix ms), for tasks with an exec in flight:
+//	                          where rescuers look for dead holders
 //
 // The scripts touch keys of several tasks and the shared index, so the pool
 // needs a single Redis (or a replicated primary), not a Redis Cluster.
@@ -49,95 +52,103 @@ const hmgetRecord = `redis.call('HMGET', KEYS[2], 'sandbox_id', 'gen', 'cwd', 'k
 	'image', 'cpu', 'memory_mib', 'disk_mib', 'persistent', 'default_cwd', 'timeout_ms', 'idle_timeout_ms')`
 
 // Replies of acquireScript and reserveScript: {codeBusy, pttl},
-// {codeMissing}, {codeTaken, token, fields}, {codeFull}, {codeVetoed, i},
-// {codeWaiting, i}.
+// {codeMissing}, {codeTaken, token, fields, prev execs, stamp}, {codeFull},
+// {codeVetoed, i}.
 const (
 	codeBusy    = 0
 	codeMissing = 1
 	codeTaken   = 2
 	codeFull    = 3
 	codeVetoed  = 4
-	codeWaiting = 5
 )
 
-// checkCaller is shared by the acquire and reserve scripts, and comes
-// before anything else they do: the caller's checks (AcquireUnless). Their
-// keys are KEYS[5] on; their arguments (Check.arg: a field of a hash, or ""
-// for the key's existence; or a wait) come last in ARGV but for the exec
-// id. The first check that holds ends the script: {codeVetoed, its index}
-// for a veto, {codeWaiting, its index} for a wait.
+// The acquire and reserve scripts share one layout, so that their common
+// parts can be shared too.
+//
+// KEYS: 1 lease, 2 record, 3 idle index, 4 fence, 5 in-flight index, 6 the
+// caller's stamp hash (the record again when there is none), then the
+// caller's checks.
+// ARGV: 1 lease TTL ms, 2 now ms, 3 task id, 4 exec id ("" none), 5 note,
+// 6 stamp ("1" or ""), then one argument per check; reserve's own arguments
+// follow (reserveArgs).
+const takeArgs = 6
+
+// checkCaller comes before anything else the take scripts do: the caller's
+// checks (Intent.Unless), in order. The first that holds ends the script
+// with {codeVetoed, its index}. A check's argument (Check.arg) is "" for
+// "the key exists", a field name for "the field is set", or "\2field\2value"
+// for "the field is set to something other than value".
 const checkCaller = `
-local checks = #KEYS - 4
+local checks = #KEYS - 6
 for i = 1, checks do
-	local arg, key = ARGV[#ARGV - checks - 1 + i], KEYS[4 + i]
-	if string.byte(arg, 1) == 1 then
-		local parts, from = {}, 2
-		while true do
-			local at = string.find(arg, '\1', from, true)
-			if not at then parts[#parts + 1] = string.sub(arg, from); break end
-			parts[#parts + 1] = string.sub(arg, from, at - 1)
-			from = at + 1
-		end
-		if redis.call('EXISTS', key) == 1 and redis.call('HEXISTS', key, parts[1]) == 0 then
-			local state, settled = redis.call('HGET', key, 'state'), false
-			for j = 2, #parts do
-				if parts[j] == state then settled = true end
-			end
-			if not settled then return {5, i} end
-		end
+	local arg, key = ARGV[6 + i], KEYS[6 + i]
+	local hit = 0
+	if arg == '' then
+		hit = redis.call('EXISTS', key)
+	elseif string.byte(arg, 1) == 2 then
+		local sep = string.find(arg, '\2', 2, true)
+		local v = redis.call('HGET', key, string.sub(arg, 2, sep - 1))
+		if v and v ~= string.sub(arg, sep + 1) then hit = 1 end
 	else
-		local hit
-		if arg == '' then
-			hit = redis.call('EXISTS', key)
-		else
-			hit = redis.call('HEXISTS', key, arg)
-		end
-		if hit == 1 then return {4, i} end
+		hit = redis.call('HEXISTS', key, arg)
 	end
+	if hit == 1 then return {4, i} end
 end
 `
 
 // takeLease is shared by the acquire and reserve scripts: a new fencing
-// token, the lease with its TTL, and a touch of the record and index so the
-// reaper does not pick a sandbox that was just in use.
+// token, the lease with its TTL (the token is also kept in the record's
+// "tok", so that a holder whose lease lapsed with nobody taking it since can
+// take it back: renewScript, releaseScript), and a touch of the record and
+// idle index so the reaper does not pick a sandbox that was just in use.
 //
-// The last ARGV is the exec id the holder is about to run ("" for none).
-// It is stored in the record's "exec" field until Release clears it, and
-// the field's previous value is returned: an exec left running by a holder
-// that crashed or stopped waiting (Abandon), which the new holder must let
-// end before it runs a command of its own.
+// The exec the holder is about to run is stored in the record's "exec"
+// field until Release clears it, and the field's previous value is
+// returned: an exec left running by a holder that crashed or stopped
+// waiting (Abandon), which the new holder must let end before it runs a
+// command of its own.
 //
 // The exec is also marked in flight, in a field "inflight:<exec id>" that
-// holds when it was taken; only the Release of a holder of that same exec
-// (the job's delivery that collected its result) removes the mark, so that
-// a later holder of the task, who overwrites "exec", does not make the
-// reaper forget that a job will come back for its exec in this sandbox,
-// nor the next holder that the exec may still run. The reply's last
-// element lists "exec" first, then the other marked execs but the
-// holder's own.
+// holds when it was taken, next to "note:<exec id>", the caller's note of
+// what a rescuer needs to finish the exec's job; only the Release of a
+// holder of that same exec (the job's delivery, or the rescuer, that
+// collected its result) removes them. The task enters the in-flight index,
+// scored by when its lease lapses unless renewed: that is where rescuers
+// look for holders that died (ClaimOrphans). The reply lists "exec" first,
+// then the other marked execs but the holder's own.
+//
+// With a stamp, the caller's hash (a job's asynq task hash) records the
+// token (boxq_owner: the job's results are fenced by it) and the
+// idempotency key of the sandbox the exec will start in (boxq_start); the
+// previous boxq_start is returned, "" when the job never got this far. A
+// hash that is gone is not recreated.
 const takeLease = `
 local tok = redis.call('INCR', KEYS[4])
 redis.call('SET', KEYS[1], tok, 'PX', ARGV[1])
+local exec = ARGV[4]
 local prev = {redis.call('HGET', KEYS[2], 'exec') or ''}
 for _, k in ipairs(redis.call('HKEYS', KEYS[2])) do
 	if string.sub(k, 1, 9) == 'inflight:' then
 		local id = string.sub(k, 10)
-		if id ~= ARGV[#ARGV] and id ~= prev[1] then prev[#prev + 1] = id end
+		if id ~= exec and id ~= prev[1] then prev[#prev + 1] = id end
 	end
 end
-if ARGV[#ARGV] ~= '' then
-	redis.call('HSET', KEYS[2], 'used', ARGV[2], 'exec', ARGV[#ARGV], 'inflight:' .. ARGV[#ARGV], ARGV[2])
+if exec ~= '' then
+	redis.call('HSET', KEYS[2], 'used', ARGV[2], 'tok', tok, 'exec', exec, 'inflight:' .. exec, ARGV[2], 'note:' .. exec, ARGV[5])
+	redis.call('ZADD', KEYS[5], tonumber(ARGV[2]) + tonumber(ARGV[1]), ARGV[3])
 else
-	redis.call('HSET', KEYS[2], 'used', ARGV[2])
+	redis.call('HSET', KEYS[2], 'used', ARGV[2], 'tok', tok)
 end
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
-return {2, tok, ` + hmgetRecord + `, prev}
+local stamp = ''
+if ARGV[6] == '1' and redis.call('EXISTS', KEYS[6]) == 1 then
+	stamp = redis.call('HGET', KEYS[6], 'boxq_start') or ''
+	redis.call('HSET', KEYS[6], 'boxq_owner', tok, 'boxq_start', redis.call('HGET', KEYS[2], 'key') or '')
+end
+return {2, tok, ` + hmgetRecord + `, prev, stamp}
 `
 
 // acquireScript takes the lease of a task that has a record.
-//
-// KEYS: lease, record, index, fence, then the caller's checks. ARGV: lease
-// TTL ms, now ms, task id, the checks' fields, exec id.
 var acquireScript = redis.NewScript(checkCaller + `
 local pttl = redis.call('PTTL', KEYS[1])
 if pttl ~= -2 then return {0, pttl} end
@@ -149,20 +160,20 @@ if redis.call('HEXISTS', KEYS[2], 'gen') == 0 then return {1} end
 // takes its lease. A record created meanwhile by someone else is just
 // acquired.
 //
-// KEYS: lease, record, index, fence, then the caller's checks. ARGV: lease
-// TTL ms, now ms, task id, cap (0: none), idempotency key, then the spec:
-// image, cpu, memory MiB, disk MiB, persistent (1/0), default cwd, timeout
-// ms, idle timeout ms; the checks' fields, exec id.
+// Its own ARGV, after the checks' (r = 6 + number of checks): r+1 cap (0:
+// none), r+2 idempotency key, then the spec: image, cpu, memory MiB, disk
+// MiB, persistent (1/0), default cwd, timeout ms, idle timeout ms.
 var reserveScript = redis.NewScript(checkCaller + `
 local pttl = redis.call('PTTL', KEYS[1])
 if pttl ~= -2 then return {0, pttl} end
 if redis.call('HEXISTS', KEYS[2], 'gen') == 0 then
-	local cap = tonumber(ARGV[4])
+	local r = #KEYS
+	local cap = tonumber(ARGV[r + 1])
 	if cap > 0 and redis.call('ZCARD', KEYS[3]) >= cap then return {3} end
-	redis.call('HSET', KEYS[2], 'sandbox_id', '', 'gen', 1, 'cwd', '', 'key', ARGV[5],
-		'created', ARGV[2], 'image', ARGV[6], 'cpu', ARGV[7], 'memory_mib', ARGV[8],
-		'disk_mib', ARGV[9], 'persistent', ARGV[10], 'default_cwd', ARGV[11],
-		'timeout_ms', ARGV[12], 'idle_timeout_ms', ARGV[13])
+	redis.call('HSET', KEYS[2], 'sandbox_id', '', 'gen', 1, 'cwd', '', 'key', ARGV[r + 2],
+		'created', ARGV[2], 'image', ARGV[r + 3], 'cpu', ARGV[r + 4], 'memory_mib', ARGV[r + 5],
+		'disk_mib', ARGV[r + 6], 'persistent', ARGV[r + 7], 'default_cwd', ARGV[r + 8],
+		'timeout_ms', ARGV[r + 9], 'idle_timeout_ms', ARGV[r + 10])
 end
 ` + takeLease)
 
@@ -177,21 +188,39 @@ return 1
 `)
 
 // releaseScript stores the cwd (when ARGV[4] is 1) and the last use, clears
-// the in-flight exec and the holder's own in-flight mark, and frees the
-// lease.
+// the in-flight exec and the holder's own in-flight mark and note, and
+// frees the lease. The task leaves the in-flight index when no mark is
+// left; a mark left by another holder is due for rescue at once.
 //
-// KEYS: lease, record, index. ARGV: token, now ms, task id, set cwd (1/0),
-// cwd, the holder's exec id.
+// A lease that lapsed (its holder stalled, or Redis was away for longer
+// than the TTL) with nobody taking it since, which the record's "tok"
+// tells, still counts as held: nobody else can have written meanwhile.
+//
+// KEYS: lease, record, idle index, in-flight index. ARGV: token, now ms,
+// task id, set cwd (1/0), cwd, the holder's exec id.
 var releaseScript = redis.NewScript(`
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+	if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('HGET', KEYS[2], 'tok') ~= ARGV[1] then return 0 end
+end
 if redis.call('EXISTS', KEYS[2]) == 1 then
 	if ARGV[4] == '1' then
 		redis.call('HSET', KEYS[2], 'used', ARGV[2], 'cwd', ARGV[5])
 	else
 		redis.call('HSET', KEYS[2], 'used', ARGV[2])
 	end
-	redis.call('HDEL', KEYS[2], 'exec', 'inflight:' .. ARGV[6])
+	redis.call('HDEL', KEYS[2], 'exec', 'inflight:' .. ARGV[6], 'note:' .. ARGV[6])
 	redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+	local left = false
+	for _, k in ipairs(redis.call('HKEYS', KEYS[2])) do
+		if string.sub(k, 1, 9) == 'inflight:' then left = true; break end
+	end
+	if left then
+		redis.call('ZADD', KEYS[4], ARGV[2], ARGV[3])
+	else
+		redis.call('ZREM', KEYS[4], ARGV[3])
+	end
+else
+	redis.call('ZREM', KEYS[4], ARGV[3])
 end
 redis.call('DEL', KEYS[1])
 return 1
@@ -199,11 +228,12 @@ return 1
 
 // yieldScript frees a lease whose holder never started its exec: the
 // record's in-flight exec goes back to the previous holder's, and the
-// holder's own in-flight mark goes (unless it is that same exec: a
-// re-delivery that gave up, whose exec is still uncollected).
+// holder's own in-flight mark and note go (unless it is that same exec: a
+// re-delivery that gave up, whose exec is still uncollected). The task
+// leaves the in-flight index when no mark is left.
 //
-// KEYS: lease, record. ARGV: token, the holder's exec id, the previous
-// in-flight exec id.
+// KEYS: lease, record, in-flight index. ARGV: token, the holder's exec id,
+// the previous in-flight exec id, task id.
 var yieldScript = redis.NewScript(`
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if redis.call('EXISTS', KEYS[2]) == 1 then
@@ -213,8 +243,13 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
 		redis.call('HDEL', KEYS[2], 'exec')
 	end
 	if ARGV[2] ~= '' and ARGV[2] ~= ARGV[3] then
-		redis.call('HDEL', KEYS[2], 'inflight:' .. ARGV[2])
+		redis.call('HDEL', KEYS[2], 'inflight:' .. ARGV[2], 'note:' .. ARGV[2])
 	end
+	local left = false
+	for _, k in ipairs(redis.call('HKEYS', KEYS[2])) do
+		if string.sub(k, 1, 9) == 'inflight:' then left = true; break end
+	end
+	if not left then redis.call('ZREM', KEYS[3], ARGV[4]) end
 end
 redis.call('DEL', KEYS[1])
 return 1
@@ -233,19 +268,30 @@ redis.call('HSET', KEYS[2], 'key', ARGV[2], 'sandbox_id', '', 'cwd', ARGV[3])
 return gen
 `)
 
-// renewScript extends leases still held with their tokens; it returns 1
-// for each renewed lease and 0 for each lost one.
+// renewScript extends leases still held with their tokens, and takes back
+// a lease that lapsed when nobody took it since (the record's "tok" is
+// still the holder's: a stall or a Redis outage longer than the TTL, with no
+// harm done); it returns 1 for each lease renewed and 0 for each one lost
+// to another holder. A renewed task in the in-flight index moves its
+// rescue time on.
 //
-// KEYS: leases. ARGV: lease TTL ms, then one token per lease.
+// KEYS: the in-flight index, then lease and record of each lease. ARGV:
+// lease TTL ms, now ms, then token and task id of each lease.
 var renewScript = redis.NewScript(`
 local out = {}
-for i = 1, #KEYS do
-	if redis.call('GET', KEYS[i]) == ARGV[i + 1] then
-		redis.call('PEXPIRE', KEYS[i], ARGV[1])
+local due = tonumber(ARGV[2]) + tonumber(ARGV[1])
+for i = 1, (#KEYS - 1) / 2 do
+	local lease, rec, tok, task = KEYS[2 * i], KEYS[2 * i + 1], ARGV[2 * i + 1], ARGV[2 * i + 2]
+	local v = redis.call('GET', lease)
+	out[i] = 0
+	if v == tok then
+		redis.call('PEXPIRE', lease, ARGV[1])
 		out[i] = 1
-	else
-		out[i] = 0
+	elseif not v and redis.call('HGET', rec, 'tok') == tok then
+		redis.call('SET', lease, tok, 'PX', ARGV[1])
+		out[i] = 1
 	end
+	if out[i] == 1 then redis.call('ZADD', KEYS[1], 'XX', due, task) end
 end
 return out
 `)
@@ -308,6 +354,53 @@ for i = 1, #ARGV - 3 do
 		redis.call('SET', lease, tok, 'PX', ARGV[1])
 		local r = redis.call('HMGET', rec, 'sandbox_id', 'persistent')
 		out[i] = {2, tok, r[1] or '', r[2] or '0'}
+	end
+end
+return out
+`)
+
+// orphanScript is the rescuer's claim: for each task whose lease lapsed
+// (ClaimOrphans read it from the in-flight index, due), it takes the lease
+// when it is free and the record holds an exec in flight with a note, and
+// returns the record's sandbox, its key, the tracked cwd and the noted
+// execs. Replies per task: {0} nothing to rescue (the task leaves the
+// index), {1} busy (its holder lives: checked again a TTL later), {2,
+// token, sandbox id, key, cwd, default cwd, exec id, note, exec id, note,
+// …}.
+//
+// KEYS: in-flight index, fence, then lease and record of each task. ARGV:
+// lease TTL ms, now ms, then the task ids.
+var orphanScript = redis.NewScript(`
+local out = {}
+local due = tonumber(ARGV[2]) + tonumber(ARGV[1])
+for i = 1, #ARGV - 2 do
+	local task = ARGV[i + 2]
+	local lease, rec = KEYS[2 * i + 1], KEYS[2 * i + 2]
+	if redis.call('EXISTS', lease) == 1 then
+		redis.call('ZADD', KEYS[1], 'XX', due, task)
+		out[i] = {1}
+	else
+		local f = redis.call('HGETALL', rec)
+		local h = {}
+		for j = 1, #f, 2 do h[f[j]] = f[j + 1] end
+		local r = {2, 0, h['sandbox_id'] or '', h['key'] or '', h['cwd'] or '', h['default_cwd'] or ''}
+		for k, v in pairs(h) do
+			if string.sub(k, 1, 5) == 'note:' and h['inflight:' .. string.sub(k, 6)] and v ~= '' then
+				r[#r + 1] = string.sub(k, 6)
+				r[#r + 1] = v
+			end
+		end
+		if #r == 6 then
+			redis.call('ZREM', KEYS[1], task)
+			out[i] = {0}
+		else
+			local tok = redis.call('INCR', KEYS[2])
+			redis.call('SET', lease, tok, 'PX', ARGV[1])
+			redis.call('HSET', rec, 'tok', tok)
+			redis.call('ZADD', KEYS[1], due, task)
+			r[2] = tok
+			out[i] = r
+		end
 	end
 end
 return out

@@ -32,3 +32,6 @@ func (instantGateway) PollExec(_ context.Context, _, execID string, _ time.Durat
 	rc := 0
 	return gateway.ExecState{ExecID: execID, Status: gateway.StatusCompleted, ReturnCode: &rc}, nil
 }
+
+// CancelExec implements jobs.Gateway: there is never anything to cancel.
+func (instantGateway) CancelExec(context.Context, string, string) error { return nil }
