@@ -250,34 +250,6 @@ func TestTaskCommandsRunInOrder(t *testing.T) {
 	}
 }
 
-// TestOrderSurvivesAGoneEarlierJob: a job whose earlier job was deleted or
-// archived before it ran (from the dashboard, say) does not wait for it
-// forever.
-func TestOrderSurvivesAGoneEarlierJob(t *testing.T) {
-	s := newStack(t, stackOptions{})
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	insp := asynq.NewInspectorFromRedisClient(s.rdb)
-	// No worker yet: the earlier jobs stay pending.
-	_, deleted := s.submit(t, ctx, jobs.Job{ID: "gone-1", TaskID: "gone", Command: "echo one >> ~/ran"})
-	_, archived := s.submit(t, ctx, jobs.Job{ID: "gone-2", TaskID: "gone", Command: "echo two >> ~/ran"})
-	w, _ := s.submit(t, ctx, jobs.Job{ID: "gone-3", TaskID: "gone", Command: "echo three >> ~/ran; cat ~/ran"})
-	if err := insp.DeleteTask(deleted.Queue, deleted.ID); err != nil {
-		t.Fatal(err)
-	}
-	if err := insp.ArchiveTask(archived.Queue, archived.ID); err != nil {
-		t.Fatal(err)
-	}
-	s.startWorker(t, nil)
-	r, err := w.Next(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if r.Status != jobs.StatusCompleted || r.Output != "three\n" {
-		t.Errorf("result %+v, want completed with only its own line", r)
-	}
-}
-
 func TestJobsOfOneTaskNeverOverlap(t *testing.T) {
 	s := newStack(t, stackOptions{})
 	s.startWorker(t, func(c *jobs.WorkerConfig) { c.Concurrency = 16 })
@@ -359,55 +331,6 @@ func TestCancelFromDashboard(t *testing.T) {
 		t.Errorf("result %+v, want cancelled/130", r)
 	}
 	waitFor(t, 5*time.Second, "the cancelled command's processes to go", func() bool { return len(findProcesses(marker)) == 0 })
-}
-
-// TestCancelFromDashboardWhileWaiting: the dashboard cancels a job that is
-// waiting for the task's earlier one (its context ends inside the lease
-// take, before any command). It must end cancelled and never run, not come
-// back and run once the earlier job is done.
-func TestCancelFromDashboardWhileWaiting(t *testing.T) {
-	s := newStack(t, stackOptions{})
-	s.startWorker(t, nil)
-	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
-	defer cancel()
-	insp := asynq.NewInspectorFromRedisClient(s.rdb)
-	marker := "boxq-dash-wait-" + randID()
-	wa, first := s.submit(t, ctx, jobs.Job{ID: "dw-first", TaskID: "dw", Command: "sleep 60 # " + marker})
-	waitFor(t, 20*time.Second, "the first command to start", func() bool { return len(findProcesses(marker)) > 0 })
-	wb, second := s.submit(t, ctx, jobs.Job{ID: "dw-second", TaskID: "dw", Command: "touch ~/second-ran"})
-	// The second job comes and goes while it waits: cancel it whenever it is
-	// active (the dashboard offers Cancel only then), until it has a result.
-	got := make(chan jobs.Result, 1)
-	go func() {
-		if r, err := wb.Next(ctx); err == nil {
-			got <- r
-		}
-	}()
-	var r jobs.Result
-	for done := false; !done; {
-		if info, err := insp.GetTaskInfo(second.Queue, second.ID); err == nil && info.State == asynq.TaskStateActive {
-			_ = insp.CancelProcessing(second.ID)
-		}
-		select {
-		case r = <-got:
-			done = true
-		case <-time.After(100 * time.Millisecond):
-		case <-ctx.Done():
-			t.Fatal("no result for the cancelled waiting job")
-		}
-	}
-	if r.Status != jobs.StatusCancelled || r.ReturnCode != 130 {
-		t.Errorf("waiting job: %+v, want cancelled/130", r)
-	}
-	if err := s.prod.Cancel(ctx, first.ID); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := wa.Next(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if out := s.run1(t, jobs.Job{TaskID: "dw", Command: "ls ~/second-ran 2>/dev/null || echo absent"}).Output; out != "absent\n" {
-		t.Errorf("the cancelled waiting job ran: %q", out)
-	}
 }
 
 func TestCancelPendingJobNeverRuns(t *testing.T) {
