@@ -209,7 +209,7 @@ func (h *ExecHandler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 		// The worker is shutting down and asynq has put the job back. The
 		// exec goes on; the next delivery, or a rescuer, re-attaches to it.
 		if stoppingNow(h.stopping) {
-			log.Info("worker stopping; leaving the exec running for the next delivery or a rescuer")
+			log.Info("worker stopping; leaving the exec running for the next delivery")
 		} else {
 			log.Warn("asynq stopped waiting for the job (its lease lapsed: Redis unreachable?); leaving the exec running for the next delivery")
 		}

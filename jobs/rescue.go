@@ -109,6 +109,7 @@ func (h *ExecHandler) rescue(ctx context.Context, o sandboxpool.Orphan) {
 	}
 	l.Rescue(ex.ExecID)
 	log = log.With("job_id", n.Job, "exec_id", ex.ExecID)
+	log.Info("rescuing a dead worker's command")
 	h.metrics.addRescue()
 	owner := strconv.FormatInt(l.Token(), 10)
 	taken, err := h.store.takeOver(ctx, n.Queue, n.Job, owner)

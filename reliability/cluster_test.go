@@ -584,7 +584,7 @@ func (c *cluster) checkNoLeak(t *testing.T, d time.Duration) time.Duration {
 	return time.Since(start)
 }
 
-// summary describes a set of durations: count, min, median, p90, max.
+// summary describes a set of durations: count, min, median, p90, p99, max.
 func summary(ds []time.Duration) string {
 	if len(ds) == 0 {
 		return "none"
@@ -592,7 +592,7 @@ func summary(ds []time.Duration) string {
 	s := slices.Clone(ds)
 	slices.Sort(s)
 	q := func(p float64) time.Duration { return s[int(p*float64(len(s)-1))].Round(100 * time.Millisecond) }
-	return fmt.Sprintf("n=%d min %v median %v p90 %v max %v", len(s), q(0), q(0.5), q(0.9), q(1))
+	return fmt.Sprintf("n=%d min %v median %v p90 %v p99 %v max %v", len(s), q(0), q(0.5), q(0.9), q(0.99), q(1))
 }
 
 // latencies summarises the jobs' times from enqueue to result.

@@ -16,11 +16,12 @@ import (
 // gets exactly one result, that every command ran exactly once, and that no
 // sandbox outlives the idle TTL.
 //
-// A SIGKILLed worker's jobs are stuck until asynq gives up on them: each
-// active job has a 30 s lease, renewed by the live worker's heartbeat, and
-// the recoverer (once a minute, per worker) takes jobs whose lease expired
-// more than 30 s ago. The re-delivered job re-attaches to the exec it had
-// started, which the gateway ran to its end meanwhile.
+// A SIGKILLed worker's commands are finished by a rescuer in another
+// worker: the pool's lease (5 s TTL, renewed every 1.5 s) lapses, the
+// rescuer claims the task, re-attaches to the exec and writes the result
+// (docs/LIFECYCLE.md). Jobs that had not started a command wait for asynq's
+// own recovery (its 30 s lease, its once-a-minute recoverer); their
+// re-delivery runs them.
 func TestWorkerSIGKILL(t *testing.T) {
 	if testing.Short() {
 		t.Skip("waits for asynq's crash recovery (1-2 minutes)")
@@ -79,26 +80,46 @@ func TestWorkerSIGKILL(t *testing.T) {
 	// How long the jobs of killed workers took to come back: those whose
 	// command had started (runs.log says when) on a killed worker (its last
 	// heartbeat, at most 5 s old, listed them).
-	var redelivered, inFlight []time.Duration
-	retried := 0
+	var redelivered, inFlight, notStarted []time.Duration
+	retried, rescued := 0, 0
 	starts := runTimes(t, c.gw.stateDir)
 	for _, j := range b.jobs {
 		r := b.got[j.ID]
-		if r.Attempts < 2 {
+		if r.Rescued {
+			rescued++
+		}
+		if r.Attempts < 2 && !r.Rescued {
 			continue
 		}
 		retried++
 		at, ok := killedWith[j.ID]
-		if ts := starts[j.ID]; !ok || len(ts) == 0 || ts[0].After(at) {
-			continue // not started when killed, or not known to be the victim's
+		if !ok {
+			continue // not known to be the victim's
 		}
-		redelivered = append(redelivered, r.StartedAt.Sub(at))
+		if ts := starts[j.ID]; len(ts) == 0 || ts[0].After(at) {
+			notStarted = append(notStarted, b.arrived[j.ID].Sub(at))
+			continue
+		}
+		if !r.Rescued {
+			redelivered = append(redelivered, r.StartedAt.Sub(at))
+		}
 		inFlight = append(inFlight, b.arrived[j.ID].Sub(at))
 	}
-	t.Logf("batch: %d jobs, %d results in %v; %d SIGKILLs; %d jobs re-delivered (attempts > 1); %d command runs for %d jobs; no sandbox live %v after the last result",
-		n, len(b.got), batchTime.Round(time.Second), len(killedAt), retried, ran, n, reap.Round(100*time.Millisecond))
-	t.Logf("commands in flight on a killed worker, SIGKILL to the start of the next delivery: %s", summary(redelivered))
+	t.Logf("batch: %d jobs, %d results in %v; %d SIGKILLs; %d jobs re-delivered or rescued, %d rescued; %d command runs for %d jobs; no sandbox live %v after the last result",
+		n, len(b.got), batchTime.Round(time.Second), len(killedAt), retried, rescued, ran, n, reap.Round(100*time.Millisecond))
 	t.Logf("commands in flight on a killed worker, SIGKILL to result: %s", summary(inFlight))
+	t.Logf("commands in flight on a killed worker and re-delivered by asynq rather than rescued, SIGKILL to the next delivery: %s", summary(redelivered))
+	t.Logf("jobs on a killed worker whose command had not started, SIGKILL to result: %s", summary(notStarted))
+	// The goal is p50 <= 8 s and p99 <= 15 s (docs/RELIABILITY.md has the
+	// figures); the bound here only tells the rescuer from asynq's own
+	// recovery (30 s lease + a once-a-minute recoverer), with room for a
+	// loaded machine.
+	for _, d := range inFlight {
+		if d > 30*time.Second {
+			t.Errorf("a command in flight on a killed worker answered %v after the kill: the rescuer did not take it over", d.Round(time.Second))
+			break
+		}
+	}
 	t.Logf("all jobs, enqueue to result: %s", b.latencies())
 	if len(killedAt) < kills {
 		t.Errorf("the batch ended after %d of %d kills: make it longer", len(killedAt), kills)
