@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -84,7 +85,7 @@ func TestTimeoutKillsTheCommand(t *testing.T) {
 	s.startWorker(t, nil)
 	marker := "boxq-timeout-" + randID()
 	start := time.Now()
-	r := s.run1(t, jobs.Job{TaskID: "slow", Command: "sleep 30 # " + marker, TimeoutS: ptr(1.0)})
+	r := s.run1(t, jobs.Job{TaskID: "slow", Command: "BOXQ_TEST_MARK=" + marker + " sleep 30", TimeoutS: ptr(1.0)})
 	if r.Status != jobs.StatusTimeout || r.ReturnCode != 124 {
 		t.Fatalf("result %+v, want timeout/124", r)
 	}
@@ -289,7 +290,7 @@ func TestCancelRunningJob(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	marker := "boxq-cancel-" + randID()
-	w, e := s.submit(t, ctx, jobs.Job{ID: "cancel-me", TaskID: "c1", Command: "echo started; sleep 60 # " + marker})
+	w, e := s.submit(t, ctx, jobs.Job{ID: "cancel-me", TaskID: "c1", Command: "echo started; BOXQ_TEST_MARK=" + marker + " sleep 60"})
 	waitFor(t, 20*time.Second, "the command to start", func() bool { return len(findProcesses(marker)) > 0 })
 	if err := s.prod.Cancel(ctx, e.ID); err != nil {
 		t.Fatalf("Cancel: %v", err)
@@ -318,7 +319,7 @@ func TestCancelFromDashboard(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	marker := "boxq-dash-cancel-" + randID()
-	w, e := s.submit(t, ctx, jobs.Job{ID: "dash-cancel", TaskID: "dc", Command: "sleep 60 # " + marker})
+	w, e := s.submit(t, ctx, jobs.Job{ID: "dash-cancel", TaskID: "dc", Command: "BOXQ_TEST_MARK=" + marker + " sleep 60"})
 	waitFor(t, 20*time.Second, "the command to start", func() bool { return len(findProcesses(marker)) > 0 })
 	if err := asynq.NewInspectorFromRedisClient(s.rdb).CancelProcessing(e.ID); err != nil {
 		t.Fatalf("CancelProcessing: %v", err)
@@ -361,7 +362,7 @@ func TestSigtermMidExecReattaches(t *testing.T) {
 	defer cancel()
 	marker := "boxq-sigterm-" + randID()
 	w, _ := s.submit(t, ctx, jobs.Job{ID: "survivor", TaskID: "st",
-		Command: "echo run >> ~/runs; sleep 2 # " + marker + "\ncat ~/runs | wc -l"})
+		Command: "echo run >> ~/runs; BOXQ_TEST_MARK=" + marker + " sleep 2\ncat ~/runs | wc -l"})
 	waitFor(t, 20*time.Second, "the command to start", func() bool { return len(findProcesses(marker)) > 0 })
 	stopA() // like SIGTERM: graceful shutdown with a short timeout
 	if len(findProcesses(marker)) == 0 {
@@ -492,15 +493,20 @@ func TestSameIDTwiceIsOneJob(t *testing.T) {
 }
 
 // findProcesses returns the pids whose command line contains s.
+// findProcesses returns the processes whose environment holds the mark s
+// (commands under test run "BOXQ_TEST_MARK=<s> sleep …"): the wrapped
+// script itself is not in any process's argv (the gateway hands it to bash
+// on a file descriptor, so that a command cannot read its marker's nonce).
 func findProcesses(s string) []string {
 	ents, _ := os.ReadDir("/proc")
 	var pids []string
+	self := strconv.Itoa(os.Getpid())
 	for _, e := range ents {
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil || e.Name() == "self" {
+		if e.Name() == "self" || e.Name() == self {
 			continue
 		}
-		if strings.Contains(string(b), s) && !strings.Contains(string(b), "go test") {
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "environ"))
+		if err == nil && strings.Contains(string(b), "BOXQ_TEST_MARK="+s+"\x00") {
 			pids = append(pids, e.Name())
 		}
 	}
@@ -571,7 +577,7 @@ func TestSigkillMidExecRunsOnce(t *testing.T) {
 	a := startWorkerProcess(t, s)
 	marker := "boxq-sigkill-" + randID()
 	w, _ := s.submit(t, ctx, jobs.Job{ID: "killed", TaskID: "sk",
-		Command: "echo run >> ~/runs; sleep 2 # " + marker + "\nwc -l < ~/runs"})
+		Command: "echo run >> ~/runs; BOXQ_TEST_MARK=" + marker + " sleep 2\nwc -l < ~/runs"})
 	waitFor(t, 20*time.Second, "the command to start", func() bool { return len(findProcesses(marker)) > 0 })
 	if err := a.Process.Signal(syscall.SIGKILL); err != nil {
 		t.Fatal(err)

@@ -80,7 +80,7 @@ func TestWaitingJobsCostNothing(t *testing.T) {
 	defer w.Close()
 	marker := "boxq-park-" + randID()
 	for i := range tasks {
-		e, err := s.prod.Enqueue(ctx, jobs.Job{ID: fmt.Sprintf("head-%d", i), TaskID: fmt.Sprintf("park-%d", i), Command: "sleep 60 # " + marker}, w.Channel())
+		e, err := s.prod.Enqueue(ctx, jobs.Job{ID: fmt.Sprintf("head-%d", i), TaskID: fmt.Sprintf("park-%d", i), Command: "BOXQ_TEST_MARK=" + marker + " sleep 60"}, w.Channel())
 		if err != nil {
 			t.Fatal(err)
 		}
