@@ -10,10 +10,13 @@ import (
 	"github.com/boxq/boxq/wrap"
 )
 
-// FuzzRoundTrip checks Parse on arbitrary bytes, and runs wrapped commands in
-// real bash: a command built from the fuzzed data, started in a directory
-// named by the fuzzed cwd, must come back with its exact output, its exit
-// status and that directory.
+// FuzzRoundTrip checks Parse and ParseAll on arbitrary bytes, and runs wrapped
+// commands in real bash: a command built from the fuzzed data, started in a
+// directory named by the fuzzed cwd, must come back with its exact output,
+// its exit status and that directory, with Command and with CommandTracked;
+// and with CommandTracked given a directory that does not exist, it must
+// come back the same from the directory bash started in, with the reset
+// reported.
 func FuzzRoundTrip(f *testing.F) {
 	seeds := []struct{ data, cwd string }{
 		{"hello\n", "dir"},
@@ -48,18 +51,30 @@ func FuzzRoundTrip(f *testing.F) {
 func checkParse(t *testing.T, data, cwd string) {
 	wrap.Parse(data, cwd)
 	wrap.Parse(data, data)
+	wrap.ParseAll(data, cwd)
+	wrap.ParseAll(data, data)
 	if !strings.Contains(data, testMarker) {
-		if clean, got := wrap.Parse(data, testMarker); clean != data || got != "" {
-			t.Errorf("Parse changed marker-free output %q: got %q, cwd %q", data, clean, got)
+		if got := wrap.ParseAll(data, testMarker); got != (wrap.Parsed{Output: data}) {
+			t.Errorf("ParseAll changed marker-free output %q: got %+v", data, got)
 		}
 	}
 	// pwd -P prints an absolute path (or nothing), at most PATH_MAX bytes.
 	if cwd != "" && (cwd[0] != '/' || len(cwd) > 4096 || strings.Contains(cwd, testMarker)) {
 		return
 	}
-	out := data + "\n" + testMarker + cwd + testMarker + "\n"
-	if clean, got := wrap.Parse(out, testMarker); clean != data || got != cwd {
-		t.Errorf("Parse(%q) = %q, %q; want %q, %q", out, clean, got, data, cwd)
+	for _, reset := range []bool{false, true} {
+		flag := ""
+		if reset {
+			flag = "reset:"
+		}
+		out := data + "\n" + testMarker + flag + cwd + testMarker + "\n"
+		want := wrap.Parsed{Output: data, Cwd: cwd, CwdReset: reset}
+		if got := wrap.ParseAll(out, testMarker); got != want {
+			t.Errorf("ParseAll(%q) = %+v; want %+v", out, got, want)
+		}
+		if clean, got := wrap.Parse(out, testMarker); clean != data || got != cwd {
+			t.Errorf("Parse(%q) = %q, %q; want %q, %q", out, clean, got, data, cwd)
+		}
 	}
 }
 
@@ -100,12 +115,24 @@ func checkBash(t *testing.T, data, cwd string) {
 	rc := sum % 256
 	command := "printf '%s' " + doubleQuote(data) + "\n(exit " + strconv.Itoa(rc) + ")"
 
-	m := wrap.Marker(wrap.NewNonce())
-	out, gotRC := runBash(t, tmp, tmp, wrap.Command(command, start, m))
-	clean, gotCwd := wrap.Parse(out, m)
-	if want := realPath(t, dir); clean != data || gotCwd != want || gotRC != rc {
-		t.Errorf("command %q in %q:\n got output %q, cwd %q, rc %d\nwant output %q, cwd %q, rc %d",
-			command, start, clean, gotCwd, gotRC, data, want, rc)
+	runs := []struct {
+		name  string
+		wrap  func(userCommand, cwd, marker string) string
+		start string
+		want  wrap.Parsed
+	}{
+		{"Command", wrap.Command, start, wrap.Parsed{Output: data, Cwd: realPath(t, dir)}},
+		{"CommandTracked", wrap.CommandTracked, start, wrap.Parsed{Output: data, Cwd: realPath(t, dir)}},
+		// Nothing by that name: the command runs in tmp, where bash starts.
+		{"CommandTracked, missing", wrap.CommandTracked, start + "-gone", wrap.Parsed{Output: data, Cwd: realPath(t, tmp), CwdReset: true}},
+	}
+	for _, r := range runs {
+		m := wrap.Marker(wrap.NewNonce())
+		out, gotRC := runBash(t, tmp, tmp, r.wrap(command, r.start, m))
+		if got := wrap.ParseAll(out, m); got != r.want || gotRC != rc {
+			t.Errorf("%s: command %q in %q:\n got %+v, rc %d\nwant %+v, rc %d",
+				r.name, command, r.start, got, gotRC, r.want, rc)
+		}
 	}
 }
 

@@ -96,6 +96,60 @@ func TestCommandNoCwd(t *testing.T) {
 	}
 }
 
+// TestCommandTrackedCwd checks the statements that enter a tracked cwd: the
+// same quoting as Command's, and a readonly flag set on either branch.
+func TestCommandTrackedCwd(t *testing.T) {
+	tests := []struct {
+		name string
+		cwd  string
+		want string // the word cd gets
+	}{
+		{"absolute", "/srv/app", `'/srv/app'`},
+		{"single quote", "/srv/it's", `'/srv/it'\''s'`},
+		{"tilde subdir", "~/x y", `"$HOME"/'x y'`},
+		{"leading dash", "-dash", `'./-dash'`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			script := wrap.CommandTracked("true", tt.cwd, testMarker)
+			want := "if builtin cd -- " + tt.want + " 2>/dev/null; then builtin readonly __boxq_cwd_reset=\n" +
+				"else builtin readonly __boxq_cwd_reset=reset:\nfi\n"
+			if !strings.HasPrefix(script, want) {
+				t.Errorf("tracked cwd %q: script starts\n%s\nwant it to start\n%s", tt.cwd, script[:min(len(script), len(want))], want)
+			}
+		})
+	}
+}
+
+func TestCommandTrackedNoCwd(t *testing.T) {
+	if got, want := wrap.CommandTracked("ls", "", testMarker), wrap.Command("ls", "", testMarker); got != want {
+		t.Errorf("CommandTracked with no cwd:\n%s\nwant Command's script:\n%s", got, want)
+	}
+}
+
+// TestCommandMarkerOnlyAtEnd checks that the marker appears in the script
+// only after the user's command, in the one line that prints it: there is
+// no copy in a variable, a function or a trap set before the command runs.
+func TestCommandMarkerOnlyAtEnd(t *testing.T) {
+	for name, script := range map[string]string{
+		"Command":        wrap.Command("true", "/srv", testMarker),
+		"CommandTracked": wrap.CommandTracked("true", "/srv", testMarker),
+	} {
+		t.Run(name, func(t *testing.T) {
+			lines := strings.Split(strings.TrimSuffix(script, "\n"), "\n")
+			var at []int
+			for i, l := range lines {
+				if strings.Contains(l, testMarker) {
+					at = append(at, i)
+				}
+			}
+			if len(at) != 1 || at[0] != len(lines)-2 || strings.Count(lines[at[0]], testMarker) != 2 {
+				t.Errorf("marker on lines %v of %d, want both copies on the line before the last:\n%s", at, len(lines), script)
+			}
+		})
+	}
+}
+
 // TestCommandEval checks how the user's command is quoted into the eval line.
 func TestCommandEval(t *testing.T) {
 	tests := []struct {
@@ -114,7 +168,7 @@ func TestCommandEval(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			script := wrap.Command(tt.command, "", testMarker)
 			i := strings.Index(script, "\neval '")
-			j := strings.Index(script, "'\n__boxq_rc=$?\n")
+			j := strings.Index(script, "'\n__boxq_rc=$?;")
 			if i < 0 || j < 0 {
 				t.Fatalf("no eval statement in script:\n%s", script)
 			}
@@ -130,44 +184,54 @@ func TestParse(t *testing.T) {
 	line := func(cwd string) string { return "\n" + m + cwd + m + "\n" }
 	long := "/" + strings.Repeat("a", 4095) // 4096 bytes: the longest accepted path
 	tests := []struct {
-		name      string
-		output    string
-		wantClean string
-		wantCwd   string
+		name   string
+		output string
+		want   wrap.Parsed
 	}{
-		{"plain", "hello\n" + line("/srv"), "hello\n", "/srv"},
-		{"no output", line("/srv"), "", "/srv"},
-		{"no trailing newline", "hello" + line("/srv"), "hello", "/srv"},
-		{"only newlines", "\n\n" + line("/srv"), "\n\n", "/srv"},
-		{"crlf kept", "a\r\nb\r\n" + line("/srv"), "a\r\nb\r\n", "/srv"},
-		{"carriage return at end kept", "50%\r" + line("/srv"), "50%\r", "/srv"},
-		{"no marker", "hello\n", "hello\n", ""},
-		{"empty output", "", "", ""},
-		{"lone marker", "hello\n" + m + "/srv\n", "hello\n" + m + "/srv\n", ""},
-		{"lone marker at end", "x" + m, "x" + m, ""},
-		{"empty path", "hello\n" + line(""), "hello\n", ""},
-		{"text after marker kept", "hello\n" + line("/srv") + "trap ran\n", "hello\ntrap ran\n", "/srv"},
-		{"text after marker without newline", "hello" + "\n" + m + "/srv" + m + "bye", "hellobye", "/srv"},
-		{"marker line without injected newline", "hello" + m + "/srv" + m + "\n", "hello", "/srv"},
-		{"last pair wins", "a\n" + line("/one") + "b\n" + line("/two"), "a\n" + line("/one") + "b\n", "/two"},
-		{"earlier lone marker ignored", "a " + m + "\n" + line("/srv"), "a " + m + "\n", "/srv"},
-		{"pair is the last two occurrences", "a" + line("/srv") + m, "a\n" + m + "/srv", "\n"},
-		{"path with newline", "x\n" + line("/a\nb"), "x\n", "/a\nb"},
-		{"path with spaces and quotes", line(`/it's "x"`), "", `/it's "x"`},
-		{"path of 4096 bytes", "x\n" + line(long), "x\n", long},
-		{"opening marker too far back", "x\n" + line(long+"b"), "x\n" + line(long+"b"), ""},
-		{"other nonce", "\n" + wrap.Marker("feed") + "/etc" + wrap.Marker("feed") + "\n", "\n" + wrap.Marker("feed") + "/etc" + wrap.Marker("feed") + "\n", ""},
-		{"other nonce then ours", wrap.Marker("feed") + "/etc" + wrap.Marker("feed") + "\n" + line("/srv"), wrap.Marker("feed") + "/etc" + wrap.Marker("feed") + "\n", "/srv"},
-		{"invalid utf-8", "\xff\xfe\x00" + line("/\xff"), "\xff\xfe\x00", "/\xff"},
+		{"plain", "hello\n" + line("/srv"), wrap.Parsed{Output: "hello\n", Cwd: "/srv"}},
+		{"no output", line("/srv"), wrap.Parsed{Output: "", Cwd: "/srv"}},
+		{"no trailing newline", "hello" + line("/srv"), wrap.Parsed{Output: "hello", Cwd: "/srv"}},
+		{"only newlines", "\n\n" + line("/srv"), wrap.Parsed{Output: "\n\n", Cwd: "/srv"}},
+		{"crlf kept", "a\r\nb\r\n" + line("/srv"), wrap.Parsed{Output: "a\r\nb\r\n", Cwd: "/srv"}},
+		{"carriage return at end kept", "50%\r" + line("/srv"), wrap.Parsed{Output: "50%\r", Cwd: "/srv"}},
+		{"no marker", "hello\n", wrap.Parsed{Output: "hello\n"}},
+		{"empty output", "", wrap.Parsed{}},
+		{"lone marker", "hello\n" + m + "/srv\n", wrap.Parsed{Output: "hello\n" + m + "/srv\n"}},
+		{"lone marker at end", "x" + m, wrap.Parsed{Output: "x" + m}},
+		{"empty path", "hello\n" + line(""), wrap.Parsed{Output: "hello\n"}},
+		{"text after marker kept", "hello\n" + line("/srv") + "trap ran\n", wrap.Parsed{Output: "hello\ntrap ran\n", Cwd: "/srv"}},
+		{"text after marker without newline", "hello" + "\n" + m + "/srv" + m + "bye", wrap.Parsed{Output: "hellobye", Cwd: "/srv"}},
+		{"marker line without injected newline", "hello" + m + "/srv" + m + "\n", wrap.Parsed{Output: "hello", Cwd: "/srv"}},
+		{"last pair wins", "a\n" + line("/one") + "b\n" + line("/two"), wrap.Parsed{Output: "a\n" + line("/one") + "b\n", Cwd: "/two"}},
+		{"earlier lone marker ignored", "a " + m + "\n" + line("/srv"), wrap.Parsed{Output: "a " + m + "\n", Cwd: "/srv"}},
+		{"pair is the last two occurrences", "a" + line("/srv") + m, wrap.Parsed{Output: "a\n" + m + "/srv", Cwd: "\n"}},
+		{"path with newline", "x\n" + line("/a\nb"), wrap.Parsed{Output: "x\n", Cwd: "/a\nb"}},
+		{"path with spaces and quotes", line(`/it's "x"`), wrap.Parsed{Output: "", Cwd: `/it's "x"`}},
+		{"path of 4096 bytes", "x\n" + line(long), wrap.Parsed{Output: "x\n", Cwd: long}},
+		{"opening marker too far back", "x\n" + line(long+"b"), wrap.Parsed{Output: "x\n" + line(long+"b")}},
+		{"other nonce", "\n" + wrap.Marker("feed") + "/etc" + wrap.Marker("feed") + "\n", wrap.Parsed{Output: "\n" + wrap.Marker("feed") + "/etc" + wrap.Marker("feed") + "\n"}},
+		{"other nonce then ours", wrap.Marker("feed") + "/etc" + wrap.Marker("feed") + "\n" + line("/srv"), wrap.Parsed{Output: wrap.Marker("feed") + "/etc" + wrap.Marker("feed") + "\n", Cwd: "/srv"}},
+		{"invalid utf-8", "\xff\xfe\x00" + line("/\xff"), wrap.Parsed{Output: "\xff\xfe\x00", Cwd: "/\xff"}},
+		{"reset", "hello\n" + line("reset:/root"), wrap.Parsed{Output: "hello\n", Cwd: "/root", CwdReset: true}},
+		{"reset, no output", line("reset:/root"), wrap.Parsed{Cwd: "/root", CwdReset: true}},
+		{"reset, directory removed after", "x" + line("reset:"), wrap.Parsed{Output: "x", CwdReset: true}},
+		{"reset, path of 4096 bytes", "x\n" + line("reset:"+long), wrap.Parsed{Output: "x\n", Cwd: long, CwdReset: true}},
+		{"reset, too far back", "x\n" + line("reset:"+long+"b"), wrap.Parsed{Output: "x\n" + line("reset:"+long+"b")}},
+		{"reset flag only once", line("reset:reset:/x"), wrap.Parsed{Cwd: "reset:/x", CwdReset: true}},
+		{"reset flag after the path is a path", line("/x/reset:"), wrap.Parsed{Cwd: "/x/reset:"}},
+		{"reset flag outside the markers", "reset:" + line("/srv"), wrap.Parsed{Output: "reset:", Cwd: "/srv"}},
+		{"reset in an earlier pair only", line("reset:/one") + line("/two"), wrap.Parsed{Output: line("reset:/one"), Cwd: "/two"}},
+		{"reset with another nonce", "\n" + wrap.Marker("feed") + "reset:/etc" + wrap.Marker("feed") + "\n" + line("/srv"), wrap.Parsed{Output: "\n" + wrap.Marker("feed") + "reset:/etc" + wrap.Marker("feed") + "\n", Cwd: "/srv"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			clean, cwd := wrap.Parse(tt.output, m)
-			if clean != tt.wantClean {
-				t.Errorf("clean output:\n got %q\nwant %q", clean, tt.wantClean)
+			got := wrap.ParseAll(tt.output, m)
+			if diff := cmp.Diff(tt.want, got); diff != "" {
+				t.Errorf("ParseAll(%q) (-want +got):\n%s", tt.output, diff)
 			}
-			if cwd != tt.wantCwd {
-				t.Errorf("cwd: got %q, want %q", cwd, tt.wantCwd)
+			clean, cwd := wrap.Parse(tt.output, m)
+			if clean != tt.want.Output || cwd != tt.want.Cwd {
+				t.Errorf("Parse(%q) = %q, %q; want %q, %q", tt.output, clean, cwd, tt.want.Output, tt.want.Cwd)
 			}
 		})
 	}
@@ -178,6 +242,9 @@ func TestParseEmptyMarker(t *testing.T) {
 	if clean != "hello\n" || cwd != "" {
 		t.Errorf(`Parse("hello\n", "") = %q, %q; want output untouched and no cwd`, clean, cwd)
 	}
+	if got := wrap.ParseAll("\nreset:/x\n", ""); got != (wrap.Parsed{Output: "\nreset:/x\n"}) {
+		t.Errorf(`ParseAll with marker "" = %+v, want output untouched`, got)
+	}
 }
 
 func TestGolden(t *testing.T) {
@@ -185,18 +252,26 @@ func TestGolden(t *testing.T) {
 		name    string
 		command string
 		cwd     string
+		tracked bool // CommandTracked, not Command
 	}{
-		{"simple", "ls -la", "/srv/app"},
-		{"cwd_quote", "pwd", "/srv/it's here"},
-		{"home", "ls", "~"},
-		{"home_subdir", "ls", "~/a b"},
-		{"dash", "ls", "-dash"},
-		{"no_cwd", "echo \"$PAGER\"", ""},
-		{"heredoc", "cat <<'EOF' > notes.txt\nit's $HOME\nEOF", "/tmp"},
+		{"simple", "ls -la", "/srv/app", false},
+		{"cwd_quote", "pwd", "/srv/it's here", false},
+		{"home", "ls", "~", false},
+		{"home_subdir", "ls", "~/a b", false},
+		{"dash", "ls", "-dash", false},
+		{"no_cwd", "echo \"$PAGER\"", "", false},
+		{"heredoc", "cat <<'EOF' > notes.txt\nit's $HOME\nEOF", "/tmp", false},
+		{"tracked", "ls -la", "/srv/app", true},
+		{"tracked_quote", "pwd", "/srv/it's here", true},
+		{"tracked_home_subdir", "ls", "~/a b", true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got := wrap.Command(tt.command, tt.cwd, testMarker)
+			wrapCmd := wrap.Command
+			if tt.tracked {
+				wrapCmd = wrap.CommandTracked
+			}
+			got := wrapCmd(tt.command, tt.cwd, testMarker)
 			path := filepath.Join("testdata", tt.name+".golden")
 			if *update {
 				if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
@@ -208,7 +283,7 @@ func TestGolden(t *testing.T) {
 				t.Fatalf("%v (run with -update to create it)", err)
 			}
 			if diff := cmp.Diff(string(want), got); diff != "" {
-				t.Errorf("Command(%q, %q) differs from %s (-want +got):\n%s", tt.command, tt.cwd, path, diff)
+				t.Errorf("%s: script for %q in %q differs from %s (-want +got):\n%s", tt.name, tt.command, tt.cwd, path, diff)
 			}
 		})
 	}
@@ -219,16 +294,22 @@ type result struct {
 	Clean string
 	Cwd   string
 	RC    int
+	Reset bool
 }
 
-// run wraps command with a fresh nonce, runs the script with bash in dir with
-// HOME set to home, and parses its combined output.
-func run(t *testing.T, dir, home, command, cwd string) result {
+// run wraps command with a fresh nonce, with CommandTracked when tracked and
+// Command otherwise, runs the script with bash in dir with HOME set to home,
+// and parses its combined output.
+func run(t *testing.T, dir, home, command, cwd string, tracked bool) result {
 	t.Helper()
 	m := wrap.Marker(wrap.NewNonce())
-	out, rc := runBash(t, dir, home, wrap.Command(command, cwd, m))
-	clean, gotCwd := wrap.Parse(out, m)
-	return result{Clean: clean, Cwd: gotCwd, RC: rc}
+	wrapCmd := wrap.Command
+	if tracked {
+		wrapCmd = wrap.CommandTracked
+	}
+	out, rc := runBash(t, dir, home, wrapCmd(command, cwd, m))
+	p := wrap.ParseAll(out, m)
+	return result{Clean: p.Output, Cwd: p.Cwd, RC: rc, Reset: p.CwdReset}
 }
 
 // runBash runs script with `bash -c` in a small, fixed environment, and
@@ -274,73 +355,116 @@ func realPath(t *testing.T, path string) string {
 }
 
 func TestBash(t *testing.T) {
-	// In the table, {dir} is the directory bash starts in and {home} is $HOME.
+	// In the table, {dir} is the directory bash starts in and {home} is $HOME;
+	// {dir}/missing does not exist and {dir}/file is a file. Every case that
+	// is not tracked and starts in a directory that exists also runs with
+	// CommandTracked, which must give the same result.
 	tests := []struct {
 		name    string
 		command string
 		cwd     string
+		tracked bool // CommandTracked, not Command
 		want    result
 		stderr  string // if set, Clean must contain it and want.Clean is ""
 	}{
-		{"exit 0", "echo ok", "", result{"ok\n", "{dir}", 0}, ""},
-		{"exit 1", "false", "", result{"", "{dir}", 1}, ""},
-		{"exit 3", "(exit 3)", "", result{"", "{dir}", 3}, ""},
-		{"exit 127", "no_such_command_boxq", "", result{"", "{dir}", 127}, "command not found"},
-		{"syntax error still reports", "echo 'unterminated", "", result{"", "{dir}", 2}, "unexpected EOF"},
-		{"cd inside command", "cd sub", "", result{"", "{dir}/sub", 0}, ""},
-		{"starts in cwd", "pwd -P", "{dir}/sub", result{"{dir}/sub\n", "{dir}/sub", 0}, ""},
-		{"missing cwd", "echo never", "{dir}/missing", result{"", "", 126}, "No such file or directory"},
-		{"no trailing newline", "printf 'no newline'", "", result{"no newline", "{dir}", 0}, ""},
-		{"only a newline", "echo", "", result{"\n", "{dir}", 0}, ""},
-		{"blank lines at end", "printf 'a\\n\\n\\n'", "", result{"a\n\n\n", "{dir}", 0}, ""},
-		{"heredoc", "cat <<EOF\nhello\nEOF", "", result{"hello\n", "{dir}", 0}, ""},
-		{"quoted heredoc", "cat <<'EOF'\n'single' \"double\" $HOME `id` \\back\\slash\nEOF", "", result{"'single' \"double\" $HOME `id` \\back\\slash\n", "{dir}", 0}, ""},
-		{"quotes and specials verbatim", `printf '%s|' 'it'\''s' "d\"q" '$HOME' '` + "`id`" + `' 'a\\b' "$((1+2))"`, "", result{`it's|d"q|$HOME|` + "`id`" + `|a\\b|3|`, "{dir}", 0}, ""},
-		{"trailing comment", "echo hi # done", "", result{"hi\n", "{dir}", 0}, ""},
-		{"forged marker other nonce", "echo; echo " + wrap.Marker("feedface") + "/etc" + wrap.Marker("feedface"), "", result{"\n" + wrap.Marker("feedface") + "/etc" + wrap.Marker("feedface") + "\n", "{dir}", 0}, ""},
-		{"forged marker no newline", "printf %s " + wrap.Marker("feedface") + "/etc" + wrap.Marker("feedface"), "", result{wrap.Marker("feedface") + "/etc" + wrap.Marker("feedface"), "{dir}", 0}, ""},
-		{"user exit", "echo bye; exit 4", "", result{"bye\n", "", 4}, ""},
-		{"exit trap output kept", "trap 'echo trapped' EXIT; echo body", "", result{"body\ntrapped\n", "{dir}", 0}, ""},
-		{"tilde", "pwd -P", "~", result{"{home}\n", "{home}", 0}, ""},
-		{"tilde subdir", "pwd -P", "~/a b", result{"{home}/a b\n", "{home}/a b", 0}, ""},
-		{"leading dash", "pwd -P", "-dash", result{"{dir}/-dash\n", "{dir}/-dash", 0}, ""},
-		{"lone dash", "pwd -P", "-", result{"{dir}/-\n", "{dir}/-", 0}, ""},
-		{"quote in cwd", "pwd -P", "it's", result{"{dir}/it's\n", "{dir}/it's", 0}, ""},
-		{"cwd ending in newlines", "pwd -P", "{dir}/nl\n\n", result{"{dir}/nl\n\n\n", "{dir}/nl\n\n", 0}, ""},
-		{"cd into dir ending in newline", "cd 'nl\n\n'", "", result{"", "{dir}/nl\n\n", 0}, ""},
-		{"cwd with invalid utf-8", "pwd -P", "{dir}/\xff\xfe", result{"{dir}/\xff\xfe\n", "{dir}/\xff\xfe", 0}, ""},
-		{"pager defaults", `echo "$GIT_PAGER $PAGER"`, "", result{"cat cat\n", "{dir}", 0}, ""},
-		{"pager kept", `export PAGER=less; echo "$PAGER"`, "", result{"less\n", "{dir}", 0}, ""},
-		{"printf function", "printf() { echo hijacked; }; pwd() { echo hijacked; }", "", result{"", "{dir}", 0}, ""},
-		{"errexit", "set -e; false; echo not here", "", result{"", "", 1}, ""},
-		{"ifs", "IFS=0123456789; (exit 7)", "", result{"", "{dir}", 7}, ""},
-		{"removed cwd", "mkdir gone && cd gone && rmdir ../gone", "", result{"", "", 0}, ""},
+		{"exit 0", "echo ok", "", false, result{"ok\n", "{dir}", 0, false}, ""},
+		{"exit 1", "false", "", false, result{"", "{dir}", 1, false}, ""},
+		{"exit 3", "(exit 3)", "", false, result{"", "{dir}", 3, false}, ""},
+		{"exit 127", "no_such_command_boxq", "", false, result{"", "{dir}", 127, false}, "command not found"},
+		{"syntax error still reports", "echo 'unterminated", "", false, result{"", "{dir}", 2, false}, "unexpected EOF"},
+		{"syntax error in a cwd", "if", "{dir}/sub", false, result{"", "{dir}/sub", 2, false}, "syntax error"},
+		{"cd inside command", "cd sub", "", false, result{"", "{dir}/sub", 0, false}, ""},
+		{"starts in cwd", "pwd -P", "{dir}/sub", false, result{"{dir}/sub\n", "{dir}/sub", 0, false}, ""},
+		{"missing cwd", "echo never", "{dir}/missing", false, result{"", "", 126, false}, "No such file or directory"},
+		{"cwd is a file", "echo never", "{dir}/file", false, result{"", "", 126, false}, "Not a directory"},
+		{"no trailing newline", "printf 'no newline'", "", false, result{"no newline", "{dir}", 0, false}, ""},
+		{"only a newline", "echo", "", false, result{"\n", "{dir}", 0, false}, ""},
+		{"blank lines at end", "printf 'a\\n\\n\\n'", "", false, result{"a\n\n\n", "{dir}", 0, false}, ""},
+		{"heredoc", "cat <<EOF\nhello\nEOF", "", false, result{"hello\n", "{dir}", 0, false}, ""},
+		{"quoted heredoc", "cat <<'EOF'\n'single' \"double\" $HOME `id` \\back\\slash\nEOF", "", false, result{"'single' \"double\" $HOME `id` \\back\\slash\n", "{dir}", 0, false}, ""},
+		{"quotes and specials verbatim", `printf '%s|' 'it'\''s' "d\"q" '$HOME' '` + "`id`" + `' 'a\\b' "$((1+2))"`, "", false, result{`it's|d"q|$HOME|` + "`id`" + `|a\\b|3|`, "{dir}", 0, false}, ""},
+		{"trailing comment", "echo hi # done", "", false, result{"hi\n", "{dir}", 0, false}, ""},
+		{"forged marker other nonce", "echo; echo " + wrap.Marker("feedface") + "/etc" + wrap.Marker("feedface"), "", false, result{"\n" + wrap.Marker("feedface") + "/etc" + wrap.Marker("feedface") + "\n", "{dir}", 0, false}, ""},
+		{"forged marker no newline", "printf %s " + wrap.Marker("feedface") + "/etc" + wrap.Marker("feedface"), "", false, result{wrap.Marker("feedface") + "/etc" + wrap.Marker("feedface"), "{dir}", 0, false}, ""},
+		{"user exit", "echo bye; exit 4", "", false, result{"bye\n", "", 4, false}, ""},
+		{"exit trap output kept", "trap 'echo trapped' EXIT; echo body", "", false, result{"body\ntrapped\n", "{dir}", 0, false}, ""},
+		{"tilde", "pwd -P", "~", false, result{"{home}\n", "{home}", 0, false}, ""},
+		{"tilde subdir", "pwd -P", "~/a b", false, result{"{home}/a b\n", "{home}/a b", 0, false}, ""},
+		{"leading dash", "pwd -P", "-dash", false, result{"{dir}/-dash\n", "{dir}/-dash", 0, false}, ""},
+		{"lone dash", "pwd -P", "-", false, result{"{dir}/-\n", "{dir}/-", 0, false}, ""},
+		{"quote in cwd", "pwd -P", "it's", false, result{"{dir}/it's\n", "{dir}/it's", 0, false}, ""},
+		{"cwd ending in newlines", "pwd -P", "{dir}/nl\n\n", false, result{"{dir}/nl\n\n\n", "{dir}/nl\n\n", 0, false}, ""},
+		{"cd into dir ending in newline", "cd 'nl\n\n'", "", false, result{"", "{dir}/nl\n\n", 0, false}, ""},
+		{"cwd with invalid utf-8", "pwd -P", "{dir}/\xff\xfe", false, result{"{dir}/\xff\xfe\n", "{dir}/\xff\xfe", 0, false}, ""},
+		{"pager defaults", `echo "$GIT_PAGER $PAGER"`, "", false, result{"cat cat\n", "{dir}", 0, false}, ""},
+		{"pager kept", `export PAGER=less; echo "$PAGER"`, "", false, result{"less\n", "{dir}", 0, false}, ""},
+		{"printf function", "printf() { echo hijacked; }; pwd() { echo hijacked; }", "", false, result{"", "{dir}", 0, false}, ""},
+		{"errexit", "set -e; false; echo not here", "", false, result{"", "", 1, false}, ""},
+		{"ifs", "IFS=0123456789; (exit 7)", "", false, result{"", "{dir}", 7, false}, ""},
+		{"removed cwd", "mkdir gone && cd gone && rmdir ../gone", "", false, result{"", "", 0, false}, ""},
+		{"xtrace does not show the wrapper", "set -x; true", "", false, result{"++ true\n+ __boxq_rc=0\n", "{dir}", 0, false}, ""},
+		{"verbose does not show the wrapper", "set -v", "", false, result{"__boxq_rc=$?; { builtin set +vx; builtin trap - DEBUG ERR RETURN; } 2>/dev/null\n", "{dir}", 0, false}, ""},
+		{"nounset", "set -u", "{dir}/sub", false, result{"", "{dir}/sub", 0, false}, ""},
+
+		// A tracked cwd that cannot be entered: the command runs where bash
+		// started, whatever it then does, and the marker says so.
+		{"tracked missing", "pwd -P", "{dir}/missing", true, result{"{dir}\n", "{dir}", 0, true}, ""},
+		{"tracked missing keeps the status", "echo out; (exit 3)", "{dir}/missing", true, result{"out\n", "{dir}", 3, true}, ""},
+		{"tracked missing, then cd", "cd sub", "{dir}/missing", true, result{"", "{dir}/sub", 0, true}, ""},
+		{"tracked missing, then cd home", "cd", "{dir}/missing", true, result{"", "{home}", 0, true}, ""},
+		{"tracked missing, syntax error", "echo 'unterminated", "{dir}/missing", true, result{"", "{dir}", 2, true}, "unexpected EOF"},
+		{"tracked missing, relative", "pwd -P", "missing", true, result{"{dir}\n", "{dir}", 0, true}, ""},
+		{"tracked missing under home", "pwd -P", "~/missing", true, result{"{dir}\n", "{dir}", 0, true}, ""},
+		{"tracked is a file", "pwd -P", "{dir}/file", true, result{"{dir}\n", "{dir}", 0, true}, ""},
+		{"tracked missing, user exit", "exit 5", "{dir}/missing", true, result{"", "", 5, false}, ""},
+		{"tracked missing, errexit", "set -e; false", "{dir}/missing", true, result{"", "", 1, false}, ""},
+		{"tracked missing, nounset", "set -u", "{dir}/missing", true, result{"", "{dir}", 0, true}, ""},
+		{"tracked missing, unset the flag", "unset __boxq_cwd_reset", "{dir}/missing", true, result{"", "{dir}", 1, true}, "readonly variable"},
+		{"tracked missing, clear the flag", "readonly __boxq_cwd_reset=", "{dir}/missing", true, result{"", "{dir}", 1, true}, "readonly variable"},
+		{"tracked missing, flag in a function", "f() { local __boxq_cwd_reset=; }; f", "{dir}/missing", true, result{"", "{dir}", 1, true}, "readonly variable"},
+		{"tracked missing, assign the flag", "__boxq_cwd_reset=", "{dir}/missing", true, result{"", "{dir}", 1, true}, "readonly variable"},
+		{"tracked present, forge the flag", "readonly __boxq_cwd_reset=reset:", "{dir}/sub", true, result{"", "{dir}/sub", 1, false}, "readonly variable"},
+		{"tracked present, forge the flag in a function", "f() { local __boxq_cwd_reset=reset:; }; f", "{dir}/sub", true, result{"", "{dir}/sub", 1, false}, "readonly variable"},
 	}
 	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			dir, home := t.TempDir(), t.TempDir()
-			for _, d := range []string{"sub", "-dash", "-", "it's", "nl\n\n", "\xff\xfe"} {
-				mkdir(t, filepath.Join(dir, d))
+		variants := []bool{tt.tracked}
+		if !tt.tracked && tt.cwd != "" && tt.want.RC != 126 {
+			variants = append(variants, true)
+		}
+		for _, tracked := range variants {
+			name := tt.name
+			if tracked && !tt.tracked {
+				name += " (tracked)"
 			}
-			mkdir(t, filepath.Join(home, "a b"))
-			expand := strings.NewReplacer("{dir}", realPath(t, dir), "{home}", realPath(t, home)).Replace
-			// The cwd passed in uses the literal paths; only expectations
-			// need symlinks resolved.
-			cwd := strings.NewReplacer("{dir}", dir, "{home}", home).Replace(tt.cwd)
-			want := result{Clean: expand(tt.want.Clean), Cwd: expand(tt.want.Cwd), RC: tt.want.RC}
-			got := run(t, dir, home, tt.command, cwd)
-			if tt.stderr != "" {
-				// bash's own messages differ between versions: only look
-				// for the gist, and compare the rest exactly.
-				if !strings.Contains(got.Clean, tt.stderr) {
-					t.Errorf("output %q does not contain %q", got.Clean, tt.stderr)
+			t.Run(name, func(t *testing.T) {
+				dir, home := t.TempDir(), t.TempDir()
+				for _, d := range []string{"sub", "-dash", "-", "it's", "nl\n\n", "\xff\xfe"} {
+					mkdir(t, filepath.Join(dir, d))
 				}
-				got.Clean = ""
-			}
-			if diff := cmp.Diff(want, got); diff != "" {
-				t.Errorf("command %q in %q (-want +got):\n%s", tt.command, cwd, diff)
-			}
-		})
+				mkdir(t, filepath.Join(home, "a b"))
+				if err := os.WriteFile(filepath.Join(dir, "file"), nil, 0o644); err != nil {
+					t.Fatal(err)
+				}
+				expand := strings.NewReplacer("{dir}", realPath(t, dir), "{home}", realPath(t, home)).Replace
+				// The cwd passed in uses the literal paths; only expectations
+				// need symlinks resolved.
+				cwd := strings.NewReplacer("{dir}", dir, "{home}", home).Replace(tt.cwd)
+				want := tt.want
+				want.Clean, want.Cwd = expand(want.Clean), expand(want.Cwd)
+				got := run(t, dir, home, tt.command, cwd, tracked)
+				if tt.stderr != "" {
+					// bash's own messages differ between versions: only look
+					// for the gist, and compare the rest exactly.
+					if !strings.Contains(got.Clean, tt.stderr) {
+						t.Errorf("output %q does not contain %q", got.Clean, tt.stderr)
+					}
+					got.Clean = ""
+				}
+				if diff := cmp.Diff(want, got); diff != "" {
+					t.Errorf("command %q in %q, tracked %v (-want +got):\n%s", tt.command, cwd, tracked, diff)
+				}
+			})
+		}
 	}
 }
 
@@ -348,16 +472,47 @@ func TestBash(t *testing.T) {
 // starts where Parse said the first ended.
 func TestBashCwdCarries(t *testing.T) {
 	dir, home := t.TempDir(), t.TempDir()
-	first := run(t, dir, home, "cd /tmp", "")
+	first := run(t, dir, home, "cd /tmp", "", false)
 	if want := realPath(t, "/tmp"); first.Cwd != want || first.RC != 0 {
 		t.Fatalf("after cd /tmp: cwd %q rc %d, want %q rc 0", first.Cwd, first.RC, want)
 	}
-	second := run(t, dir, home, "pwd -P", first.Cwd)
-	if want := first.Cwd + "\n"; second.Clean != want {
-		t.Errorf("second command printed %q, want %q", second.Clean, want)
+	second := run(t, dir, home, "pwd -P", first.Cwd, true)
+	want := result{Clean: first.Cwd + "\n", Cwd: first.Cwd}
+	if diff := cmp.Diff(want, second); diff != "" {
+		t.Errorf("second command (-want +got):\n%s", diff)
 	}
-	if second.Cwd != first.Cwd {
-		t.Errorf("second command ended in %q, want %q", second.Cwd, first.Cwd)
+}
+
+// TestBashRemovedCwd is issue 12's sequence: a task cds into a directory,
+// the next command removes it, and the one after that must still run. With
+// the tracked cwd it starts where bash starts and says so; the task then
+// tracks that directory, and the next command is back to normal. An
+// explicit cwd that does not exist still fails with 126.
+func TestBashRemovedCwd(t *testing.T) {
+	dir, home := t.TempDir(), t.TempDir()
+	real := realPath(t, dir)
+	steps := []struct {
+		command string
+		want    result
+	}{
+		{"mkdir -p g && cd g", result{Cwd: real + "/g"}},
+		{"rmdir " + real + "/g", result{Cwd: ""}}, // ended in a removed directory: unknown
+		{"pwd -P", result{Clean: real + "\n", Cwd: real, Reset: true}},
+		{"pwd -P", result{Clean: real + "\n", Cwd: real}},
+	}
+	cwd := ""
+	for i, s := range steps {
+		got := run(t, dir, home, s.command, cwd, true)
+		if diff := cmp.Diff(s.want, got); diff != "" {
+			t.Fatalf("step %d, %q in tracked cwd %q (-want +got):\n%s", i+1, s.command, cwd, diff)
+		}
+		if got.Cwd != "" {
+			cwd = got.Cwd
+		}
+	}
+	got := run(t, dir, home, "pwd -P", real+"/g", false)
+	if want := (result{RC: 126}); got.RC != want.RC || got.Reset || got.Cwd != "" {
+		t.Errorf("explicit removed cwd: got %+v, want rc 126, no cwd, no reset", got)
 	}
 }
 
@@ -367,12 +522,18 @@ func TestBashCDPATH(t *testing.T) {
 	dir, elsewhere := t.TempDir(), t.TempDir()
 	mkdir(t, filepath.Join(dir, "x"))
 	mkdir(t, filepath.Join(elsewhere, "x"))
-	m := wrap.Marker(wrap.NewNonce())
-	script := "CDPATH=" + elsewhere + "\n" + wrap.Command("true", "x", m)
-	out, rc := runBash(t, dir, dir, script)
-	clean, cwd := wrap.Parse(out, m)
-	want := result{Clean: "", Cwd: realPath(t, filepath.Join(dir, "x")), RC: 0}
-	if diff := cmp.Diff(want, result{clean, cwd, rc}); diff != "" {
-		t.Errorf("relative cwd with CDPATH set (-want +got):\n%s", diff)
+	for _, tracked := range []bool{false, true} {
+		m := wrap.Marker(wrap.NewNonce())
+		wrapCmd := wrap.Command
+		if tracked {
+			wrapCmd = wrap.CommandTracked
+		}
+		script := "CDPATH=" + elsewhere + "\n" + wrapCmd("true", "x", m)
+		out, rc := runBash(t, dir, dir, script)
+		p := wrap.ParseAll(out, m)
+		want := result{Clean: "", Cwd: realPath(t, filepath.Join(dir, "x")), RC: 0}
+		if diff := cmp.Diff(want, result{p.Output, p.Cwd, rc, p.CwdReset}); diff != "" {
+			t.Errorf("relative cwd with CDPATH set, tracked %v (-want +got):\n%s", tracked, diff)
+		}
 	}
 }
