@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -25,7 +26,7 @@ const outputGrace = time.Second
 // per read anyway.
 const readBufSize = 8 << 10
 
-// execution is one exec: a `bash -c` process and, once it ends, its state.
+// execution is one exec: a bash process and, once it ends, its state.
 type execution struct {
 	id   string
 	log  *slog.Logger
@@ -120,8 +121,12 @@ func (s *Server) launch(e *execution, spec execSpec, ended func(at time.Time)) {
 			return
 		}
 	}
-	cmd := s.launcher.command(spec.dirs, spec.cwd, spec.command)
-
+	if strings.IndexByte(spec.command, 0) >= 0 {
+		// bash -c could not be given one; the loader would drop it.
+		fail(126, "gateway: start: the command holds a NUL byte")
+		return
+	}
+	var stdin *os.File
 	if spec.stdin != "" {
 		f, err := s.stdinFile(spec.stdin)
 		if err != nil {
@@ -129,7 +134,7 @@ func (s *Server) launch(e *execution, spec execSpec, ended func(at time.Time)) {
 			return
 		}
 		defer f.Close() // the child has its own copy once started
-		cmd.Stdin = f
+		stdin = f
 	}
 
 	// One pipe for stdout and stderr, so that their order is kept.
@@ -138,10 +143,23 @@ func (s *Server) launch(e *execution, spec execSpec, ended func(at time.Time)) {
 		fail(126, "gateway: output pipe: "+err.Error())
 		return
 	}
+	script, err := newScriptPipe()
+	if err != nil {
+		pr.Close()
+		pw.Close()
+		fail(126, "gateway: "+err.Error())
+		return
+	}
+	cmd := s.launcher.command(spec.dirs, spec.cwd, script.r)
+	if stdin != nil {
+		cmd.Stdin = stdin
+	}
 	cmd.Stdout, cmd.Stderr = pw, pw
 	err = cmd.Start()
 	pw.Close()
+	script.feed(spec.command)
 	if err != nil {
+		script.wait()
 		pr.Close()
 		fail(126, "gateway: start: "+err.Error())
 		return
@@ -195,6 +213,7 @@ func (s *Server) launch(e *execution, spec execSpec, ended func(at time.Time)) {
 		if !zombie {
 			_ = syscall.Kill(-pid, syscall.SIGKILL)
 		}
+		script.wait()
 		select {
 		case <-readDone:
 		case <-time.After(outputGrace):
