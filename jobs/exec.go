@@ -31,6 +31,7 @@ type Pool interface {
 	Yield(ctx context.Context, l *sandboxpool.Lease) error
 	Recreate(ctx context.Context, l *sandboxpool.Lease) error
 	Terminate(ctx context.Context, taskID string) error
+	TerminateIdle(ctx context.Context, taskID string, unless []sandboxpool.Check) error
 	ReapIdle(ctx context.Context, now time.Time, ttl time.Duration) (int, error)
 	ClaimOrphans(ctx context.Context) ([]sandboxpool.Orphan, error)
 }
@@ -239,6 +240,9 @@ func (h *ExecHandler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 	}
 
 	newCwd := h.fillResult(&res, st, marker, cwd, lease.Spec().WithDefaults().Cwd, p.Timeout())
+	if res.Status == StatusCancelled {
+		res.Error = h.store.cancelReason(ctx, jobID)
+	}
 	log.Debug("exec finished", "status", res.Status, "returncode", res.ReturnCode, "exec_id", res.ExecID)
 	return h.releaseAndFinish(ctx, log, lease, newCwd, d)
 }
@@ -303,6 +307,9 @@ func (h *ExecHandler) vetoed(ctx context.Context, log *slog.Logger, d *delivery,
 		return nil
 	case vetoCancel:
 		d.res.Status, d.res.ReturnCode, d.res.Error = StatusCancelled, gateway.ReturnCodeCancelled, "cancelled before it ran"
+		if why := h.store.cancelReason(ctx, d.jobID); why != "" {
+			d.res.Error = why + " before the command ran"
+		}
 		return h.finish(ctx, d)
 	case vetoTurn:
 		// Run out of turn (the dashboard's "run now" on a parked job):

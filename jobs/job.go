@@ -418,6 +418,9 @@ func ExecID(jobID string) string {
 // TerminatePayload is the payload of a TypeTerminate task.
 type TerminatePayload struct {
 	TaskID string `json:"task_id"`
+	// IfIdle ends the sandbox only when no command of the task runs or
+	// waits; otherwise the terminate job's result says so.
+	IfIdle bool `json:"if_idle,omitempty"`
 }
 
 // NewExecTask returns the asynq task for p. Options such as asynq.TaskID
@@ -430,12 +433,13 @@ func NewExecTask(p ExecPayload, opts ...asynq.Option) (*asynq.Task, error) {
 	return asynq.NewTask(TypeExec, b, opts...), nil
 }
 
-// NewTerminateTask returns the task that ends taskID's sandbox now.
-func NewTerminateTask(taskID string, opts ...asynq.Option) (*asynq.Task, error) {
+// NewTerminateTask returns the task that ends taskID's sandbox now (with
+// ifIdle, only if no command of the task runs or waits).
+func NewTerminateTask(taskID string, ifIdle bool, opts ...asynq.Option) (*asynq.Task, error) {
 	if taskID == "" {
 		return nil, errors.New("jobs: terminate: task id is required")
 	}
-	b, err := json.Marshal(TerminatePayload{TaskID: taskID})
+	b, err := json.Marshal(TerminatePayload{TaskID: taskID, IfIdle: ifIdle})
 	if err != nil {
 		return nil, fmt.Errorf("jobs: encode terminate payload: %w", err)
 	}

@@ -10,12 +10,21 @@ import (
 	"time"
 
 	"github.com/hibiken/asynq"
+
+	"github.com/boxq/boxq/sandboxpool"
 )
 
 // TerminateHandler runs TypeTerminate tasks: it ends a task's sandbox now.
+// Producer.Terminate has already cancelled the task's running and waiting
+// commands; the lease take waits for the running one to stop. With IfIdle
+// it ends the sandbox only when no command of the task runs (the lease is
+// free) or waits (no sequence of the task in the worker's queues has a
+// head), in the same atomic step as the take.
 type TerminateHandler struct {
-	pool Pool
-	log  *slog.Logger
+	pool   Pool
+	store  store
+	queues []string
+	log    *slog.Logger
 }
 
 // ProcessTask implements asynq.Handler.
@@ -24,12 +33,27 @@ func (h *TerminateHandler) ProcessTask(ctx context.Context, t *asynq.Task) error
 	if err := json.Unmarshal(t.Payload(), &p); err != nil || p.TaskID == "" {
 		return fmt.Errorf("invalid terminate job: task_id is required: %w", asynq.SkipRetry)
 	}
-	if err := h.pool.Terminate(ctx, p.TaskID); err != nil {
+	out := TerminateOutcome{TaskID: p.TaskID, Status: "terminated"}
+	if p.IfIdle {
+		var unless []sandboxpool.Check
+		for _, q := range h.queues {
+			unless = append(unless, sandboxpool.Check{Key: h.store.sequence(q, p.TaskID).key(), Field: "head"})
+		}
+		err := h.pool.TerminateIdle(ctx, p.TaskID, unless)
+		switch {
+		case errors.Is(err, sandboxpool.ErrBusy):
+			out.Status, out.Reason = "busy", "a command of the task is running"
+		case errors.Is(err, sandboxpool.ErrVetoed):
+			out.Status, out.Reason = "busy", "a command of the task is running or waiting for its turn"
+		case err != nil:
+			return fmt.Errorf("terminate idle sandbox of task %q: %w", p.TaskID, err)
+		}
+	} else if err := h.pool.Terminate(ctx, p.TaskID); err != nil {
 		return fmt.Errorf("terminate sandbox of task %q: %w", p.TaskID, err)
 	}
-	h.log.Info("terminated sandbox", "task_id", p.TaskID)
-	out, _ := json.Marshal(map[string]string{"task_id": p.TaskID, "status": "terminated"})
-	_, _ = t.ResultWriter().Write(out)
+	h.log.Info("terminate", "task_id", p.TaskID, "if_idle", p.IfIdle, "status", out.Status)
+	b, _ := json.Marshal(out)
+	_, _ = t.ResultWriter().Write(b)
 	return nil
 }
 

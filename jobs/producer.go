@@ -150,17 +150,100 @@ type producerFaults struct {
 	beforeConfirm func()
 }
 
-// Terminate enqueues a job that ends taskID's sandbox now.
-func (p *Producer) Terminate(ctx context.Context, taskID string) (string, error) {
-	t, err := NewTerminateTask(taskID)
+// TerminateReason is the "error" of the results of the jobs a terminate
+// cancels.
+const TerminateReason = "task terminated"
+
+// Terminate ends taskID's sandbox now, out of turn: in every queue, the
+// task's waiting jobs get their "cancelled" result ("task terminated") at
+// once and never run, the command running is cancelled (the same result),
+// and a terminate job ends the sandbox (with a snapshot when it is
+// persistent) once that command has stopped. With ifIdle it does none of
+// that: the terminate job ends the sandbox only when no command of the
+// task runs or waits, and its result says which. It returns the terminate
+// job's id (TerminateOutcome reads its result).
+func (p *Producer) Terminate(ctx context.Context, taskID string, ifIdle bool) (string, error) {
+	t, err := NewTerminateTask(taskID, ifIdle)
 	if err != nil {
 		return "", err
+	}
+	if !ifIdle {
+		queues, err := p.insp.Queues()
+		if err != nil {
+			return "", fmt.Errorf("jobs: list queues: %w", err)
+		}
+		for _, q := range queues {
+			if err := p.stopTask(ctx, q, taskID); err != nil {
+				return "", err
+			}
+		}
 	}
 	info, err := p.client.EnqueueContext(ctx, t, asynq.MaxRetry(p.cfg.MaxRetry), asynq.Retention(p.cfg.Retention))
 	if err != nil {
 		return "", fmt.Errorf("jobs: enqueue terminate of %q: %w", taskID, err)
 	}
 	return info.ID, nil
+}
+
+// stopTask cancels a task's jobs in one queue: the waiting ones at once,
+// the head by a cancel mark and asynq's cancel message.
+func (p *Producer) stopTask(ctx context.Context, queue, taskID string) error {
+	now := time.Now().UTC()
+	head, _, err := p.store.sequence(queue, taskID).stop(ctx, p.rdb, func(id string) ([]byte, error) {
+		b, err := json.Marshal(Result{ID: id, TaskID: taskID, ExecID: ExecID(id), Status: StatusCancelled,
+			ReturnCode: 130, Error: TerminateReason + " while the job waited for its turn", FinishedAt: now})
+		if err != nil {
+			return nil, fmt.Errorf("jobs: encode result: %w", err)
+		}
+		return b, nil
+	})
+	if err != nil || head == "" {
+		return err
+	}
+	if err := p.store.markCancelledFor(ctx, head, TerminateReason, p.cfg.Retention); err != nil {
+		return err
+	}
+	if err := p.insp.CancelProcessing(head); err != nil {
+		return fmt.Errorf("jobs: cancel %s: %w", head, err)
+	}
+	return nil
+}
+
+// TerminateOutcome is what a terminate job did.
+type TerminateOutcome struct {
+	TaskID string `json:"task_id"`
+	// Status is "terminated", or "busy" when an -if-idle terminate found
+	// a command of the task running or waiting.
+	Status string `json:"status"`
+	Reason string `json:"reason,omitempty"`
+}
+
+// WaitTerminate waits for the terminate job id to end and returns what it
+// did.
+func (p *Producer) WaitTerminate(ctx context.Context, id string) (TerminateOutcome, error) {
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for {
+		info, err := p.insp.GetTaskInfo(DefaultQueue, id)
+		if err != nil {
+			return TerminateOutcome{}, fmt.Errorf("jobs: look up terminate job %s: %w", id, err)
+		}
+		switch {
+		case len(info.Result) > 0:
+			var o TerminateOutcome
+			if err := json.Unmarshal(info.Result, &o); err != nil {
+				return TerminateOutcome{}, fmt.Errorf("jobs: decode terminate result: %w", err)
+			}
+			return o, nil
+		case info.State == asynq.TaskStateArchived:
+			return TerminateOutcome{}, fmt.Errorf("jobs: terminate job %s failed: %s", id, info.LastErr)
+		}
+		select {
+		case <-ctx.Done():
+			return TerminateOutcome{}, ctx.Err()
+		case <-t.C:
+		}
+	}
 }
 
 // ErrJobNotFound is returned when no queue holds the job.

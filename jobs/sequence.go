@@ -205,6 +205,54 @@ redis.call('ZADD', HEADS, NOWMS, TASK)
 return 0
 `)
 
+// seqStopScript cancels waiting jobs of a terminated task: each one still
+// waiting leaves the sequence, gets its result, and is made runnable, so
+// that a worker acks it (a delivery that finds a result runs nothing) and
+// asynq's retention applies. It returns the head ("" none).
+//
+// KEYS: seqLib's. ARGV: seqLib's, then job id and result of each job.
+var seqStopScript = redis.NewScript(seqLib + `
+for i = 6, #ARGV - 1, 2 do
+	local id = ARGV[i]
+	if redis.call('LREM', SEQW, 1, id) == 1 then
+		local tk = P .. 't:' .. id
+		if redis.call('EXISTS', tk) == 1 and redis.call('HEXISTS', tk, 'result') == 0 then
+			redis.call('HSET', tk, 'result', ARGV[i + 1])
+			promote(id)
+		end
+	end
+end
+return redis.call('HGET', SEQ, 'head') or ''
+`)
+
+// stop cancels the task's waiting jobs with result (a function of the job
+// id), a page at a time, and returns the head ("" none) and how many it
+// cancelled.
+func (q sequence) stop(ctx context.Context, rdb redis.UniversalClient, result func(jobID string) ([]byte, error)) (head string, n int, err error) {
+	for {
+		ids, err := rdb.LRange(ctx, q.waitKey(), 0, 499).Result()
+		if err != nil {
+			return "", n, fmt.Errorf("jobs: read the sequence of task %q: %w", q.task, err)
+		}
+		more := make([]any, 0, 2*len(ids))
+		for _, id := range ids {
+			r, err := result(id)
+			if err != nil {
+				return "", n, err
+			}
+			more = append(more, id, r)
+		}
+		head, err = seqStopScript.Run(ctx, rdb, q.keys(), q.args(time.Now(), more...)...).Text()
+		if err != nil {
+			return "", n, fmt.Errorf("jobs: cancel the waiting jobs of task %q: %w", q.task, err)
+		}
+		n += len(ids)
+		if len(ids) < 500 {
+			return head, n, nil
+		}
+	}
+}
+
 // sequence names one task's sequence in one queue.
 type sequence struct {
 	queue, task string

@@ -311,3 +311,64 @@ func TestSequenceRepairsAProducerThatDied(t *testing.T) {
 		t.Errorf("confirmed job: %+v, %v", r, err)
 	}
 }
+
+// TestTerminateActsAtOnce: -terminate of a task whose command runs, with
+// jobs waiting behind it: the command is cancelled, the waiting jobs end
+// cancelled without running, all saying "task terminated", and the sandbox
+// ends. -if-idle leaves a busy task alone, and ends an idle one.
+func TestTerminateActsAtOnce(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.startWorker(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	marker := "boxq-term-" + randID()
+	whead, _ := s.submit(t, ctx, jobs.Job{ID: "tm-head", TaskID: "tm", Command: "BOXQ_TEST_MARK=" + marker + " sleep 60"})
+	var waiting []*jobs.Waiter
+	for i := range 3 {
+		w, _ := s.submit(t, ctx, jobs.Job{ID: fmt.Sprintf("tm-wait-%d", i), TaskID: "tm", Command: "touch ~/waiting-ran"})
+		waiting = append(waiting, w)
+	}
+	waitFor(t, 20*time.Second, "the head to run", func() bool { return len(findProcesses(marker)) > 0 })
+
+	id, err := s.prod.Terminate(ctx, "tm", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, err := s.prod.WaitTerminate(ctx, id); err != nil || out.Status != "busy" {
+		t.Errorf("-if-idle of a busy task: %+v, %v; want busy", out, err)
+	}
+
+	id, err = s.prod.Terminate(ctx, "tm", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := s.prod.WaitTerminate(ctx, id)
+	if err != nil || out.Status != "terminated" {
+		t.Fatalf("terminate: %+v, %v", out, err)
+	}
+	for _, w := range append([]*jobs.Waiter{whead}, waiting...) {
+		r, err := w.Next(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.Status != jobs.StatusCancelled || r.ReturnCode != 130 || !strings.Contains(r.Error, jobs.TerminateReason) {
+			t.Errorf("job %s: %+v; want cancelled, %q", r.ID, r, jobs.TerminateReason)
+		}
+	}
+	waitFor(t, 10*time.Second, "the head's command to be killed", func() bool { return len(findProcesses(marker)) == 0 })
+	if live, err := s.client.List(ctx); err != nil || len(live) != 0 {
+		t.Errorf("sandboxes live after terminate: %v, %v", live, err)
+	}
+	// The task goes on with its next command, in a new sandbox; the
+	// waiting jobs never ran.
+	if r := s.run1(t, jobs.Job{TaskID: "tm", Command: "ls ~/waiting-ran 2>/dev/null || echo absent"}); r.Output != "absent\n" {
+		t.Errorf("a cancelled waiting job ran: %+v", r)
+	}
+	id, err = s.prod.Terminate(ctx, "tm", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, err := s.prod.WaitTerminate(ctx, id); err != nil || out.Status != "terminated" {
+		t.Errorf("-if-idle of an idle task: %+v, %v; want terminated", out, err)
+	}
+}

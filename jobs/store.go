@@ -1,6 +1,7 @@
 package jobs
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -197,7 +198,13 @@ func (s store) deliveryState(ctx context.Context, queue, jobID string) (result [
 // markCancelled records that jobID must not run (or must stop). It is kept
 // as long as results are.
 func (s store) markCancelled(ctx context.Context, jobID string, ttl time.Duration) error {
-	if err := s.rdb.Set(ctx, s.cancelKey(jobID), 1, ttl).Err(); err != nil {
+	return s.markCancelledFor(ctx, jobID, "", ttl)
+}
+
+// markCancelledFor is markCancelled with the reason the result gives in
+// its "error" ("" none).
+func (s store) markCancelledFor(ctx context.Context, jobID, reason string, ttl time.Duration) error {
+	if err := s.rdb.Set(ctx, s.cancelKey(jobID), cmp.Or(reason, "1"), ttl).Err(); err != nil {
 		return fmt.Errorf("jobs: mark %s cancelled: %w", jobID, err)
 	}
 	return nil
@@ -235,6 +242,18 @@ func (s store) lookup(ctx context.Context, queue string, ids []string) ([]taskSt
 		}
 	}
 	return out, nil
+}
+
+// cancelReason returns why a cancelled job was cancelled, when a reason was
+// given ("" otherwise, or when Redis does not answer).
+func (s store) cancelReason(ctx context.Context, jobID string) string {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+	defer cancel()
+	v, err := s.rdb.Get(ctx, s.cancelKey(jobID)).Result()
+	if err != nil || v == "1" {
+		return ""
+	}
+	return v
 }
 
 // cancelRequested reports whether the job was flagged cancelled. It runs

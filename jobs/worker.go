@@ -183,12 +183,12 @@ func NewWorker(cfg WorkerConfig) (*Worker, error) {
 	w.mux = asynq.NewServeMux()
 	w.mux.Use(w.track, w.awaitRedis)
 	w.mux.Handle(TypeExec, exec)
-	w.mux.Handle(TypeTerminate, &TerminateHandler{pool: cfg.Pool, log: log})
 	queues := make([]string, 0, len(cfg.Queues))
 	for q := range cfg.Queues {
 		queues = append(queues, q)
 	}
 	slices.Sort(queues)
+	w.mux.Handle(TypeTerminate, &TerminateHandler{pool: cfg.Pool, store: exec.store, queues: queues, log: log})
 	w.mux.Handle(TypeReap, &ReapHandler{pool: cfg.Pool, store: exec.store, queues: queues, repairAfter: cfg.SeqRepairAfter, ttl: cfg.IdleTTL, now: cfg.Now, log: log, metrics: cfg.Metrics})
 	if cfg.RescueEvery > 0 {
 		w.rescuer = &Rescuer{h: exec, every: cfg.RescueEvery, log: log.With("component", "rescuer"), max: cfg.Concurrency}

@@ -150,6 +150,8 @@ type Intent struct {
 	// Unless are vetoes: the take does nothing, and fails with ErrVetoed,
 	// when one holds. They are tested in order.
 	Unless []Check
+	// noWait fails a take with ErrBusy at once rather than wait.
+	noWait bool
 	// Stamp names a hash of the caller's (a job's) to stamp with the
 	// lease's token (field boxq_owner) and the SandboxKey the exec will
 	// start in (boxq_start); the previous boxq_start comes back in
@@ -309,7 +311,7 @@ func (p *Pool) take(ctx context.Context, taskID string, spec *Spec, in Intent) (
 			start = time.Now()
 		}
 		left := p.cfg.AcquireWait - time.Since(start)
-		if left <= 0 {
+		if left <= 0 || in.noWait {
 			if code == codeFull {
 				return nil, fmt.Errorf("sandboxpool: task %q: pool at capacity (%d sandboxes): %w", taskID, p.cfg.MaxSandboxes, ErrBusy)
 			}

@@ -20,7 +20,19 @@ import (
 // A record whose create never recorded an id is just deleted: if the
 // gateway made that sandbox, its own idle timeout ends it.
 func (p *Pool) Terminate(ctx context.Context, taskID string) error {
-	l, err := p.take(ctx, taskID, nil, Intent{})
+	return p.terminate(ctx, taskID, Intent{})
+}
+
+// TerminateIdle is Terminate for a task whose sandbox is idle: it fails at
+// once with ErrBusy when the lease is held (a command runs), and with
+// ErrVetoed when one of the checks holds (commands wait), tested in the
+// same atomic step as the take.
+func (p *Pool) TerminateIdle(ctx context.Context, taskID string, unless []Check) error {
+	return p.terminate(ctx, taskID, Intent{Unless: unless, noWait: true})
+}
+
+func (p *Pool) terminate(ctx context.Context, taskID string, in Intent) error {
+	l, err := p.take(ctx, taskID, nil, in)
 	if err != nil || l == nil {
 		return err
 	}

@@ -5,6 +5,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -34,14 +35,20 @@ const helpHead = `enqueue — put commands on the boxq queue, and wait for their
 Usage:
   enqueue [flags] -task ID [-wait] -- COMMAND...     one job (the words are joined with spaces, like ssh)
   enqueue [flags] -f FILE|- [-wait] [-o FILE]        a JSONL batch, one job per line
-  enqueue [flags] -terminate -task ID                end a task's sandbox now
+  enqueue [flags] -terminate -task ID                end a task's sandbox now: its running command and
+                                                     its waiting jobs end "cancelled" ("task terminated")
+  enqueue [flags] -terminate -if-idle -task ID       end it only if no command of the task runs or waits
   enqueue [flags] -cancel JOB_ID                     cancel a job (pending: never runs; running: killed, rc 130)
   enqueue [flags] -result JOB_ID                     print a job's result
 
 A job line: {"id"?, "task_id", "command", "cwd"?, "timeout_s"?: 60, "stdin"?,
 "image"?, "cpu"?, "memory_mib"?, "disk_mib"?, "persistent"?: true, "queue"?}.
-Commands of one task run one at a time, in the task's own sandbox, and the
-shell's working directory carries from one command to the next.
+Commands of one task run one at a time, in the order they were enqueued (a
+task's sequence, per queue), in the task's own sandbox, and the shell's
+working directory carries from one command to the next. A command that
+fails does not stop the task's later commands; to stop a task, -cancel its
+waiting jobs or -terminate it. -result of a waiting job says which job has
+the turn and how many are ahead.
 
 With -wait, one job prints the command's output and exits with its return
 code (-json: the result object); a batch prints one result line per job, in
@@ -76,6 +83,7 @@ type options struct {
 	file      string
 	out       string
 	terminate bool
+	ifIdle    bool
 	cancel    string
 	result    string
 	dev       bool
@@ -102,7 +110,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 	fs.BoolVar(&o.asJSON, "json", false, "with one job and -wait: print the result object instead of the output")
 	fs.StringVar(&o.file, "f", "", "JSONL batch `file` ('-': stdin)")
 	fs.StringVar(&o.out, "o", "", "write result lines to `file` instead of stdout")
-	fs.BoolVar(&o.terminate, "terminate", false, "terminate the sandbox of -task now")
+	fs.BoolVar(&o.terminate, "terminate", false, "terminate the sandbox of -task now, cancelling its running and waiting commands")
+	fs.BoolVar(&o.ifIdle, "if-idle", false, "with -terminate: only if no command of the task runs or waits")
 	fs.StringVar(&o.cancel, "cancel", "", "cancel the job with this `ID`")
 	fs.StringVar(&o.result, "result", "", "print the result of the job with this `ID`")
 	fs.BoolVar(&o.dev, "dev", false, "embedded Redis, gateway and worker in this process: needs nothing installed (implies -wait)")
@@ -154,11 +163,26 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 
 	switch {
 	case o.terminate:
-		id, err := prod.Terminate(ctx, o.task)
+		id, err := prod.Terminate(ctx, o.task, o.ifIdle)
 		if err != nil {
 			return err
 		}
-		fmt.Fprintf(stderr, "enqueued termination of task %q's sandbox (job %s)\n", o.task, id)
+		// A worker does it: wait a while for the outcome, and say what
+		// happened (or that it is still to come).
+		wctx, cancel := context.WithTimeout(ctx, terminateWait)
+		defer cancel()
+		out, err := prod.WaitTerminate(wctx, id)
+		switch {
+		case errors.Is(err, context.DeadlineExceeded):
+			fmt.Fprintf(stderr, "termination of task %q enqueued (job %s); no worker has done it within %v\n", o.task, id, terminateWait)
+			return nil
+		case err != nil:
+			return err
+		case out.Status == "busy":
+			fmt.Fprintf(stderr, "task %q not terminated: %s\n", o.task, out.Reason)
+			return nil
+		}
+		fmt.Fprintf(stderr, "task %q terminated\n", o.task)
 		return nil
 	case o.cancel != "":
 		if err := prod.Cancel(ctx, o.cancel); err != nil {
@@ -183,6 +207,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 }
 
 // check validates the flag combination.
+// terminateWait bounds how long -terminate waits to say what a worker did.
+const terminateWait = time.Minute
+
 func (o *options) check() error {
 	modes := 0
 	for _, on := range []bool{o.terminate, o.cancel != "", o.result != "", o.file != ""} {
@@ -195,6 +222,8 @@ func (o *options) check() error {
 		return app.Usagef("-terminate, -cancel, -result and -f are different modes: use one")
 	case o.terminate && o.task == "":
 		return app.Usagef("-terminate needs -task ID")
+	case o.ifIdle && !o.terminate:
+		return app.Usagef("-if-idle goes with -terminate")
 	case o.file != "" && len(o.command) > 0:
 		return app.Usagef("with -f the jobs come from the file; drop the command %q", strings.Join(o.command, " "))
 	case o.file != "" && o.task != "":
