@@ -63,14 +63,46 @@ type ExecHandler struct {
 // ProcessTask implements asynq.Handler.
 //
 // A command's exit code, timeout (124) or cancellation (130) is a result,
-// not an error. Errors returned here are one of: bad input or a permanent
-// gateway answer (asynq.SkipRetry, result "error" written), a capacity wait
+// not an error. A job that ends with status "error" (bad input, a
+// permanent gateway answer, its last retry) has its result written and is
+// done to asynq, like any other (finalErr). Errors returned here are one
+// of: a capacity wait
 // (*retryLater: not counted as a failure), or an infrastructure fault
 // (retried; on the last attempt the result "error" is written first).
 //
 // The lifecycle of a delivery, its lease, its exec and its result, and how
 // a rescuer takes over from a dead worker, is drawn in docs/LIFECYCLE.md.
 func (h *ExecHandler) ProcessTask(ctx context.Context, t *asynq.Task) error {
+	err := h.process(ctx, t)
+	var f *finalErr
+	if errors.As(err, &f) && f.retained {
+		// The job ended with status "error", and its result is written:
+		// to asynq it is done, so that the result lasts the job's retention
+		// like any other, rather than sit in the archive, which asynq trims
+		// to its newest 10,000 tasks per queue (a batch with more failures
+		// would lose results, and their ids would be free again).
+		h.log.Info("job ended with status error", "job_id", f.jobID, "err", f.cause)
+		return nil
+	}
+	return err
+}
+
+// finalErr is a job's end with status "error", its result written.
+// retained says the job has a retention of its own (Producer.Enqueue sets
+// one): a job from another producer may have none, and asynq deletes a
+// completed task at once then, result and all; it is archived instead.
+type finalErr struct {
+	jobID    string
+	cause    error
+	retained bool
+}
+
+func (e *finalErr) Error() string { return e.cause.Error() }
+func (e *finalErr) Unwrap() []error {
+	return []error{e.cause, asynq.SkipRetry}
+}
+
+func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 	h.metrics.addInFlight(1)
 	defer h.metrics.addInFlight(-1)
 	startedAt := h.now()
@@ -86,6 +118,7 @@ func (h *ExecHandler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 		return h.finalError(ctx, d, fmt.Errorf("invalid job: %w", describeJSONError(err)))
 	}
 	d.notify = p.Notify
+	d.retained = p.Nonce != "" // set by Producer.Enqueue, like the retention
 	if p.Seq {
 		d.seqTask = p.TaskID
 	}
@@ -251,6 +284,7 @@ func (h *ExecHandler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 type delivery struct {
 	queue, jobID, notify string
 	seqTask              string // its task, when it is part of the task's sequence
+	retained             bool   // enqueued by Producer.Enqueue, with a retention
 	owner                string // the lease token that fences its result ("" none yet)
 	res                  *Result
 }
@@ -283,13 +317,19 @@ func leaseLost(l *sandboxpool.Lease) bool {
 // or is killed reports no cwd: it is where the command started, or the
 // sandbox's default.
 func (h *ExecHandler) fillResult(res *Result, st gateway.ExecState, marker, cwd, defaultCwd string, timeout time.Duration) string {
-	clean, newCwd := wrap.Parse(st.Output, marker)
+	parsed := wrap.ParseAll(st.Output, marker)
+	clean, newCwd := parsed.Output, parsed.Cwd
 	res.Status, res.ReturnCode = resultStatus(st)
 	res.Output, res.Truncated, res.OutputBytes = capOutput(clean, h.maxOutput, st.OutputOmitted)
 	res.OutputInvalidUTF8 = strings.ContainsRune(clean, utf8.RuneError) || !utf8.ValidString(clean)
+	if parsed.CwdReset {
+		res.CwdReset = true
+		res.Error = fmt.Sprintf("the task's working directory %s no longer exists; the command ran from the sandbox's default directory", cwd)
+		cwd = ""
+	}
 	res.Cwd = firstNonEmpty(newCwd, cwd, defaultCwd)
 	if st.Status == gateway.StatusTimeout {
-		res.Error = fmt.Sprintf("command timed out after %s", timeout)
+		res.Error = strings.TrimPrefix(res.Error+"; ", "; ") + fmt.Sprintf("command timed out after %s", timeout)
 	}
 	return newCwd
 }
@@ -383,10 +423,21 @@ func stoppingNow(stopping <-chan struct{}) bool {
 	}
 }
 
+// wrapCommand wraps a command to run in cwd: the job's own cwd (jobCwd,
+// which must exist: rc 126 otherwise), or the task's tracked one, which
+// falls back to the sandbox's default when it is gone (a later command
+// deleted it), saying so in the marker.
+func wrapCommand(command, jobCwd, cwd, marker string) string {
+	if jobCwd != "" {
+		return wrap.Command(command, jobCwd, marker)
+	}
+	return wrap.CommandTracked(command, cwd, marker)
+}
+
 func (h *ExecHandler) startRequest(p *ExecPayload, execID, cwd, marker string) gateway.StartRequest {
 	return gateway.StartRequest{
 		ExecID:    execID,
-		Command:   wrap.Command(p.Command, cwd, marker),
+		Command:   wrapCommand(p.Command, p.Cwd, cwd, marker),
 		TimeoutMs: p.Timeout().Milliseconds(),
 		StdinData: p.Stdin,
 	}
@@ -520,7 +571,7 @@ func (h *ExecHandler) finalResult(ctx context.Context, log *slog.Logger, d *deli
 	if err := h.releaseAndFinish(ctx, log, l, "", d); err != nil {
 		return err
 	}
-	return fmt.Errorf("%w: %w", cause, asynq.SkipRetry)
+	return &finalErr{jobID: d.jobID, cause: cause, retained: d.retained}
 }
 
 // encode stamps the result's end and encodes it.
@@ -546,7 +597,7 @@ func (h *ExecHandler) finalError(ctx context.Context, d *delivery, cause error) 
 		}
 		return err // not recorded: let asynq retry, so the answer is not lost
 	}
-	return fmt.Errorf("%w: %w", cause, asynq.SkipRetry)
+	return &finalErr{jobID: d.jobID, cause: cause, retained: d.retained}
 }
 
 // failure decides, in one place, what a failed attempt becomes.
@@ -573,7 +624,7 @@ func (h *ExecHandler) failure(ctx context.Context, d *delivery, retried, maxRetr
 			if ferr := h.finish(ctx, d); ferr != nil {
 				return ferr
 			}
-			return fmt.Errorf("%w: %w", ctx.Err(), asynq.SkipRetry)
+			return &finalErr{jobID: d.jobID, cause: ctx.Err(), retained: d.retained}
 		}
 		return h.finalError(ctx, d, fmt.Errorf("giving up after %d attempts: %w", retried+1, err))
 	case ctx.Err() != nil:

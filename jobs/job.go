@@ -317,11 +317,13 @@ func (j *Job) Validate() error {
 // for the longest cwd it may start in when cwd is "" (the task's tracked
 // one, which the job does not know).
 func scriptBytes(command, cwd string) int {
-	n := len(wrap.Command(command, cwd, wrap.Marker(strings.Repeat("0", 32))))
-	if cwd == "" {
-		n += len("builtin cd -- '' || exit 126\n") + 4*MaxCwdBytes
+	marker := wrap.Marker(strings.Repeat("0", 32))
+	if cwd != "" {
+		return len(wrap.Command(command, cwd, marker))
 	}
-	return n
+	// The tracked cwd's script (wrap.CommandTracked) around the longest
+	// cwd, of which each byte may take 4 once quoted.
+	return len(wrap.CommandTracked(command, "/"+strings.Repeat("a", MaxCwdBytes-1), marker)) + 3*MaxCwdBytes
 }
 
 // jsonStringBytes is the size of s encoded as a JSON string by
@@ -481,6 +483,11 @@ type Result struct {
 	// sets it.
 	OutputInvalidUTF8 bool `json:"output_invalid_utf8"`
 	SandboxRecreated  bool `json:"sandbox_recreated"`
+	// CwdReset says the task's tracked working directory was gone (an
+	// earlier command deleted it), so the command ran from the sandbox's
+	// default directory instead; Error says which directory it was. A cwd
+	// the job gives itself that does not exist is rc 126 instead.
+	CwdReset bool `json:"cwd_reset,omitempty"`
 	// Rescued says a worker other than the one that started the command
 	// wrote the result: that one died (or stalled past its lease) while the
 	// command ran, and a rescuer collected it (docs/LIFECYCLE.md).

@@ -231,6 +231,11 @@ func TestSequenceMovesOn(t *testing.T) {
 	if r, err := werr.Next(ctx); err != nil || r.Status != jobs.StatusError || !strings.Contains(r.Error, "refused for the test") {
 		t.Errorf("refused job: %+v, %v; want status error", r, err)
 	}
+	// Its result lasts the job's retention: the job is done to asynq, not
+	// archived (asynq trims its archive to the newest 10,000 per queue).
+	waitFor(t, 10*time.Second, "the failed job to be completed", func() bool {
+		return taskInfo(t, s.rdb, "mo-error").State == asynq.TaskStateCompleted
+	})
 	r, err = wok.Next(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -370,5 +375,35 @@ func TestTerminateActsAtOnce(t *testing.T) {
 	}
 	if out, err := s.prod.WaitTerminate(ctx, id); err != nil || out.Status != "terminated" {
 		t.Errorf("-if-idle of an idle task: %+v, %v; want terminated", out, err)
+	}
+}
+
+// TestDeletedCwdDoesNotBlockTheTask: a command deletes the directory the
+// task's cwd tracks; the next command runs from the sandbox's default
+// directory and its result says so, instead of rc 126 for good (issue 12,
+// item 4). A cwd the job names itself that does not exist is still 126.
+func TestDeletedCwdDoesNotBlockTheTask(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.startWorker(t, nil)
+	res := s.runJobs(t, time.Minute,
+		jobs.Job{ID: "dc-1", TaskID: "dc", Command: "mkdir -p ~/g && cd ~/g"},
+		jobs.Job{ID: "dc-2", TaskID: "dc", Command: "rmdir ~/g"},
+		jobs.Job{ID: "dc-3", TaskID: "dc", Command: "pwd"},
+		jobs.Job{ID: "dc-4", TaskID: "dc", Command: "pwd"},
+		jobs.Job{ID: "dc-5", TaskID: "dc", Command: "pwd", Cwd: "/no/such/dir"},
+	)
+	gone := res["dc-1"].Cwd
+	if !strings.HasSuffix(gone, "/g") {
+		t.Fatalf("first command's cwd %q", gone)
+	}
+	r := res["dc-3"]
+	if r.Status != jobs.StatusCompleted || r.ReturnCode != 0 || !r.CwdReset || !strings.Contains(r.Error, gone) || strings.TrimSpace(r.Output) == gone {
+		t.Errorf("after the cwd was deleted: %+v; want rc 0 from the default directory, cwd_reset, and the gone directory named", r)
+	}
+	if r4 := res["dc-4"]; r4.ReturnCode != 0 || r4.CwdReset || r4.Output != r.Output {
+		t.Errorf("the command after: %+v; want it to run where the last one ended, with no reset", r4)
+	}
+	if r5 := res["dc-5"]; r5.ReturnCode != 126 || r5.CwdReset {
+		t.Errorf("a job's own missing cwd: %+v; want rc 126", r5)
 	}
 }
