@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
+	"sync"
 	"time"
 
 	"github.com/google/uuid"
@@ -39,6 +41,10 @@ type Producer struct {
 	store  store
 	cfg    ProducerConfig
 	faults producerFaults
+
+	queuesMu sync.Mutex
+	queues   []string // asynq's queues, as read at queuesAt
+	queuesAt time.Time
 }
 
 // NewProducer returns a Producer on rdb. Close it when done.
@@ -92,6 +98,14 @@ func (p *Producer) Enqueue(ctx context.Context, j Job, notify string) (Enqueued,
 		j.ID = uuid.NewString()
 	}
 	e := Enqueued{ID: j.ID, Queue: j.QueueName()}
+	// A job id names one job in every queue: its exec id and its cancel
+	// mark derive from the id alone, so the same id in a second queue would
+	// attach to the first one's command.
+	if other, err := p.idElsewhere(ctx, j.ID, e.Queue); err != nil {
+		return Enqueued{}, err
+	} else if other != "" {
+		return Enqueued{}, fmt.Errorf("invalid job: id %q is already a job of queue %q; job ids must be unique across queues", j.ID, other)
+	}
 	// The task's commands run in the order they are enqueued: the job
 	// joins its task's sequence first, and is enqueued runnable when it is
 	// the head, parked when it waits (sequence.go).
@@ -130,6 +144,7 @@ func (p *Producer) Enqueue(ctx context.Context, j Job, notify string) (Enqueued,
 		// passed over by the repair if the job never appears.
 		return Enqueued{}, fmt.Errorf("jobs: enqueue %s: %w", j.ID, err)
 	}
+	p.knowQueue(e.Queue)
 	if place == joinWait {
 		if p.faults.beforeConfirm != nil {
 			p.faults.beforeConfirm()
@@ -142,6 +157,58 @@ func (p *Producer) Enqueue(ctx context.Context, j Job, notify string) (Enqueued,
 	}
 	return e, nil
 }
+
+// idElsewhere returns a queue other than queue that holds a job jobID (""
+// none). The queues are read once a few seconds; with one queue it costs
+// nothing. Two producers sending the same id to two queues at the same
+// moment are not caught (the queues' keys are in different hash slots).
+func (p *Producer) idElsewhere(ctx context.Context, jobID, queue string) (string, error) {
+	p.queuesMu.Lock()
+	if time.Since(p.queuesAt) > queuesFresh {
+		qs, err := p.insp.Queues()
+		if err != nil {
+			p.queuesMu.Unlock()
+			return "", fmt.Errorf("jobs: list queues: %w", err)
+		}
+		p.queues, p.queuesAt = qs, time.Now()
+	}
+	var others []string
+	for _, q := range p.queues {
+		if q != queue {
+			others = append(others, q)
+		}
+	}
+	p.queuesMu.Unlock()
+	if len(others) == 0 {
+		return "", nil
+	}
+	pipe := p.rdb.Pipeline()
+	cmds := make([]*redis.IntCmd, len(others))
+	for i, q := range others {
+		cmds[i] = pipe.Exists(ctx, taskKey(q, jobID))
+	}
+	if _, err := pipe.Exec(ctx); err != nil {
+		return "", fmt.Errorf("jobs: look %s up in other queues: %w", jobID, err)
+	}
+	for i, c := range cmds {
+		if c.Val() == 1 {
+			return others[i], nil
+		}
+	}
+	return "", nil
+}
+
+// knowQueue adds a queue this producer enqueued to to its list.
+func (p *Producer) knowQueue(queue string) {
+	p.queuesMu.Lock()
+	defer p.queuesMu.Unlock()
+	if !slices.Contains(p.queues, queue) {
+		p.queues = append(p.queues, queue)
+	}
+}
+
+// queuesFresh is how long a Producer trusts its list of queues.
+const queuesFresh = 2 * time.Second
 
 // producerFaults are fault points for tests: a producer that dies between
 // the steps of an enqueue (the hook panics, or blocks).

@@ -407,3 +407,22 @@ func TestDeletedCwdDoesNotBlockTheTask(t *testing.T) {
 		t.Errorf("a job's own missing cwd: %+v; want rc 126", r5)
 	}
 }
+
+// TestSameIDInTwoQueuesIsRejected: a second job with an id that a job of
+// another queue has would attach to that job's command (exec ids derive
+// from the id): it is refused at enqueue (issue 12, item 8).
+func TestSameIDInTwoQueuesIsRejected(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	ctx := context.Background()
+	if _, err := s.prod.Enqueue(ctx, jobs.Job{ID: "twice", TaskID: "a", Command: "true", Queue: "one"}, ""); err != nil {
+		t.Fatal(err)
+	}
+	_, err := s.prod.Enqueue(ctx, jobs.Job{ID: "twice", TaskID: "b", Command: "true", Queue: "two"}, "")
+	if err == nil || !strings.Contains(err.Error(), `already a job of queue "one"`) {
+		t.Errorf("the same id in a second queue: %v; want it refused, naming the queue", err)
+	}
+	// The same id in the same queue is still the same job.
+	if e, err := s.prod.Enqueue(ctx, jobs.Job{ID: "twice", TaskID: "a", Command: "true", Queue: "one"}, ""); err != nil || !e.Existed {
+		t.Errorf("the same id again in its queue: %+v, %v; want Existed", e, err)
+	}
+}
