@@ -169,6 +169,8 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 	d.owner = strconv.FormatInt(lease.Token(), 10)
 	log = log.With("sandbox_id", lease.SandboxID())
 	res.SandboxID = lease.SandboxID()
+	// A sandbox that replaced one a terminate or the reaper ended.
+	res.SandboxRecreated = lease.Recreated()
 
 	// Previous holders of this task's sandbox stopped waiting for their
 	// execs (crash or shutdown). Commands of one task never overlap, so

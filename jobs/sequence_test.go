@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"strconv"
 	"strings"
 	"testing"
@@ -14,6 +15,7 @@ import (
 	"github.com/hibiken/asynq"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/boxq/boxq/gateway/local"
 	"github.com/boxq/boxq/jobs"
 )
 
@@ -424,5 +426,73 @@ func TestSameIDInTwoQueuesIsRejected(t *testing.T) {
 	// The same id in the same queue is still the same job.
 	if e, err := s.prod.Enqueue(ctx, jobs.Job{ID: "twice", TaskID: "a", Command: "true", Queue: "one"}, ""); err != nil || !e.Existed {
 		t.Errorf("the same id again in its queue: %+v, %v; want Existed", e, err)
+	}
+}
+
+// TestNewSandboxIsSaidToBe: after a terminate or an idle reap, the task's
+// next command runs in a new sandbox, and its result says so
+// (sandbox_recreated). A persistent task gets its files back from the
+// snapshot, and its cwd with them; a non-persistent one starts over in the
+// sandbox's default directory (issue 12, item 5).
+//
+// Under bwrap a sandbox's home is /root in every sandbox, so the cwd comes
+// back as it was; without isolation each sandbox has a directory of its
+// own, so a cwd does not carry to another sandbox (it resets, and says so).
+func TestNewSandboxIsSaidToBe(t *testing.T) {
+	s := newStack(t, stackOptions{isolation: local.IsolationAuto})
+	isolated := s.gw.Isolation() == local.IsolationBwrap
+	if !isolated && os.Getenv("BOXQ_REQUIRE_BWRAP") == "1" {
+		t.Fatal("bubblewrap does not work here, and BOXQ_REQUIRE_BWRAP=1")
+	}
+	s.startWorker(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	terminate := func(task string) {
+		id, err := s.prod.Terminate(ctx, task, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.prod.WaitTerminate(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	reap := func(string) {
+		if _, err := s.pool.ReapIdle(ctx, time.Now().Add(time.Hour), time.Minute); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, c := range []struct {
+		name       string
+		persistent bool
+		end        func(task string)
+	}{
+		{"persistent/terminate", true, terminate},
+		{"persistent/reap", true, reap},
+		{"not persistent/terminate", false, terminate},
+		{"not persistent/reap", false, reap},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			task := "ns-" + strings.NewReplacer("/", "-", " ", "-").Replace(c.name)
+			first := s.run1(t, jobs.Job{TaskID: task, Command: "mkdir -p ~/p && cd ~/p && echo kept > f", Persistent: ptr(c.persistent)})
+			if first.SandboxRecreated {
+				t.Errorf("first sandbox said to be recreated: %+v", first)
+			}
+			c.end(task)
+			r := s.run1(t, jobs.Job{TaskID: task, Command: "pwd; cat ~/p/f 2>/dev/null || echo lost", Persistent: ptr(c.persistent)})
+			if !r.SandboxRecreated || r.SandboxID == first.SandboxID {
+				t.Errorf("after the sandbox ended: %+v; want a new sandbox, sandbox_recreated", r)
+			}
+			lines := strings.Split(strings.TrimSpace(r.Output), "\n")
+			inP := len(lines) == 2 && strings.HasSuffix(lines[0], "/p")
+			if c.persistent && (!inP && isolated || lines[len(lines)-1] != "kept") {
+				t.Errorf("persistent task: output %q; want its cwd and file back", r.Output)
+			}
+			if c.persistent && !isolated && !r.CwdReset {
+				t.Errorf("persistent task without isolation: %+v; want its cwd reset, saying so", r)
+			}
+			if !c.persistent && (inP || lines[len(lines)-1] != "lost") {
+				t.Errorf("non-persistent task: output %q; want the default cwd and no file", r.Output)
+			}
+		})
 	}
 }

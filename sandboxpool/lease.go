@@ -105,7 +105,9 @@ func (l *Lease) StartedIn() string { return l.stamp }
 // ExecID returns the exec named when the lease was taken.
 func (l *Lease) ExecID() string { return l.execID }
 
-// Recreated reports whether Recreate replaced the sandbox under this lease.
+// Recreated reports whether the lease's sandbox is not the task's first: it
+// replaced one that is gone (Recreate, after the gateway lost it; or a new
+// record after a terminate or a reap, whose tombstone it found).
 func (l *Lease) Recreated() bool { return l.recreated }
 
 // Lost is closed when a renewal finds that the lease expired (the holder
@@ -241,7 +243,7 @@ func (p *Pool) forget(ctx context.Context, l *Lease) {
 	l.stop()
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 	defer cancel()
-	if err := deleteScript.Run(ctx, p.rdb, []string{p.indexKey, l.leaseKey, l.recordKey}, l.tokenArg, l.taskID).Err(); err != nil {
+	if err := deleteScript.Run(ctx, p.rdb, []string{p.indexKey, l.leaseKey, l.recordKey, p.tombKey(l.taskID)}, p.tombArg, l.tokenArg, l.taskID).Err(); err != nil {
 		p.log.Warn("sandboxpool: drop the record of a refused create", "task_id", l.taskID, "err", err)
 	}
 }
@@ -255,8 +257,8 @@ func (p *Pool) take(ctx context.Context, taskID string, spec *Spec, in Intent) (
 	if in.Stamp != "" {
 		stampKey, stampArg = in.Stamp, "1"
 	}
-	keys := make([]string, takeArgs, takeArgs+len(in.Unless))
-	keys[0], keys[1], keys[2], keys[3], keys[4], keys[5] = p.leaseKey(taskID), p.recordKey(taskID), p.indexKey, p.fenceKey, p.inflightKey, stampKey
+	keys := make([]string, takeKeys, takeKeys+len(in.Unless))
+	keys[0], keys[1], keys[2], keys[3], keys[4], keys[5], keys[6] = p.leaseKey(taskID), p.recordKey(taskID), p.indexKey, p.fenceKey, p.inflightKey, stampKey, p.tombKey(taskID)
 	args := make([]any, takeArgs, takeArgs+len(in.Unless)+10)
 	args[0], args[1], args[2], args[3], args[4], args[5] = p.ttlArg, "", taskID, in.ExecID, in.Note, stampArg
 	for _, c := range in.Unless {
@@ -278,7 +280,7 @@ func (p *Pool) take(ctx context.Context, taskID string, spec *Spec, in Intent) (
 		if err != nil {
 			return nil, fmt.Errorf("sandboxpool: acquire task %q: %w", taskID, err)
 		}
-		code, n, record, prev, stamp, err := parseTake(reply)
+		code, n, record, prev, stamp, replaced, err := parseTake(reply)
 		if err == nil && code == codeMissing {
 			if spec == nil {
 				return nil, nil
@@ -288,7 +290,7 @@ func (p *Pool) take(ctx context.Context, taskID string, spec *Spec, in Intent) (
 			if err != nil {
 				return nil, fmt.Errorf("sandboxpool: reserve task %q: %w", taskID, err)
 			}
-			code, n, record, prev, stamp, err = parseTake(reply)
+			code, n, record, prev, stamp, replaced, err = parseTake(reply)
 		}
 		if err != nil {
 			return nil, fmt.Errorf("sandboxpool: acquire task %q: %w", taskID, err)
@@ -297,7 +299,7 @@ func (p *Pool) take(ctx context.Context, taskID string, spec *Spec, in Intent) (
 		case codeTaken:
 			l, err := p.newLease(ctx, taskID, n, record, prev, in.ExecID)
 			if l != nil {
-				l.stamp = stamp
+				l.stamp, l.recreated = stamp, replaced != ""
 			}
 			return l, err
 		case codeVetoed:
@@ -340,27 +342,27 @@ func (p *Pool) take(ctx context.Context, taskID string, spec *Spec, in Intent) (
 
 // parseTake reads a reply of acquireScript or reserveScript: the code, then
 // the lease's PTTL (busy) or token (taken), the record's fields, the execs
-// earlier holders left in flight (the last one's first, "" if none) and the
-// stamp's previous value.
-func parseTake(reply []any) (code, n int64, fields []any, prev []string, stamp string, err error) {
+// earlier holders left in flight (the last one's first, "" if none), the
+// stamp's previous value, and the sandbox a new record replaces ("" none).
+func parseTake(reply []any) (code, n int64, fields []any, prev []string, stamp, replaced string, err error) {
 	if len(reply) == 0 {
-		return 0, 0, nil, nil, "", errors.New("empty script reply")
+		return 0, 0, nil, nil, "", "", errors.New("empty script reply")
 	}
 	code, ok := reply[0].(int64)
 	if !ok {
-		return 0, 0, nil, nil, "", fmt.Errorf("script reply code is %T", reply[0])
+		return 0, 0, nil, nil, "", "", fmt.Errorf("script reply code is %T", reply[0])
 	}
 	if len(reply) > 1 {
 		if n, ok = reply[1].(int64); !ok {
-			return 0, 0, nil, nil, "", fmt.Errorf("script reply value is %T", reply[1])
+			return 0, 0, nil, nil, "", "", fmt.Errorf("script reply value is %T", reply[1])
 		}
 	}
 	if code == codeTaken {
-		if len(reply) != 5 {
-			return 0, 0, nil, nil, "", fmt.Errorf("script reply has %d elements, want 5", len(reply))
+		if len(reply) != 6 {
+			return 0, 0, nil, nil, "", "", fmt.Errorf("script reply has %d elements, want 6", len(reply))
 		}
 		if fields, ok = reply[2].([]any); !ok {
-			return 0, 0, nil, nil, "", fmt.Errorf("script reply record is %T", reply[2])
+			return 0, 0, nil, nil, "", "", fmt.Errorf("script reply record is %T", reply[2])
 		}
 		ids, _ := reply[3].([]any)
 		for _, id := range ids {
@@ -368,8 +370,9 @@ func parseTake(reply []any) (code, n int64, fields []any, prev []string, stamp s
 			prev = append(prev, s)
 		}
 		stamp, _ = reply[4].(string)
+		replaced, _ = reply[5].(string)
 	}
-	return code, n, fields, prev, stamp, nil
+	return code, n, fields, prev, stamp, replaced, nil
 }
 
 // newLease makes the Lease for a taken lease and starts renewing it.

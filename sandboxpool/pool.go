@@ -82,6 +82,12 @@ type Config struct {
 	// reference gateway's retention of finished execs, past which a
 	// re-delivery could not re-attach anyway.
 	InFlightGrace time.Duration
+	// TombstoneTTL is how long the pool remembers a task's sandbox after a
+	// terminate or a reap ended it, so that the task's next sandbox is
+	// known as a replacement (Lease.Recreated; a job's sandbox_recreated)
+	// and a persistent task gets its cwd back. Default 24h, the default
+	// retention of results.
+	TombstoneTTL time.Duration
 }
 
 // Defaults of Config.
@@ -115,6 +121,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.InFlightGrace == 0 {
 		c.InFlightGrace = DefaultInFlightGrace
+	}
+	if c.TombstoneTTL == 0 {
+		c.TombstoneTTL = 24 * time.Hour
 	}
 	return c
 }
@@ -151,6 +160,8 @@ type Pool struct {
 	indexKey     string
 	fenceKey     string
 	inflightKey  string
+	tombPrefix   string
+	tombArg      string // TombstoneTTL in ms
 	ttlArg       string // LeaseTTL in ms
 	capArg       string // MaxSandboxes
 }
@@ -177,6 +188,8 @@ func New(rdb redis.UniversalClient, gw Gateway, cfg Config) (*Pool, error) {
 		indexKey:     cfg.Prefix + "sandboxes",
 		fenceKey:     cfg.Prefix + "fence",
 		inflightKey:  cfg.Prefix + "inflight",
+		tombPrefix:   cfg.Prefix + "gone:",
+		tombArg:      strconv.FormatInt(cfg.TombstoneTTL.Milliseconds(), 10),
 		ttlArg:       strconv.FormatInt(cfg.LeaseTTL.Milliseconds(), 10),
 		capArg:       strconv.Itoa(cfg.MaxSandboxes),
 	}, nil
@@ -184,6 +197,7 @@ func New(rdb redis.UniversalClient, gw Gateway, cfg Config) (*Pool, error) {
 
 func (p *Pool) leaseKey(taskID string) string  { return p.leasePrefix + taskID }
 func (p *Pool) recordKey(taskID string) string { return p.recordPrefix + taskID }
+func (p *Pool) tombKey(taskID string) string   { return p.tombPrefix + taskID }
 
 func (p *Pool) nowArg() string { return strconv.FormatInt(p.cfg.Now().UnixMilli(), 10) }
 

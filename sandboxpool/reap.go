@@ -48,7 +48,7 @@ func (p *Pool) terminate(ctx context.Context, taskID string, in Intent) error {
 	l.stop()
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 	defer cancel()
-	res, err := deleteScript.Run(ctx, p.rdb, []string{p.indexKey, l.leaseKey, l.recordKey}, l.tokenArg, taskID).Slice()
+	res, err := deleteScript.Run(ctx, p.rdb, []string{p.indexKey, l.leaseKey, l.recordKey, p.tombKey(taskID)}, p.tombArg, l.tokenArg, taskID).Slice()
 	if err != nil {
 		return fmt.Errorf("sandboxpool: delete record of task %q: %w", taskID, err)
 	}
@@ -194,7 +194,8 @@ func (p *Pool) reapPage(ctx context.Context, tasks []string, cutoff, inflightCut
 
 	// Delete what was terminated, unlock what was not.
 	delKeys := []string{p.indexKey}
-	var delArgs, unlockArgs []any
+	delArgs := []any{p.tombArg}
+	var unlockArgs []any
 	var unlockKeys []string
 	for i, c := range claims {
 		if c.err != nil {
@@ -206,7 +207,7 @@ func (p *Pool) reapPage(ctx context.Context, tasks []string, cutoff, inflightCut
 			unlockArgs = append(unlockArgs, c.token)
 			continue
 		}
-		delKeys = append(delKeys, leaseKeys[i], p.recordKey(c.task))
+		delKeys = append(delKeys, leaseKeys[i], p.recordKey(c.task), p.tombKey(c.task))
 		delArgs = append(delArgs, c.token, c.task)
 	}
 	if len(unlockKeys) > 0 {
@@ -215,7 +216,7 @@ func (p *Pool) reapPage(ctx context.Context, tasks []string, cutoff, inflightCut
 			p.log.Warn("sandboxpool: reap: unlock failed terminations", "err", uerr)
 		}
 	}
-	if len(delArgs) > 0 {
+	if len(delArgs) > 1 {
 		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 		defer cancel()
 		res, derr := deleteScript.Run(dctx, p.rdb, delKeys, delArgs...).Slice()

@@ -15,6 +15,9 @@ import "github.com/redis/go-redis/v9"
 //	P sandboxes       zset    task id → last use (unix ms); its size is the
 //	                          live count the capacity cap checks
 //	P fence           string  counter handing out fencing tokens
+//	P gone:<task>     hash    tombstone of the task's last sandbox (id, cwd,
+//	                          persistent) after a terminate or a reap, with a
+//	                          TTL (Config.TombstoneTTL)
 //	P inflight        zset    task id → when its lease lapses unless renewed
 //	                          (unix ms), for tasks with an exec in flight:
 //	                          where rescuers look for dead holders
@@ -66,12 +69,15 @@ const (
 // parts can be shared too.
 //
 // KEYS: 1 lease, 2 record, 3 idle index, 4 fence, 5 in-flight index, 6 the
-// caller's stamp hash (the record again when there is none), then the
-// caller's checks.
+// caller's stamp hash (the record again when there is none), 7 the task's
+// tombstone, then the caller's checks.
 // ARGV: 1 lease TTL ms, 2 now ms, 3 task id, 4 exec id ("" none), 5 note,
 // 6 stamp ("1" or ""), then one argument per check; reserve's own arguments
-// follow (reserveArgs).
-const takeArgs = 6
+// follow.
+const (
+	takeKeys = 7
+	takeArgs = 6
+)
 
 // checkCaller comes before anything else the take scripts do: the caller's
 // checks (Intent.Unless), in order. The first that holds ends the script
@@ -79,9 +85,9 @@ const takeArgs = 6
 // "the key exists", a field name for "the field is set", or "\2field\2value"
 // for "the field is set to something other than value".
 const checkCaller = `
-local checks = #KEYS - 6
+local checks = #KEYS - 7
 for i = 1, checks do
-	local arg, key = ARGV[6 + i], KEYS[6 + i]
+	local arg, key = ARGV[6 + i], KEYS[7 + i]
 	local hit = 0
 	if arg == '' then
 		hit = redis.call('EXISTS', key)
@@ -126,6 +132,7 @@ const takeLease = `
 local tok = redis.call('INCR', KEYS[4])
 redis.call('SET', KEYS[1], tok, 'PX', ARGV[1])
 local exec = ARGV[4]
+
 local prev = {redis.call('HGET', KEYS[2], 'exec') or ''}
 for _, k in ipairs(redis.call('HKEYS', KEYS[2])) do
 	if string.sub(k, 1, 9) == 'inflight:' then
@@ -145,11 +152,12 @@ if ARGV[6] == '1' and redis.call('EXISTS', KEYS[6]) == 1 then
 	stamp = redis.call('HGET', KEYS[6], 'boxq_start') or ''
 	redis.call('HSET', KEYS[6], 'boxq_owner', tok, 'boxq_start', redis.call('HGET', KEYS[2], 'key') or '')
 end
-return {2, tok, ` + hmgetRecord + `, prev, stamp}
+return {2, tok, ` + hmgetRecord + `, prev, stamp, replaced}
 `
 
 // acquireScript takes the lease of a task that has a record.
 var acquireScript = redis.NewScript(checkCaller + `
+local replaced = ''
 local pttl = redis.call('PTTL', KEYS[1])
 if pttl ~= -2 then return {0, pttl} end
 if redis.call('HEXISTS', KEYS[2], 'gen') == 0 then return {1} end
@@ -163,14 +171,27 @@ if redis.call('HEXISTS', KEYS[2], 'gen') == 0 then return {1} end
 // Its own ARGV, after the checks' (r = 6 + number of checks): r+1 cap (0:
 // none), r+2 idempotency key, then the spec: image, cpu, memory MiB, disk
 // MiB, persistent (1/0), default cwd, timeout ms, idle timeout ms.
+//
+// A tombstone (the task's last sandbox ended by a terminate or a reap)
+// makes the new record a replacement: the reply's last element is the
+// sandbox it replaces, and a persistent task, whose files the new sandbox
+// gets back from the snapshot, gets its cwd back too.
 var reserveScript = redis.NewScript(checkCaller + `
+local replaced = ''
 local pttl = redis.call('PTTL', KEYS[1])
 if pttl ~= -2 then return {0, pttl} end
 if redis.call('HEXISTS', KEYS[2], 'gen') == 0 then
-	local r = #KEYS
+	local r = #KEYS - 1
 	local cap = tonumber(ARGV[r + 1])
 	if cap > 0 and redis.call('ZCARD', KEYS[3]) >= cap then return {3} end
-	redis.call('HSET', KEYS[2], 'sandbox_id', '', 'gen', 1, 'cwd', '', 'key', ARGV[r + 2],
+	local cwd = ''
+	local tomb = redis.call('HMGET', KEYS[7], 'sandbox_id', 'cwd', 'persistent')
+	if tomb[1] then
+		replaced = tomb[1]
+		if tomb[3] == '1' and ARGV[r + 7] == '1' then cwd = tomb[2] or '' end
+		redis.call('DEL', KEYS[7])
+	end
+	redis.call('HSET', KEYS[2], 'sandbox_id', '', 'gen', 1, 'cwd', cwd, 'key', ARGV[r + 2],
 		'created', ARGV[2], 'image', ARGV[r + 3], 'cpu', ARGV[r + 4], 'memory_mib', ARGV[r + 5],
 		'disk_mib', ARGV[r + 6], 'persistent', ARGV[r + 7], 'default_cwd', ARGV[r + 8],
 		'timeout_ms', ARGV[r + 9], 'idle_timeout_ms', ARGV[r + 10])
@@ -407,18 +428,25 @@ return out
 `)
 
 // deleteScript removes the record, index entry and lease of each task whose
-// lease is still held with the given token; it returns 1 per task removed,
-// 0 per stale lease.
+// lease is still held with the given token, and leaves a tombstone of its
+// sandbox (id, cwd, persistent) for the task's next sandbox to say it is a
+// replacement (reserveScript), when there was one; it returns 1 per task
+// removed, 0 per stale lease.
 //
-// KEYS: index, then lease and record of each task. ARGV: token and task id
-// of each task.
+// KEYS: index, then lease, record and tombstone of each task. ARGV:
+// tombstone TTL ms, then token and task id of each task.
 var deleteScript = redis.NewScript(`
 local out = {}
-for i = 1, #ARGV / 2 do
-	local lease, rec = KEYS[2 * i], KEYS[2 * i + 1]
-	if redis.call('GET', lease) == ARGV[2 * i - 1] then
+for i = 1, (#ARGV - 1) / 2 do
+	local lease, rec, tomb = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
+	if redis.call('GET', lease) == ARGV[2 * i] then
+		local r = redis.call('HMGET', rec, 'sandbox_id', 'cwd', 'persistent')
+		if r[1] and r[1] ~= '' then
+			redis.call('HSET', tomb, 'sandbox_id', r[1], 'cwd', r[2] or '', 'persistent', r[3] or '0')
+			redis.call('PEXPIRE', tomb, ARGV[1])
+		end
 		redis.call('DEL', rec, lease)
-		redis.call('ZREM', KEYS[1], ARGV[2 * i])
+		redis.call('ZREM', KEYS[1], ARGV[2 * i + 1])
 		out[i] = 1
 	else
 		out[i] = 0
