@@ -496,3 +496,35 @@ func TestNewSandboxIsSaidToBe(t *testing.T) {
 		})
 	}
 }
+
+// TestStartedCommandNeverRunsTwice: a worker stops (the exec is left
+// running for the job's next delivery), the command finishes, and then its
+// sandbox goes (Terminate ignores the exec in flight and snapshots it).
+// The next delivery must not run the command again in a new sandbox; it
+// answers error, and the command ran once (issue 12, item 1: it printed 2).
+func TestStartedCommandNeverRunsTwice(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	noRescue := func(c *jobs.WorkerConfig) { c.ShutdownTimeout = 300 * time.Millisecond; c.RescueEvery = -1 }
+	stopA := s.startWorker(t, noRescue)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	marker := "boxq-twice-" + randID()
+	w, e := s.submit(t, ctx, jobs.Job{ID: "twice-run", TaskID: "tw", Command: "echo run >> ~/runs; BOXQ_TEST_MARK=" + marker + " sleep 1; wc -l < ~/runs"})
+	waitFor(t, 20*time.Second, "the command to start", func() bool { return len(findProcesses(marker)) > 0 })
+	stopA()
+	waitFor(t, 20*time.Second, "the command to end", func() bool { return len(findProcesses(marker)) == 0 })
+	if err := s.pool.Terminate(ctx, "tw"); err != nil {
+		t.Fatal(err)
+	}
+	s.startWorker(t, noRescue)
+	r, err := w.Next(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.ID != e.ID || r.Status != jobs.StatusError || !strings.Contains(r.Error, "not run again") {
+		t.Errorf("result %+v; want status error: the sandbox was lost, not run again", r)
+	}
+	if got := s.run1(t, jobs.Job{TaskID: "tw", Command: "wc -l < ~/runs"}); strings.TrimSpace(got.Output) != "1" {
+		t.Errorf("the command ran %q times, want 1", strings.TrimSpace(got.Output))
+	}
+}
