@@ -30,6 +30,7 @@ type Pool interface {
 	Abandon(ctx context.Context, l *sandboxpool.Lease, rescueIn time.Duration) error
 	Yield(ctx context.Context, l *sandboxpool.Lease) error
 	Recreate(ctx context.Context, l *sandboxpool.Lease) error
+	Rotate(ctx context.Context, l *sandboxpool.Lease) error
 	Terminate(ctx context.Context, taskID string) error
 	TerminateIdle(ctx context.Context, taskID string, unless []sandboxpool.Check) error
 	ReapIdle(ctx context.Context, now time.Time, ttl time.Duration) (int, error)
@@ -58,6 +59,9 @@ type ExecHandler struct {
 	metrics   *Metrics
 	// gatewayIdle is the idleTimeoutMs asked of the gateway (0: its default).
 	gatewayIdle time.Duration
+	// lifetime is the timeoutMs asked of the gateway for new sandboxes
+	// (0: its default, 1 h).
+	lifetime time.Duration
 }
 
 // ProcessTask implements asynq.Handler.
@@ -197,6 +201,24 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 		return h.finalResult(ctx, log, d, lease, errLostWhileRunning)
 	}
 
+	// A sandbox near the end of its lifetime would cut the command: rotate
+	// it first (a persistent one: its files and cwd go to its successor).
+	// Not when this job's command may already run in it.
+	if startedIn == "" && needsRotation(lease, p.Timeout(), h.now()) {
+		old := lease.SandboxID()
+		if err := h.pool.Rotate(ctx, lease); err != nil {
+			h.release(ctx, log, lease, "")
+			return h.failure(ctx, d, retried, maxRetry, fmt.Errorf("rotate the sandbox near its lifetime: %w", err))
+		}
+		if err := h.store.restamp(ctx, queue, jobID, d.owner, lease.SandboxKey()); err != nil {
+			h.release(ctx, log, lease, "")
+			return h.failure(ctx, d, retried, maxRetry, err)
+		}
+		log.Info("rotated the sandbox near the end of its lifetime", "old_sandbox_id", old, "new_sandbox_id", lease.SandboxID())
+		log = log.With("sandbox_id", lease.SandboxID())
+		res.SandboxID, res.SandboxRecreated = lease.SandboxID(), true
+	}
+
 	marker := wrap.Marker(nonce)
 	// No cwd known: no cd at all, so the command starts in the sandbox's
 	// default cwd as the gateway sets it. (Spelling out "/root" would be the
@@ -275,11 +297,35 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 	}
 
 	newCwd := h.fillResult(&res, st, marker, cwd, lease.Spec().WithDefaults().Cwd, p.Timeout())
-	if res.Status == StatusCancelled {
+	if res.Status == StatusCancelled && ctx.Err() == nil {
+		// Nobody here cancelled it: the gateway stopped the command (the
+		// sandbox's lifetime ran out, or the gateway ended it). That is not
+		// the user's cancel.
+		res.Status, res.ReturnCode = StatusError, 1
+		res.Error = "the gateway stopped the command before it ended (the sandbox reached its lifetime, or was ended by the gateway); it was not cancelled by a user"
+	} else if res.Status == StatusCancelled {
 		res.Error = h.store.cancelReason(ctx, jobID)
 	}
 	log.Debug("exec finished", "status", res.Status, "returncode", res.ReturnCode, "exec_id", res.ExecID)
 	return h.releaseAndFinish(ctx, log, lease, newCwd, d)
+}
+
+// rotationMargin is what a command needs of its sandbox's lifetime besides
+// its timeout: the start, and the gateway's kill of a timed-out command.
+const rotationMargin = 5 * time.Second
+
+// needsRotation reports whether a command with this timeout might not fit
+// in what is left of the sandbox's lifetime, but would in a new sandbox's.
+// Only persistent sandboxes rotate: a non-persistent one would lose its
+// files (ask for a longer lifetime instead: worker -sandbox-lifetime).
+func needsRotation(l *sandboxpool.Lease, timeout time.Duration, now time.Time) bool {
+	spec := l.Spec()
+	lifetime := time.Duration(spec.TimeoutMs) * time.Millisecond
+	if !spec.Persistent || lifetime <= 0 || l.Created() || l.CreatedAt().IsZero() || l.SandboxID() == "" {
+		return false
+	}
+	need := timeout + rotationMargin
+	return need <= lifetime && now.Sub(l.CreatedAt())+need > lifetime
 }
 
 // delivery is one delivery of a job, as far as writing its result goes.
@@ -738,6 +784,7 @@ func (h *ExecHandler) specOf(j *Job) sandboxpool.Spec {
 		DiskMiB:       j.DiskMiB,
 		Persistent:    persistent,
 		IdleTimeoutMs: h.gatewayIdle.Milliseconds(),
+		TimeoutMs:     h.lifetime.Milliseconds(),
 	}
 }
 

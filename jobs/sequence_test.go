@@ -9,6 +9,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -526,5 +527,33 @@ func TestStartedCommandNeverRunsTwice(t *testing.T) {
 	}
 	if got := s.run1(t, jobs.Job{TaskID: "tw", Command: "wc -l < ~/runs"}); strings.TrimSpace(got.Output) != "1" {
 		t.Errorf("the command ran %q times, want 1", strings.TrimSpace(got.Output))
+	}
+}
+
+// TestSandboxLifetime: a persistent sandbox near the end of its lifetime is
+// rotated between commands (its successor gets its files and the cwd),
+// rather than have the gateway cut the next command; a command cut anyway
+// (here a non-persistent sandbox, which does not rotate) ends with status
+// error saying why, not "cancelled" as if a user had cancelled it (issue
+// 12, item 2).
+func TestSandboxLifetime(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	var ahead atomic.Int64 // the worker's clock runs ahead by this much
+	s.startWorker(t, func(c *jobs.WorkerConfig) {
+		c.SandboxLifetime = 8 * time.Second
+		c.Now = func() time.Time { return time.Now().Add(time.Duration(ahead.Load())) }
+	})
+	first := s.run1(t, jobs.Job{TaskID: "life", Command: "mkdir -p ~/w && cd ~/w && echo kept > f", TimeoutS: ptr(1.0)})
+	// The sandbox ages, as the worker sees it: what is left of its lifetime
+	// no longer fits the next command.
+	ahead.Store(int64(3 * time.Second))
+	r := s.run1(t, jobs.Job{TaskID: "life", Command: "cat ~/w/f; sleep 0.5", TimeoutS: ptr(2.0)})
+	if r.Status != jobs.StatusCompleted || r.Output != "kept\n" || !r.SandboxRecreated || r.SandboxID == first.SandboxID {
+		t.Errorf("next command: %+v; want it run in a rotated sandbox, with the files", r)
+	}
+
+	cut := s.run1(t, jobs.Job{TaskID: "life-np", Command: "sleep 30", TimeoutS: ptr(20.0), Persistent: ptr(false)})
+	if cut.Status != jobs.StatusError || !strings.Contains(cut.Error, "lifetime") {
+		t.Errorf("a command cut by the sandbox's lifetime: %+v; want status error saying so", cut)
 	}
 }

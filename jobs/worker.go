@@ -63,6 +63,12 @@ type WorkerConfig struct {
 	// by dead workers, to finish their jobs (Rescuer); 0 = default 1s,
 	// negative = never.
 	RescueEvery time.Duration
+	// SandboxLifetime is the lifetime asked of the gateway for new
+	// sandboxes (its timeoutMs). A persistent sandbox is rotated between
+	// commands when the next command's timeout would not fit in what is
+	// left of it; a non-persistent one is not (its files would be lost),
+	// so give it a lifetime that fits the task. Default 1h.
+	SandboxLifetime time.Duration
 	// MaxOutput caps a result's output (head and tail kept). Default 1 MiB.
 	MaxOutput int
 	// Prefix of boxq's own Redis keys (cancel flags). Default "boxq:".
@@ -124,6 +130,8 @@ func (c *WorkerConfig) validate() error {
 		return errors.New("jobs: worker needs a sandbox pool")
 	case c.Concurrency < 1:
 		return fmt.Errorf("jobs: concurrency must be at least 1, got %d", c.Concurrency)
+	case c.SandboxLifetime < 0:
+		return fmt.Errorf("jobs: sandbox lifetime must not be negative, got %v", c.SandboxLifetime)
 	case c.IdleTTL < 0:
 		return fmt.Errorf("jobs: idle TTL must not be negative, got %v", c.IdleTTL)
 	}
@@ -176,6 +184,7 @@ func NewWorker(cfg WorkerConfig) (*Worker, error) {
 	exec := &ExecHandler{
 		pool: cfg.Pool, gw: cfg.Gateway, store: store{rdb: cfg.Redis, prefix: cfg.Prefix},
 		log: log, now: cfg.Now, stopping: w.stopping, cancels: w.cancels, maxOutput: cfg.MaxOutput, metrics: cfg.Metrics,
+		lifetime: cfg.SandboxLifetime,
 	}
 	if cfg.ReapEvery > 0 {
 		exec.gatewayIdle = max(cfg.IdleTTL+2*cfg.ReapEvery+30*time.Second, 5*time.Minute)

@@ -33,6 +33,7 @@ type Lease struct {
 	gen        int64
 	spec       Spec
 	key        string // idempotency key of the current sandbox's create
+	createdAt  time.Time
 	created    bool
 	recreated  bool
 	prevExec   string
@@ -61,6 +62,10 @@ func (l *Lease) Generation() int64 { return l.gen }
 // Token returns the lease's fencing token: tokens only grow, so a larger
 // token is a later lease.
 func (l *Lease) Token() int64 { return l.token }
+
+// CreatedAt returns when the current sandbox's record was made: the start
+// of its lifetime (Spec().TimeoutMs), give or take the create call.
+func (l *Lease) CreatedAt() time.Time { return l.createdAt }
 
 // Spec returns the spec the sandbox was created with.
 func (l *Lease) Spec() Spec { return l.spec }
@@ -395,7 +400,7 @@ func (p *Pool) newLease(ctx context.Context, taskID string, token int64, fields 
 		p.unlock(ctx, []string{l.leaseKey}, []any{l.tokenArg})
 		return nil, err
 	}
-	l.sandboxID, l.cwd, l.gen, l.key = rec.SandboxID, rec.Cwd, rec.Generation, rec.IdempotencyKey
+	l.sandboxID, l.cwd, l.gen, l.key, l.createdAt = rec.SandboxID, rec.Cwd, rec.Generation, rec.IdempotencyKey, rec.CreatedAt
 	l.spec = rec.Spec.WithDefaults()
 	l.stop = p.keepAlive(ctx, []renewal{{lease: l.leaseKey, record: l.recordKey, token: l.tokenArg, task: taskID}}, func() {
 		p.log.Warn("sandboxpool: lease lost to another holder", "task_id", taskID, "token", token)
@@ -668,20 +673,38 @@ func (p *Pool) Yield(ctx context.Context, l *Lease) error {
 // crash during it leaves a create that the next holder finishes. It fails
 // with ErrStaleLease when the lease expired.
 func (p *Pool) Recreate(ctx context.Context, l *Lease) error {
+	// The tracked cwd goes back to "" — the new sandbox's own default — not
+	// to Spec.Cwd spelt out: a gateway without isolation maps its default
+	// cwd to the sandbox's directory, but cannot map a path a script cds to.
+	return p.replace(ctx, l, "")
+}
+
+// Rotate replaces the lease's sandbox, which is near the end of its
+// lifetime, between two commands: it ends it (with a snapshot when the spec
+// is persistent, so that the successor gets its files back) and creates
+// its successor, keeping the tracked cwd.
+func (p *Pool) Rotate(ctx context.Context, l *Lease) error {
+	if l.released.Load() {
+		return fmt.Errorf("sandboxpool: rotate sandbox of task %q: lease released: %w", l.taskID, ErrStaleLease)
+	}
+	if err := p.gw.Terminate(ctx, l.sandboxID, l.spec.Persistent); err != nil && !isGone(err) {
+		return fmt.Errorf("sandboxpool: rotate sandbox %s of task %q: %w", l.sandboxID, l.taskID, err)
+	}
+	return p.replace(ctx, l, l.cwd)
+}
+
+func (p *Pool) replace(ctx context.Context, l *Lease, cwd string) error {
 	if l.released.Load() {
 		return fmt.Errorf("sandboxpool: recreate sandbox of task %q: lease released: %w", l.taskID, ErrStaleLease)
 	}
 	key := p.cfg.NewKey()
-	// The tracked cwd goes back to "" — the new sandbox's own default — not
-	// to Spec.Cwd spelt out: a gateway without isolation maps its default
-	// cwd to the sandbox's directory, but cannot map a path a script cds to.
-	gen, err := recreateScript.Run(ctx, p.rdb, []string{l.leaseKey, l.recordKey}, l.tokenArg, key, "").Int64()
+	gen, err := recreateScript.Run(ctx, p.rdb, []string{l.leaseKey, l.recordKey}, l.tokenArg, key, cwd, p.nowArg()).Int64()
 	if err != nil {
 		return fmt.Errorf("sandboxpool: recreate sandbox of task %q: %w", l.taskID, err)
 	}
 	if gen == 0 {
 		return fmt.Errorf("sandboxpool: recreate sandbox of task %q: %w", l.taskID, ErrStaleLease)
 	}
-	l.gen, l.key, l.sandboxID, l.cwd, l.recreated = gen, key, "", "", true
+	l.gen, l.key, l.sandboxID, l.cwd, l.recreated, l.createdAt = gen, key, "", cwd, true, p.cfg.Now()
 	return p.create(ctx, l)
 }

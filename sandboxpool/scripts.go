@@ -277,15 +277,15 @@ return 1
 `)
 
 // recreateScript starts a new generation: a new idempotency key, no sandbox
-// id until the create answers, the cwd back to the spec's default. It
-// returns the new generation, 0 when the lease is stale.
+// id until the create answers, the given cwd, a new lifetime. It returns
+// the new generation, 0 when the lease is stale.
 //
-// KEYS: lease, record. ARGV: token, idempotency key, cwd.
+// KEYS: lease, record. ARGV: token, idempotency key, cwd, now ms.
 var recreateScript = redis.NewScript(`
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 local gen = redis.call('HINCRBY', KEYS[2], 'gen', 1)
-redis.call('HSET', KEYS[2], 'key', ARGV[2], 'sandbox_id', '', 'cwd', ARGV[3])
+redis.call('HSET', KEYS[2], 'key', ARGV[2], 'sandbox_id', '', 'cwd', ARGV[3], 'created', ARGV[4])
 return gen
 `)
 

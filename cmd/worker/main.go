@@ -62,6 +62,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	token := fs.String("token", "", "gateway bearer `token` (env GATEWAY_TOKEN; prefer the env: flags show in ps)")
 	concurrency := fs.Int("concurrency", 256, "jobs run at once; jobs mostly wait on the gateway, so this can be high")
 	idleTTL := fs.Duration("idle-ttl", 5*time.Minute, "terminate sandboxes unused for this long")
+	lifetime := fs.Duration("sandbox-lifetime", time.Hour, "lifetime asked of the gateway for new sandboxes; a persistent sandbox is rotated between commands before a command's timeout would outlast it")
 	reapEvery := fs.Duration("reap-every", 30*time.Second, "how often idle sandboxes are looked for (one reap per tick across all workers)")
 	httpAddr := fs.String("http", "", "serve /metrics, /healthz and the dashboard at /monitoring/ on this `address` (e.g. :9090)")
 	dev := fs.Bool("dev", false, "embedded Redis and reference gateway: no Redis or gateway needed")
@@ -84,6 +85,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return app.Usagef("-concurrency must be at least 1")
 	case *idleTTL <= 0:
 		return app.Usagef("-idle-ttl must be positive")
+	case *lifetime <= 0:
+		return app.Usagef("-sandbox-lifetime must be positive")
 	case *reapEvery <= 0:
 		return app.Usagef("-reap-every must be positive")
 	case *pollInterval <= 0:
@@ -118,7 +121,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	return app.RunWorker(ctx, app.WorkerOptions{
 		RedisURL: *redisURL, GatewayURL: *gatewayURL, Token: *token,
-		Concurrency: *concurrency, IdleTTL: *idleTTL, ReapEvery: *reapEvery,
+		Concurrency: *concurrency, IdleTTL: *idleTTL, ReapEvery: *reapEvery, SandboxLifetime: *lifetime,
 		MaxSandboxes: *maxSandboxes, TaskCheckInterval: *pollInterval, ShutdownTimeout: *shutdownTimeout,
 		HTTPAddr: *httpAddr, Logger: log,
 	})

@@ -27,6 +27,7 @@ type WorkerOptions struct {
 	GatewayURL, Token string
 	Concurrency       int
 	IdleTTL           time.Duration
+	SandboxLifetime   time.Duration
 	ReapEvery         time.Duration
 	MaxSandboxes      int
 	TaskCheckInterval time.Duration
@@ -108,7 +109,7 @@ func RunWorker(ctx context.Context, o WorkerOptions) error {
 		Redis: rdb, Gateway: gw, Pool: pool,
 		Concurrency: concurrency, Queues: o.Queues,
 		TaskCheckInterval: o.TaskCheckInterval, ShutdownTimeout: o.ShutdownTimeout,
-		IdleTTL: o.IdleTTL, ReapEvery: o.ReapEvery,
+		IdleTTL: o.IdleTTL, ReapEvery: o.ReapEvery, SandboxLifetime: o.SandboxLifetime,
 		Logger: log, Metrics: metrics,
 	})
 	if err != nil {
