@@ -341,8 +341,14 @@ func (p *Producer) Cancel(ctx context.Context, jobID string) error {
 		if err != nil {
 			return fmt.Errorf("jobs: encode result: %w", err)
 		}
-		if _, err := p.store.sequence(info.Queue, pl.TaskID).leave(ctx, p.rdb, jobID, res); err != nil {
+		switch n, err := p.store.sequence(info.Queue, pl.TaskID).leave(ctx, p.rdb, jobID, res); {
+		case err != nil:
 			return err
+		case n == leaveHasResult:
+			return nil
+		case n == leaveDone, n == leaveIsHead, n == leaveNotHere:
+			// Out of its sequence with its result (done), or a job that may
+			// run (the head, or one in no sequence): the cancel below.
 		}
 	}
 	if err := p.insp.CancelProcessing(jobID); err != nil {

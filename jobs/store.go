@@ -178,23 +178,6 @@ func (s store) deliveryChecks(queue, jobID string, p *ExecPayload) []sandboxpool
 	return checks
 }
 
-// deliveryState is what a delivery of a job checks before it runs: a result
-// already written (an earlier delivery finished but asynq did not record
-// it) and a cancel request. One round trip.
-func (s store) deliveryState(ctx context.Context, queue, jobID string) (result []byte, cancelled bool, err error) {
-	pipe := s.rdb.Pipeline()
-	res := pipe.HGet(ctx, taskKey(queue, jobID), "result")
-	can := pipe.Exists(ctx, s.cancelKey(jobID))
-	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
-		return nil, false, fmt.Errorf("jobs: read state of %s: %w", jobID, err)
-	}
-	b, err := res.Bytes()
-	if err != nil && !errors.Is(err, redis.Nil) {
-		return nil, false, fmt.Errorf("jobs: read result of %s: %w", jobID, err)
-	}
-	return b, can.Val() == 1, nil
-}
-
 // markCancelled records that jobID must not run (or must stop). It is kept
 // as long as results are.
 func (s store) markCancelled(ctx context.Context, jobID string, ttl time.Duration) error {
