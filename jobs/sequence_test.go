@@ -557,3 +557,45 @@ func TestSandboxLifetime(t *testing.T) {
 		t.Errorf("a command cut by the sandbox's lifetime: %+v; want status error saying so", cut)
 	}
 }
+
+// TestFinalErrorStopsTheCommand: a job that ends for good while its command
+// may still run (here the gateway refuses its polls with a permanent
+// error) cancels the command first, so that the task's next command cannot
+// overlap it (issue 12, item 6: the lease and the mark were let go with the
+// command still running).
+func TestFinalErrorStopsTheCommand(t *testing.T) {
+	var refusePolls atomic.Bool
+	front := func(h http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if refusePolls.Load() && r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/execs/") {
+				w.Header().Set("Content-Type", "application/json")
+				w.WriteHeader(http.StatusBadRequest)
+				_, _ = w.Write([]byte(`{"error":"poll refused for the test"}`))
+				return
+			}
+			h.ServeHTTP(w, r)
+		})
+	}
+	s := newStack(t, stackOptions{front: front})
+	s.startWorker(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	marker := "boxq-final-" + randID()
+	refusePolls.Store(true)
+	w, _ := s.submit(t, ctx, jobs.Job{ID: "final-err", TaskID: "fe", Command: "echo a >> ~/log; BOXQ_TEST_MARK=" + marker + " sleep 30; echo b >> ~/log"})
+	r, err := w.Next(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	refusePolls.Store(false)
+	if r.Status != jobs.StatusError || !strings.Contains(r.Error, "poll refused") {
+		t.Fatalf("result %+v; want status error from the refused poll", r)
+	}
+	// It is cancelled right after the result is written (the task's next
+	// command waits for the lease meanwhile); left alone it would sleep on
+	// for 30 s.
+	waitFor(t, 10*time.Second, "the command of the failed job to be stopped", func() bool { return len(findProcesses(marker)) == 0 })
+	if got := s.run1(t, jobs.Job{TaskID: "fe", Command: "cat ~/log"}); got.Output != "a\n" {
+		t.Errorf("log %q; want only the first line (the command stopped)", got.Output)
+	}
+}
