@@ -445,8 +445,9 @@ type Waiter struct {
 const maxRedisOutage = 2 * time.Minute
 
 type pendingJob struct {
-	queue string
-	added time.Time
+	queue      string
+	added      time.Time
+	archivedAt time.Time // when a sweep first saw it archived without a result
 }
 
 // Subscribe returns a Waiter listening on a fresh channel.
@@ -561,6 +562,9 @@ func (w *Waiter) sweep(ctx context.Context) error {
 			case !st.exists:
 				w.deliver(id, Result{ID: id, Status: StatusError, ReturnCode: 1,
 					Error: "job no longer exists and left no result (deleted, or its result expired)"})
+			case st.state == "archived" && w.archivedFor(id) < archivedGrace:
+				// asynq archives a job whose deadline passed without waiting
+				// for its handler, which may still be writing its result.
 			case st.state == "archived":
 				msg := "job failed without a result"
 				if info, err := w.p.insp.GetTaskInfo(queue, id); err == nil && info.LastErr != "" {
@@ -571,6 +575,22 @@ func (w *Waiter) sweep(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// archivedGrace is how long a job may sit archived without a result before
+// the Waiter gives up on it: asynq archives a job whose deadline passed at
+// once, and its handler writes the result a moment later.
+const archivedGrace = 5 * time.Second
+
+// archivedFor notes that job id was seen archived without a result, and
+// returns for how long it has been.
+func (w *Waiter) archivedFor(id string) time.Duration {
+	pj := w.pending[id]
+	if pj.archivedAt.IsZero() {
+		pj.archivedAt = time.Now()
+		w.pending[id] = pj
+	}
+	return time.Since(pj.archivedAt)
 }
 
 func (w *Waiter) deliver(id string, r Result) {

@@ -3,6 +3,7 @@ package jobs_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/boxq/boxq/gateway/local"
 	"github.com/boxq/boxq/jobs"
+	"github.com/boxq/boxq/sandboxpool"
 )
 
 // repairFast makes a worker's reaper tick, and the sequence repair on it,
@@ -597,5 +599,42 @@ func TestFinalErrorStopsTheCommand(t *testing.T) {
 	waitFor(t, 10*time.Second, "the command of the failed job to be stopped", func() bool { return len(findProcesses(marker)) == 0 })
 	if got := s.run1(t, jobs.Job{TaskID: "fe", Command: "cat ~/log"}); got.Output != "a\n" {
 		t.Errorf("log %q; want only the first line (the command stopped)", got.Output)
+	}
+}
+
+// TestLastAttemptOutOfTimeLeavesAResult: a job's last attempt runs out of
+// asynq's deadline while it waits for its task's sandbox (held elsewhere):
+// the job ends with an "error" result that says so, rather than no result
+// at all (issue 12, item 7).
+func TestLastAttemptOutOfTimeLeavesAResult(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.startWorker(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	held, err := s.pool.Acquire(ctx, "held", sandboxpool.Spec{}, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.pool.Release(ctx, held, "")
+	w, err := s.prod.Subscribe(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	// Enqueued as Producer.Enqueue does (a nonce: boxq's own job, with a
+	// retention), but with a 1 s deadline and no retries.
+	payload, _ := json.Marshal(jobs.ExecPayload{Job: jobs.Job{TaskID: "held", Command: "true"}, Nonce: "0123456789abcdef", Notify: w.Channel()})
+	client := asynq.NewClientFromRedisClient(s.rdb)
+	if _, err := client.Enqueue(asynq.NewTask(jobs.TypeExec, payload), asynq.TaskID("out-of-time"), asynq.MaxRetry(0),
+		asynq.Timeout(time.Second), asynq.Retention(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	w.Add(jobs.Enqueued{ID: "out-of-time", Queue: jobs.DefaultQueue})
+	r, err := w.Next(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Status != jobs.StatusError || !strings.Contains(r.Error, "giving up") || strings.Contains(r.Error, "without a result") {
+		t.Errorf("result %+v; want an error result of the job's own, saying it gave up", r)
 	}
 }
