@@ -31,6 +31,7 @@ type Pool interface {
 	Yield(ctx context.Context, l *sandboxpool.Lease) error
 	Recreate(ctx context.Context, l *sandboxpool.Lease) error
 	Rotate(ctx context.Context, l *sandboxpool.Lease) error
+	Arm(ctx context.Context, l *sandboxpool.Lease) error
 	Terminate(ctx context.Context, taskID string) error
 	TerminateIdle(ctx context.Context, taskID string, unless []sandboxpool.Check) error
 	ReapIdle(ctx context.Context, now time.Time, ttl time.Duration) (int, error)
@@ -210,13 +211,22 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 			h.release(ctx, log, lease, "")
 			return h.failure(ctx, d, retried, maxRetry, fmt.Errorf("rotate the sandbox near its lifetime: %w", err))
 		}
-		if err := h.store.restamp(ctx, queue, jobID, d.owner, lease.SandboxKey()); err != nil {
-			h.release(ctx, log, lease, "")
-			return h.failure(ctx, d, retried, maxRetry, err)
-		}
 		log.Info("rotated the sandbox near the end of its lifetime", "old_sandbox_id", old, "new_sandbox_id", lease.SandboxID())
 		log = log.With("sandbox_id", lease.SandboxID())
 		res.SandboxID, res.SandboxRecreated = lease.SandboxID(), true
+	}
+
+	// The take armed the exec for a rescuer only if nothing had to come
+	// before its start; after a create or a wait, arm it now.
+	if lease.Created() || len(lease.PrevExecIDs()) > 0 || res.SandboxRecreated {
+		if err := h.pool.Arm(ctx, lease); err != nil {
+			h.release(ctx, log, lease, "")
+			return h.failure(ctx, d, retried, maxRetry, err)
+		}
+	}
+	if leaseLost(lease) {
+		log.Warn("lease lost to another holder before the command started; leaving the job to it")
+		return &retryLater{err: ErrFenced, after: 5 * time.Second}
 	}
 
 	marker := wrap.Marker(nonce)
@@ -245,8 +255,6 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 			// Classify by the create's failure (a capacity wait or a fault
 			// comes back later; a permanent answer ends the job), and say
 			// what started it.
-			err = fmt.Errorf("%w (recreating it after: %v)", rerr, err)
-		} else if rerr := h.store.restamp(ctx, queue, jobID, d.owner, lease.SandboxKey()); rerr != nil {
 			err = fmt.Errorf("%w (recreating it after: %v)", rerr, err)
 		} else {
 			res.SandboxRecreated = true
@@ -411,7 +419,7 @@ func (h *ExecHandler) vetoed(ctx context.Context, log *slog.Logger, d *delivery,
 
 // turnRetry is when a job run out of turn is looked at again, if its turn
 // has not come by then.
-const turnRetry = time.Minute
+const turnRetry = 5 * time.Second
 
 // runContext returns the context the gateway loop runs under. When the
 // job's context ends, it ends too: with cause context.Canceled, which

@@ -1,8 +1,24 @@
 package jobs
 
+import (
+	"encoding/json"
+	"time"
+)
+
 // SetProducerFaults installs fault points in p's Enqueue, for tests of a
 // producer that dies between its steps: afterJoin runs once the job has its
 // place in its task's sequence, beforeConfirm once a parked job is enqueued.
 func SetProducerFaults(p *Producer, afterJoin, beforeConfirm func()) {
 	p.faults = producerFaults{afterJoin: afterJoin, beforeConfirm: beforeConfirm}
 }
+
+// RescueNoteFor is the note a worker leaves with job jobID's exec (queue
+// and task as given), for tests that play a worker dying at a chosen step.
+func RescueNoteFor(queue, jobID, taskID string) string {
+	b, _ := json.Marshal(rescueNote{Job: jobID, Queue: queue, Task: taskID, Seq: true, Nonce: "0123456789abcdef",
+		TimeoutMs: 60_000, StartedAtMs: time.Now().UnixMilli(), Attempts: 1})
+	return string(b)
+}
+
+// TaskKey is the key of job id's asynq task hash.
+func TaskKey(queue, id string) string { return taskKey(queue, id) }

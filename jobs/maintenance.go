@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
 	"time"
 
@@ -57,6 +58,10 @@ func (h *TerminateHandler) ProcessTask(ctx context.Context, t *asynq.Task) error
 	return nil
 }
 
+// asynqQueuesKey is asynq's set of the queues it knows (base.AllQueues at
+// the pinned version).
+const asynqQueuesKey = "asynq:queues"
+
 // ReapHandler runs TypeReap tasks: it terminates sandboxes idle for longer
 // than ttl, and repairs the task sequences of the worker's queues
 // (sequence.go). One runs per tick across the fleet.
@@ -74,7 +79,14 @@ type ReapHandler struct {
 
 // ProcessTask implements asynq.Handler.
 func (h *ReapHandler) ProcessTask(ctx context.Context, _ *asynq.Task) error {
-	for _, q := range h.queues {
+	// Every queue asynq knows, not only this worker's: the reap task runs
+	// in the default queue, and a queue whose workers do not serve it must
+	// be repaired too.
+	queues := h.queues
+	if known, err := h.store.rdb.SMembers(ctx, asynqQueuesKey).Result(); err == nil {
+		queues = slices.Compact(slices.Sorted(slices.Values(append(slices.Clone(queues), known...))))
+	}
+	for _, q := range queues {
 		moved, err := h.store.repairSequences(ctx, q, h.now(), h.repairAfter)
 		h.metrics.addSeqRepairs(moved)
 		if moved > 0 {

@@ -632,3 +632,33 @@ func TestWaiterSweepFindsUnnotifiedResults(t *testing.T) {
 		t.Errorf("result for a missing job: %+v", r)
 	}
 }
+
+// TestCancelWhileRescued: a job whose worker was SIGKILLed mid-command is
+// cancelled: the rescuer that collects the command cancels it, and the job
+// ends cancelled, not completed an age later.
+func TestCancelWhileRescued(t *testing.T) {
+	t.Parallel()
+	s := newStack(t, stackOptions{})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	a := startWorkerProcess(t, s)
+	marker := "boxq-cancel-rescued-" + randID()
+	w, e := s.submit(t, ctx, jobs.Job{ID: "cancel-rescued", TaskID: "cr", Command: "BOXQ_TEST_MARK=" + marker + " sleep 60"})
+	waitFor(t, 20*time.Second, "the command to start", func() bool { return len(findProcesses(marker)) > 0 })
+	if err := a.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	_ = a.Wait()
+	if err := s.prod.Cancel(ctx, e.ID); err != nil {
+		t.Fatal(err)
+	}
+	s.startWorker(t, nil)
+	r, err := w.Next(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Status != jobs.StatusCancelled || r.ReturnCode != 130 || !r.Rescued {
+		t.Errorf("result %+v; want cancelled by the rescuer", r)
+	}
+	waitFor(t, 10*time.Second, "the command to be killed", func() bool { return len(findProcesses(marker)) == 0 })
+}

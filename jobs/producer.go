@@ -145,15 +145,15 @@ func (p *Producer) Enqueue(ctx context.Context, j Job, notify string) (Enqueued,
 		return Enqueued{}, fmt.Errorf("jobs: enqueue %s: %w", j.ID, err)
 	}
 	p.knowQueue(e.Queue)
-	if place == joinWait {
-		if p.faults.beforeConfirm != nil {
-			p.faults.beforeConfirm()
-		}
-		// Its predecessor may have ended between join and enqueue, and
-		// handed it the turn while it was not there to promote.
-		if err := seq.confirm(ctx, p.rdb, j.ID); err != nil {
-			return e, err
-		}
+	if p.faults.beforeConfirm != nil {
+		p.faults.beforeConfirm()
+	}
+	// A waiting job's predecessor may have ended between join and enqueue,
+	// and handed it the turn while it was not there to promote. A job whose
+	// enqueue took longer than the repair's patience lost its place: it
+	// joins again at the end.
+	if err := seq.confirm(ctx, p.rdb, j.ID); err != nil {
+		return e, err
 	}
 	return e, nil
 }

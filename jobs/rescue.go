@@ -109,6 +109,14 @@ func (h *ExecHandler) rescue(ctx context.Context, o sandboxpool.Orphan) {
 	}
 	l.Rescue(ex.ExecID)
 	log = log.With("job_id", n.Job, "exec_id", ex.ExecID)
+	if !ex.Armed || l.SandboxID() == "" {
+		// Its worker died before it started the command (creating the
+		// sandbox, waiting for an earlier command): nothing ran, and asynq
+		// delivers the job again; clear the mark so that nothing waits on it.
+		log.Info("the dead worker had not started the command; leaving the job to asynq's re-delivery")
+		h.release(ctx, log, l, "")
+		return
+	}
 	log.Info("rescuing a dead worker's command")
 	h.metrics.addRescue()
 	owner := strconv.FormatInt(l.Token(), 10)
@@ -136,7 +144,7 @@ func (h *ExecHandler) rescue(ctx context.Context, o sandboxpool.Orphan) {
 
 	timeout := time.Duration(n.TimeoutMs) * time.Millisecond
 	deadline := time.UnixMilli(n.StartedAtMs).Add(timeout + rescueGrace)
-	st, err := h.collect(ctx, l, ex.ExecID, deadline)
+	st, err := h.collect(ctx, l, n.Job, ex.ExecID, deadline)
 	switch {
 	case errors.Is(err, errRescueStopped):
 		// The worker stops, or another holder took the task: leave it.
@@ -145,11 +153,16 @@ func (h *ExecHandler) rescue(ctx context.Context, o sandboxpool.Orphan) {
 		}
 		return
 	case taken == 2 && (err == nil || errors.Is(err, gateway.ErrExecNotFound) || errors.Is(err, gateway.ErrSandboxGone)):
-		// The job has its result (its worker wrote it, then died before it
-		// saw its command end): now that the command has ended, clear the
-		// mark, without a second result.
+		// The job has its result (its worker wrote it, then lost the race
+		// for the lease, or died before it saw its command end): now that
+		// the command has ended, clear the mark, without a second result,
+		// keeping the cwd the command reported.
 		log.Info("rescue: the job had its result already")
-		h.release(ctx, log, l, "")
+		cwd := ""
+		if err == nil {
+			cwd = wrap.ParseAll(st.Output, wrap.Marker(n.Nonce)).Cwd
+		}
+		h.release(ctx, log, l, cwd)
 		return
 	case taken == 2:
 		h.abandon(ctx, log, l, rescueDelay)
@@ -169,6 +182,9 @@ func (h *ExecHandler) rescue(ctx context.Context, o sandboxpool.Orphan) {
 	}
 	cwd := firstNonEmpty(n.Cwd, l.Cwd())
 	newCwd := h.fillResult(&res, st, wrap.Marker(n.Nonce), cwd, l.Spec().Cwd, timeout)
+	if res.Status == StatusCancelled {
+		res.Error = h.store.cancelReason(ctx, n.Job)
+	}
 	log.Info("rescued a dead worker's command", "status", res.Status, "returncode", res.ReturnCode)
 	if err := h.releaseAndFinish(ctx, log, l, newCwd, d); err != nil {
 		log.Warn("rescue: write result", "err", err)
@@ -185,8 +201,24 @@ var errRescueStopped = errors.New("jobs: rescue stopped")
 
 // collect waits for an exec to end, long-polling the gateway; past the
 // deadline it cancels the exec and reports it timed out.
-func (h *ExecHandler) collect(ctx context.Context, l *sandboxpool.Lease, execID string, deadline time.Time) (gateway.ExecState, error) {
+func (h *ExecHandler) collect(ctx context.Context, l *sandboxpool.Lease, jobID, execID string, deadline time.Time) (gateway.ExecState, error) {
 	for {
+		if h.cancels.requested(jobID, 0) || h.store.cancelRequested(ctx, jobID) {
+			// Cancelled (enqueue -cancel, the dashboard, a terminate) while
+			// its worker was dead: cancel the command, as its worker would.
+			bg, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+			defer cancel()
+			if err := h.gw.CancelExec(bg, l.SandboxID(), execID); err != nil {
+				h.log.Warn("rescue: cancel an exec", "exec_id", execID, "err", err)
+			}
+			st, err := h.gw.PollExec(bg, l.SandboxID(), execID, 2*time.Second)
+			if err == nil && gateway.Terminal(st.Status) && st.Status != gateway.StatusCancelled {
+				return st, nil
+			}
+			rc := gateway.ReturnCodeCancelled
+			st.Status, st.ReturnCode = gateway.StatusCancelled, &rc
+			return st, nil
+		}
 		select {
 		case <-ctx.Done():
 			return gateway.ExecState{}, errRescueStopped
@@ -208,7 +240,8 @@ func (h *ExecHandler) collect(ctx context.Context, l *sandboxpool.Lease, execID 
 			st.Status, st.ReturnCode = gateway.StatusTimeout, &rc
 			return st, nil
 		}
-		wait := min(10*time.Second, time.Until(deadline))
+		// Short long-polls, so that a cancel is heard within seconds.
+		wait := min(2*time.Second, time.Until(deadline))
 		st, err := h.gw.PollExec(ctx, l.SandboxID(), execID, max(wait, 0))
 		switch {
 		case err == nil && gateway.Terminal(st.Status):

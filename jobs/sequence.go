@@ -85,7 +85,8 @@ local function promote(id)
 	end
 end
 -- handover gives the turn to the next waiting job that has not ended
--- (removed from the dashboard while waiting), or ends the sequence.
+-- (removed from the dashboard while waiting, or a second place of a job
+-- sent twice that has its result), or ends the sequence.
 -- A next job whose task hash does not exist yet is being enqueued: it
 -- gets the turn, and its producer's confirm promotes it.
 local function handover()
@@ -96,8 +97,8 @@ local function handover()
 			redis.call('ZREM', HEADS, TASK)
 			return ''
 		end
-		local st = redis.call('HGET', P .. 't:' .. id, 'state')
-		if st ~= 'archived' and st ~= 'completed' then
+		local st, res = unpack(redis.call('HMGET', P .. 't:' .. id, 'state', 'result'))
+		if st ~= 'archived' and st ~= 'completed' and not res then
 			redis.call('HSET', SEQ, 'head', id, 'since', NOWMS)
 			redis.call('ZADD', HEADS, NOWMS, TASK)
 			promote(id)
@@ -153,8 +154,9 @@ redis.call('RPUSH', SEQW, ARGV[6])
 return 3
 `)
 
-// seqLeaveScript takes a waiting job out of its sequence and writes its
-// result (a cancel): {1} done, {0} it has a result already, {2} it is the
+// seqLeaveScript takes a waiting job out of its sequence, writes its
+// result (a cancel), and makes it runnable, so that a worker acks it (a
+// delivery that finds a result runs nothing) and asynq's retention applies: {1} done, {0} it has a result already, {2} it is the
 // head (cancel it as a job that may run), {3} it is not waiting here.
 //
 // KEYS: seqLib's, 4 the job's task hash. ARGV: seqLib's, 6 job id, 7 the
@@ -163,7 +165,10 @@ var seqLeaveScript = redis.NewScript(seqLib + `
 if redis.call('HEXISTS', KEYS[4], 'result') == 1 then return 0 end
 if redis.call('HGET', SEQ, 'head') == ARGV[6] then return 2 end
 if redis.call('LREM', SEQW, 1, ARGV[6]) == 0 then return 3 end
-if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('HSET', KEYS[4], 'result', ARGV[7]) end
+if redis.call('EXISTS', KEYS[4]) == 1 then
+	redis.call('HSET', KEYS[4], 'result', ARGV[7])
+	promote(ARGV[6])
+end
 return 1
 `)
 

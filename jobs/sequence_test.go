@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -636,5 +637,103 @@ func TestLastAttemptOutOfTimeLeavesAResult(t *testing.T) {
 	}
 	if r.Status != jobs.StatusError || !strings.Contains(r.Error, "giving up") || strings.Contains(r.Error, "without a result") {
 		t.Errorf("result %+v; want an error result of the job's own, saying it gave up", r)
+	}
+}
+
+// TestRescuerLeavesAnUnstartedCommandToItsJob: a worker dies after it took
+// a job's lease but before it started the command (it was creating the
+// task's sandbox). The rescuer must not answer for a command that never
+// ran: it clears the mark, and the job runs when asynq delivers it.
+func TestRescuerLeavesAnUnstartedCommandToItsJob(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	w, e := s.submit(t, ctx, jobs.Job{ID: "unstarted", TaskID: "us", Command: "echo ran >> ~/runs; wc -l < ~/runs"})
+	// The dying worker: its own Redis client, closed after the take, so
+	// that its lease lapses unrenewed.
+	opt, err := redis.ParseURL(s.redisURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dying := redis.NewClient(opt)
+	pool, err := sandboxpool.New(dying, s.client, sandboxpool.Config{LeaseTTL: 500 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pool.AcquireFor(ctx, "us", sandboxpool.Spec{}, sandboxpool.Intent{
+		ExecID: jobs.ExecID(e.ID), Note: jobs.RescueNoteFor(e.Queue, e.ID, "us"), Stamp: jobs.TaskKey(e.Queue, e.ID)}); err != nil {
+		t.Fatal(err)
+	}
+	dying.Close() // dead: it created the sandbox, never started the command
+	// A worker that serves another queue: only its rescuer can touch the
+	// job, which must leave it be.
+	stop := s.startWorker(t, func(c *jobs.WorkerConfig) { c.Queues = map[string]int{"elsewhere": 1} })
+	waitFor(t, 20*time.Second, "the rescuer to clear the dead worker's mark", func() bool {
+		fields, _ := s.rdb.HKeys(ctx, "boxq:sandbox:us").Result()
+		return !slices.ContainsFunc(fields, func(f string) bool { return strings.HasPrefix(f, "inflight:") })
+	})
+	stop()
+	if res, _ := s.rdb.HGet(ctx, jobs.TaskKey(e.Queue, e.ID), "result").Result(); res != "" {
+		t.Fatalf("the rescuer answered for a command that never started: %s", res)
+	}
+	s.startWorker(t, nil)
+	r, err := w.Next(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Status != jobs.StatusCompleted || strings.TrimSpace(r.Output) != "1" || r.Rescued {
+		t.Errorf("result %+v; want the job itself to run its command, once", r)
+	}
+}
+
+// TestRecreateRefusedForNowThenRuns: the task's sandbox is gone when a
+// job starts, and the create of its successor is refused for now (429).
+// The job's next delivery runs the command in the new sandbox: it never
+// started anywhere, so it is not "lost while it ran".
+func TestRecreateRefusedForNowThenRuns(t *testing.T) {
+	var refuseCreate atomic.Int32
+	front := func(h http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.Method == http.MethodPost && r.URL.Path == "/v1/sandboxes" && refuseCreate.Add(-1) >= 0 {
+				w.Header().Set("Content-Type", "application/json")
+				w.Header().Set("Retry-After", "0")
+				w.WriteHeader(http.StatusTooManyRequests)
+				_, _ = w.Write([]byte(`{"error":"busy for the test"}`))
+				return
+			}
+			h.ServeHTTP(w, r)
+		})
+	}
+	s := newStack(t, stackOptions{front: front})
+	s.startWorker(t, nil)
+	first := s.run1(t, jobs.Job{TaskID: "rr", Command: "true", Persistent: ptr(false)})
+	if err := s.client.Terminate(context.Background(), first.SandboxID, false); err != nil {
+		t.Fatal(err)
+	}
+	refuseCreate.Store(1)
+	r := s.run1(t, jobs.Job{TaskID: "rr", Command: "echo ran", Persistent: ptr(false)})
+	if r.Status != jobs.StatusCompleted || r.Output != "ran\n" || !r.SandboxRecreated {
+		t.Errorf("result %+v; want it run in a recreated sandbox", r)
+	}
+}
+
+// TestRepairInAQueueOfItsOwn: workers that serve only another queue still
+// reap and repair it (the reap task goes to a queue they serve, and the
+// repair covers every queue asynq knows).
+func TestRepairInAQueueOfItsOwn(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.startWorker(t, func(c *jobs.WorkerConfig) { repairFast(c); c.Queues = map[string]int{"q2": 1} })
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	type died struct{}
+	func() {
+		jobs.SetProducerFaults(s.prod, func() { panic(died{}) }, nil)
+		defer jobs.SetProducerFaults(s.prod, nil, nil)
+		defer func() { _ = recover() }()
+		_, _ = s.prod.Enqueue(ctx, jobs.Job{ID: "q2-never", TaskID: "q2t", Command: "true", Queue: "q2"}, "")
+	}()
+	r := s.run1(t, jobs.Job{ID: "q2-next", TaskID: "q2t", Command: "echo next", Queue: "q2"})
+	if r.Status != jobs.StatusCompleted || r.Output != "next\n" {
+		t.Errorf("result %+v; want the job after the head that never came to run", r)
 	}
 }

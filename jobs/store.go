@@ -32,21 +32,22 @@ func taskKey(queue, id string) string {
 // lost to the job's own delivery, writes nothing). A job that has a result
 // already keeps it ({2}): a job gets one result, published once. It never
 // creates the task hash: a result for a task that asynq has already
-// deleted would otherwise linger without expiry (the sequence still moves
-// on).
+// deleted would otherwise linger without expiry; nothing is published then
+// ({3}), and the sequence still moves on.
 //
 // KEYS: seqLib's, 4 the job's task hash. ARGV: seqLib's (task "" for a job
 // in no sequence), 6 result, 7 notify channel ("" none), 8 job id, 9 owner
 // token ("" unfenced).
 var resultScript = redis.NewScript(seqLib + `
 local tk = KEYS[4]
-local wrote = 1
+local wrote = 3
 if redis.call('EXISTS', tk) == 1 then
 	if ARGV[9] ~= '' and redis.call('HGET', tk, 'boxq_owner') ~= ARGV[9] then return 0 end
 	if redis.call('HEXISTS', tk, 'result') == 1 then
 		wrote = 2
 	else
 		redis.call('HSET', tk, 'result', ARGV[6])
+		wrote = 1
 	end
 end
 if wrote == 1 and ARGV[7] ~= '' then
@@ -61,6 +62,7 @@ const (
 	resultFenced  = 0
 	resultWritten = 1
 	resultHadOne  = 2
+	resultNoJob   = 3
 )
 
 // ErrFenced means a result write was refused: the job is in other hands
@@ -86,8 +88,10 @@ func resultErr(jobID string, n int64, err error) error {
 		return fmt.Errorf("jobs: write result of %s: %w", jobID, err)
 	case n == resultFenced:
 		return fmt.Errorf("jobs: write result of %s: %w", jobID, ErrFenced)
+	case n == resultWritten, n == resultHadOne, n == resultNoJob:
+		return nil
 	}
-	return nil
+	return fmt.Errorf("jobs: write result of %s: unexpected reply %d", jobID, n)
 }
 
 // store holds the few Redis keys boxq keeps next to asynq's.

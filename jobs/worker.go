@@ -204,7 +204,15 @@ func NewWorker(cfg WorkerConfig) (*Worker, error) {
 	}
 	if cfg.ReapEvery > 0 {
 		w.client = asynq.NewClientFromRedisClient(cfg.Redis)
-		w.reaper = &Reaper{client: w.client, every: cfg.ReapEvery, queue: DefaultQueue, now: cfg.Now, log: log}
+		// The reap task goes to a queue this worker serves (the default one
+		// if it does): a fleet whose workers serve other queues reaps and
+		// repairs all the same. Two reaps of one tick in two queues are
+		// harmless: both claim, and both repairs are atomic steps.
+		reapQueue := queues[0]
+		if _, ok := cfg.Queues[DefaultQueue]; ok {
+			reapQueue = DefaultQueue
+		}
+		w.reaper = &Reaper{client: w.client, every: cfg.ReapEvery, queue: reapQueue, now: cfg.Now, log: log}
 	}
 	return w, nil
 }

@@ -40,6 +40,7 @@ type Lease struct {
 	otherExecs []string // execs marked in flight besides prevExec and execID
 	execID     string   // the exec this holder runs, named at Acquire
 	stamp      string   // the stamp's previous boxq_start (Intent.Stamp)
+	stampKey   string   // Intent.Stamp
 
 	released atomic.Bool
 	stop     func() // stops the renewal and waits for it; idempotent
@@ -109,6 +110,21 @@ func (l *Lease) StartedIn() string { return l.stamp }
 
 // ExecID returns the exec named when the lease was taken.
 func (l *Lease) ExecID() string { return l.execID }
+
+// Arm says the holder is about to start the exec named at the take, after
+// work that came first (a create, a wait for an earlier exec): from now on a
+// rescuer that finds the holder dead collects the exec rather than leave
+// the job to asynq's re-delivery. A take arms at once a holder that has
+// nothing to do first. One round trip; fenced by the lease's token.
+func (p *Pool) Arm(ctx context.Context, l *Lease) error {
+	if l.execID == "" {
+		return nil
+	}
+	if err := armScript.Run(ctx, p.rdb, []string{l.recordKey}, l.tokenArg, l.execID).Err(); err != nil {
+		return fmt.Errorf("sandboxpool: arm exec of task %q: %w", l.taskID, err)
+	}
+	return nil
+}
 
 // Recreated reports whether the lease's sandbox is not the task's first: it
 // replaced one that is gone (Recreate, after the gateway lost it; or a new
@@ -222,6 +238,9 @@ func (p *Pool) AcquireFor(ctx context.Context, taskID string, spec Spec, in Inte
 		return nil, err
 	}
 	l.created = true
+	// A later generation's pending create (an earlier holder recreated the
+	// sandbox, and its create failed): this is a new sandbox too.
+	l.recreated = l.recreated || l.gen > 1
 	return l, nil
 }
 
@@ -304,7 +323,7 @@ func (p *Pool) take(ctx context.Context, taskID string, spec *Spec, in Intent) (
 		case codeTaken:
 			l, err := p.newLease(ctx, taskID, n, record, prev, in.ExecID)
 			if l != nil {
-				l.stamp, l.recreated = stamp, replaced != ""
+				l.stamp, l.stampKey, l.recreated = stamp, in.Stamp, replaced != ""
 			}
 			return l, err
 		case codeVetoed:
@@ -477,7 +496,7 @@ func (p *Pool) keepAlive(ctx context.Context, leases []renewal, lost func()) (st
 			res, err := renewScript.Run(rctx, p.rdb, keys, args...).Slice()
 			rcancel()
 			if err != nil {
-				if ctx.Err() != nil {
+				if ctx.Err() != nil || errors.Is(err, redis.ErrClosed) {
 					return
 				}
 				// Keep trying: the lease holds for a full TTL, and a
@@ -556,7 +575,11 @@ func (p *Pool) ReleaseWith(ctx context.Context, l *Lease, cwd string, also func(
 	// task's next command (the job's own next delivery, if the caller's
 	// write failed with it) waiting that long (reliability.TestRedisRestart).
 	// A retry after a first try that did run and lost only its answer finds
-	// the lease gone, and says ErrStaleLease: nothing is done twice.
+	// the lease gone with the record's "tok" still its own, and does the same
+	// again, which changes nothing (the caller's result write keeps the first
+	// result). If a rescuer took the task meanwhile (Redis was away for
+	// longer than the lease), the retry is refused with ErrStaleLease, and the
+	// rescuer finishes the job.
 	deadline := time.Now().Add(releaseRetryWindow)
 	for {
 		rel := p.releaseOnce(ctx, keys, args, also)
@@ -581,7 +604,8 @@ func (p *Pool) ReleaseWith(ctx context.Context, l *Lease, cwd string, also func(
 
 // How long, and how often, Release tries again when Redis does not answer.
 // The window is what a worker waits on a failed job attempt too
-// (jobs.redisOutageWait), and under the default 30 s lease TTL.
+// (jobs.redisOutageWait): longer than the lease TTL, so a rescuer may take
+// the task over meanwhile, which fencing allows for.
 const (
 	releaseRetryWindow = 20 * time.Second
 	releaseRetryPause  = 250 * time.Millisecond
@@ -670,8 +694,9 @@ func (p *Pool) Yield(ctx context.Context, l *Lease) error {
 // Recreate replaces the lease's sandbox, which the gateway says is gone: a
 // new generation under a new idempotency key, with the cwd back to the
 // spec's default. The new generation is recorded before the create, so a
-// crash during it leaves a create that the next holder finishes. It fails
-// with ErrStaleLease when the lease expired.
+// crash during it leaves a create that the next holder finishes, and so
+// is the stamp (Intent.Stamp) of the holder's job. It fails with
+// ErrStaleLease when the lease expired.
 func (p *Pool) Recreate(ctx context.Context, l *Lease) error {
 	// The tracked cwd goes back to "" — the new sandbox's own default — not
 	// to Spec.Cwd spelt out: a gateway without isolation maps its default
@@ -698,7 +723,11 @@ func (p *Pool) replace(ctx context.Context, l *Lease, cwd string) error {
 		return fmt.Errorf("sandboxpool: recreate sandbox of task %q: lease released: %w", l.taskID, ErrStaleLease)
 	}
 	key := p.cfg.NewKey()
-	gen, err := recreateScript.Run(ctx, p.rdb, []string{l.leaseKey, l.recordKey}, l.tokenArg, key, cwd, p.nowArg()).Int64()
+	stampKey, stampArg := l.recordKey, ""
+	if l.stampKey != "" {
+		stampKey, stampArg = l.stampKey, "1"
+	}
+	gen, err := recreateScript.Run(ctx, p.rdb, []string{l.leaseKey, l.recordKey, stampKey}, l.tokenArg, key, cwd, p.nowArg(), stampArg).Int64()
 	if err != nil {
 		return fmt.Errorf("sandboxpool: recreate sandbox of task %q: %w", l.taskID, err)
 	}

@@ -1291,6 +1291,11 @@ func TestClaimOrphans(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The take made the sandbox, so the exec is not armed yet: the holder
+	// arms it as it starts the command.
+	if err := p.Arm(ctx, dead); err != nil {
+		t.Fatal(err)
+	}
 	dead.stop() // the holder died
 	rdb.HSet(ctx, p.recordKey("dead"), "cwd", "/work")
 
@@ -1307,7 +1312,7 @@ func TestClaimOrphans(t *testing.T) {
 		t.Fatalf("claimed %v, want the task dead alone", got)
 	}
 	o := got[0]
-	if len(o.Execs) != 1 || o.Execs[0] != (OrphanExec{ExecID: "exec-dead", Note: "n-dead"}) {
+	if len(o.Execs) != 1 || o.Execs[0] != (OrphanExec{ExecID: "exec-dead", Note: "n-dead", Armed: true}) {
 		t.Errorf("execs = %v, want exec-dead with its note", o.Execs)
 	}
 	if o.Lease.Cwd() != "/work" || o.Lease.SandboxID() != dead.SandboxID() {

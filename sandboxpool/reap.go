@@ -142,8 +142,8 @@ type claim struct {
 // It returns how many it reaped, found busy, and failed to terminate, the
 // first termination error, and err when Redis failed.
 func (p *Pool) reapPage(ctx context.Context, tasks []string, cutoff, inflightCutoff string) (reaped, busy, failed int, firstFail, err error) {
-	keys := make([]string, 2, 2+2*len(tasks))
-	keys[0], keys[1] = p.indexKey, p.fenceKey
+	keys := make([]string, 3, 3+2*len(tasks))
+	keys[0], keys[1], keys[2] = p.indexKey, p.fenceKey, p.inflightKey
 	args := make([]any, 3, 3+len(tasks))
 	args[0], args[1], args[2] = p.ttlArg, cutoff, inflightCutoff
 	for _, t := range tasks {

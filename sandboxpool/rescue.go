@@ -25,6 +25,9 @@ type Orphan struct {
 type OrphanExec struct {
 	ExecID string
 	Note   string
+	// Armed says its holder was about to start it (Pool.Arm); an exec not
+	// armed was never started, and its job is left to asynq.
+	Armed bool
 }
 
 // Rescue names the exec of the orphan that the holder now finishes, so
@@ -88,8 +91,8 @@ func (p *Pool) ClaimOrphans(ctx context.Context) ([]Orphan, error) {
 			close(l.lost)
 		})
 		o := Orphan{Lease: l}
-		for j := 6; j+1 < len(r); j += 2 {
-			o.Execs = append(o.Execs, OrphanExec{ExecID: str(r[j]), Note: str(r[j+1])})
+		for j := 6; j+2 < len(r); j += 3 {
+			o.Execs = append(o.Execs, OrphanExec{ExecID: str(r[j]), Note: str(r[j+1]), Armed: str(r[j+2]) == "1"})
 		}
 		out = append(out, o)
 	}

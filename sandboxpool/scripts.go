@@ -118,7 +118,8 @@ end
 // holds when it was taken, next to "note:<exec id>", the caller's note of
 // what a rescuer needs to finish the exec's job; only the Release of a
 // holder of that same exec (the job's delivery, or the rescuer, that
-// collected its result) removes them. The task enters the in-flight index,
+// collected its result) removes them. With a note, the task enters the
+// in-flight index,
 // scored by when its lease lapses unless renewed: that is where rescuers
 // look for holders that died (ClaimOrphans). The reply lists "exec" first,
 // then the other marked execs but the holder's own.
@@ -141,8 +142,17 @@ for _, k in ipairs(redis.call('HKEYS', KEYS[2])) do
 	end
 end
 if exec ~= '' then
-	redis.call('HSET', KEYS[2], 'used', ARGV[2], 'tok', tok, 'exec', exec, 'inflight:' .. exec, ARGV[2], 'note:' .. exec, ARGV[5])
-	redis.call('ZADD', KEYS[5], tonumber(ARGV[2]) + tonumber(ARGV[1]), ARGV[3])
+	-- Armed: the holder goes straight to starting the exec (its sandbox
+	-- exists, no earlier exec to wait for). Otherwise it arms the note
+	-- itself (Pool.Arm) once it is about to start: a rescuer must not
+	-- answer for a command that never started.
+	local armed = '0'
+	if (redis.call('HGET', KEYS[2], 'sandbox_id') or '') ~= '' and #prev == 1 and (prev[1] == '' or prev[1] == exec) then armed = '1' end
+	redis.call('HSET', KEYS[2], 'used', ARGV[2], 'tok', tok, 'exec', exec, 'inflight:' .. exec, ARGV[2], 'armed:' .. exec, armed)
+	if ARGV[5] ~= '' then
+		redis.call('HSET', KEYS[2], 'note:' .. exec, ARGV[5])
+		redis.call('ZADD', KEYS[5], tonumber(ARGV[2]) + tonumber(ARGV[1]), ARGV[3])
+	end
 else
 	redis.call('HSET', KEYS[2], 'used', ARGV[2], 'tok', tok)
 end
@@ -210,8 +220,8 @@ return 1
 
 // releaseScript stores the cwd (when ARGV[4] is 1) and the last use, clears
 // the in-flight exec and the holder's own in-flight mark and note, and
-// frees the lease. The task leaves the in-flight index when no mark is
-// left; a mark left by another holder is due for rescue at once.
+// frees the lease. The task leaves the in-flight index when no noted mark
+// is left; a noted mark left by another holder is due for rescue at once.
 //
 // A lease that lapsed (its holder stalled, or Redis was away for longer
 // than the TTL) with nobody taking it since, which the record's "tok"
@@ -229,11 +239,11 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
 	else
 		redis.call('HSET', KEYS[2], 'used', ARGV[2])
 	end
-	redis.call('HDEL', KEYS[2], 'exec', 'inflight:' .. ARGV[6], 'note:' .. ARGV[6])
+	redis.call('HDEL', KEYS[2], 'exec', 'inflight:' .. ARGV[6], 'note:' .. ARGV[6], 'armed:' .. ARGV[6])
 	redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
 	local left = false
 	for _, k in ipairs(redis.call('HKEYS', KEYS[2])) do
-		if string.sub(k, 1, 9) == 'inflight:' then left = true; break end
+		if string.sub(k, 1, 5) == 'note:' and redis.call('HEXISTS', KEYS[2], 'inflight:' .. string.sub(k, 6)) == 1 then left = true; break end
 	end
 	if left then
 		redis.call('ZADD', KEYS[4], ARGV[2], ARGV[3])
@@ -256,7 +266,9 @@ return 1
 // KEYS: lease, record, in-flight index. ARGV: token, the holder's exec id,
 // the previous in-flight exec id, task id.
 var yieldScript = redis.NewScript(`
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+	if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('HGET', KEYS[2], 'tok') ~= ARGV[1] then return 0 end
+end
 if redis.call('EXISTS', KEYS[2]) == 1 then
 	if ARGV[3] ~= '' then
 		redis.call('HSET', KEYS[2], 'exec', ARGV[3])
@@ -264,11 +276,11 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
 		redis.call('HDEL', KEYS[2], 'exec')
 	end
 	if ARGV[2] ~= '' and ARGV[2] ~= ARGV[3] then
-		redis.call('HDEL', KEYS[2], 'inflight:' .. ARGV[2], 'note:' .. ARGV[2])
+		redis.call('HDEL', KEYS[2], 'inflight:' .. ARGV[2], 'note:' .. ARGV[2], 'armed:' .. ARGV[2])
 	end
 	local left = false
 	for _, k in ipairs(redis.call('HKEYS', KEYS[2])) do
-		if string.sub(k, 1, 9) == 'inflight:' then left = true; break end
+		if string.sub(k, 1, 5) == 'note:' and redis.call('HEXISTS', KEYS[2], 'inflight:' .. string.sub(k, 6)) == 1 then left = true; break end
 	end
 	if not left then redis.call('ZREM', KEYS[3], ARGV[4]) end
 end
@@ -280,12 +292,20 @@ return 1
 // id until the create answers, the given cwd, a new lifetime. It returns
 // the new generation, 0 when the lease is stale.
 //
-// KEYS: lease, record. ARGV: token, idempotency key, cwd, now ms.
+// With a stamp (Intent.Stamp) still owned by the token, the stamp's
+// boxq_start moves to the new key in the same step: the command was not
+// started in the sandbox that is gone, and will be in the new one.
+//
+// KEYS: lease, record, stamp (the record again when none). ARGV: token,
+// idempotency key, cwd, now ms, stamp ("1" or "").
 var recreateScript = redis.NewScript(`
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 local gen = redis.call('HINCRBY', KEYS[2], 'gen', 1)
 redis.call('HSET', KEYS[2], 'key', ARGV[2], 'sandbox_id', '', 'cwd', ARGV[3], 'created', ARGV[4])
+if ARGV[5] == '1' and redis.call('HGET', KEYS[3], 'boxq_owner') == ARGV[1] then
+	redis.call('HSET', KEYS[3], 'boxq_start', ARGV[2])
+end
 return gen
 `)
 
@@ -317,6 +337,17 @@ end
 return out
 `)
 
+// armScript marks a holder's in-flight exec as about to start (Pool.Arm),
+// if the holder still has the task (fenced by the record's "tok").
+//
+// KEYS: record. ARGV: token, exec id.
+var armScript = redis.NewScript(`
+if redis.call('HGET', KEYS[1], 'tok') ~= ARGV[1] then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'inflight:' .. ARGV[2]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'armed:' .. ARGV[2], '1')
+return 1
+`)
+
 // unlockScript frees leases still held with their tokens, changing nothing
 // else (a failed terminate must not look like a use).
 //
@@ -340,8 +371,12 @@ return 1
 // longer expired or no record (a stale index entry is dropped), {1} busy,
 // {2, token, sandbox id, persistent}.
 //
-// KEYS: index, fence, then lease and record of each task. ARGV: lease TTL
-// ms, cutoff ms, in-flight cutoff ms, then the task ids.
+// A task in the in-flight index (an exec with a rescue note, whatever its
+// age: a command may run for hours) is busy too: its holder renews it, or a
+// rescuer will collect it.
+//
+// KEYS: index, fence, in-flight index, then lease and record of each task.
+// ARGV: lease TTL ms, cutoff ms, in-flight cutoff ms, then the task ids.
 var claimScript = redis.NewScript(`
 local out = {}
 local cutoff = tonumber(ARGV[2])
@@ -357,11 +392,11 @@ local function inflight(rec)
 end
 for i = 1, #ARGV - 3 do
 	local task = ARGV[i + 3]
-	local lease, rec = KEYS[2 * i + 1], KEYS[2 * i + 2]
+	local lease, rec = KEYS[2 * i + 2], KEYS[2 * i + 3]
 	local score = redis.call('ZSCORE', KEYS[1], task)
 	if not score or tonumber(score) >= cutoff then
 		out[i] = {0}
-	elseif redis.call('EXISTS', lease) == 1 then
+	elseif redis.call('EXISTS', lease) == 1 or redis.call('ZSCORE', KEYS[3], task) then
 		out[i] = {1}
 	elseif redis.call('EXISTS', rec) == 0 then
 		redis.call('ZREM', KEYS[1], task)
@@ -386,8 +421,8 @@ return out
 // returns the record's sandbox, its key, the tracked cwd and the noted
 // execs. Replies per task: {0} nothing to rescue (the task leaves the
 // index), {1} busy (its holder lives: checked again a TTL later), {2,
-// token, sandbox id, key, cwd, default cwd, exec id, note, exec id, note,
-// …}.
+// token, sandbox id, key, cwd, default cwd, then exec id, note, armed
+// (1/0) of each noted exec}.
 //
 // KEYS: in-flight index, fence, then lease and record of each task. ARGV:
 // lease TTL ms, now ms, then the task ids.
@@ -409,6 +444,7 @@ for i = 1, #ARGV - 2 do
 			if string.sub(k, 1, 5) == 'note:' and h['inflight:' .. string.sub(k, 6)] and v ~= '' then
 				r[#r + 1] = string.sub(k, 6)
 				r[#r + 1] = v
+				r[#r + 1] = h['armed:' .. string.sub(k, 6)] or '1'
 			end
 		end
 		if #r == 6 then
