@@ -142,27 +142,6 @@ func (s store) takeOver(ctx context.Context, queue, jobID, owner string) (int64,
 	return n, nil
 }
 
-// restampScript records the new sandbox a job's command starts in after
-// the first was found gone, if the job is still the owner's.
-//
-// KEYS: the job's task hash. ARGV: owner token, sandbox key.
-var restampScript = redis.NewScript(`
-if redis.call('HGET', KEYS[1], 'boxq_owner') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'boxq_start', ARGV[2])
-return 1
-`)
-
-func (s store) restamp(ctx context.Context, queue, jobID, owner, sandboxKey string) error {
-	n, err := restampScript.Run(ctx, s.rdb, []string{taskKey(queue, jobID)}, owner, sandboxKey).Int64()
-	if err != nil {
-		return fmt.Errorf("jobs: record the new sandbox of %s: %w", jobID, err)
-	}
-	if n == 0 {
-		return fmt.Errorf("jobs: record the new sandbox of %s: %w", jobID, ErrFenced)
-	}
-	return nil
-}
-
 // Checks that hold back a delivery, in this order (ExecHandler.vetoed).
 const (
 	vetoResult = iota // the job has a result already
