@@ -608,6 +608,12 @@ func (h *ExecHandler) releaseAndFinish(ctx context.Context, log *slog.Logger, l 
 		log.Warn("release sandbox lease failed", "err", err)
 	}
 	n, err := write.Int64()
+	if redis.HasErrorPrefix(err, "NOSCRIPT") {
+		// Redis did not know the script: send it whole (the release
+		// has happened; the write is what remains).
+		err = h.store.writeResult(ctx, d.write(data))
+		n = resultWritten
+	}
 	if err := resultErr(d.jobID, n, err); err != nil {
 		if errors.Is(err, ErrFenced) {
 			log.Warn("another holder took the job over; its result stands, not ours")

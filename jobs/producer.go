@@ -110,6 +110,7 @@ func (p *Producer) Enqueue(ctx context.Context, j Job, notify string) (Enqueued,
 	// joins its task's sequence first, and is enqueued runnable when it is
 	// the head, parked when it waits (sequence.go).
 	seq := p.store.sequence(e.Queue, j.TaskID)
+	joined := time.Now()
 	place, err := seq.join(ctx, p.rdb, j.ID)
 	if err != nil {
 		return Enqueued{}, err
@@ -148,12 +149,14 @@ func (p *Producer) Enqueue(ctx context.Context, j Job, notify string) (Enqueued,
 	if p.faults.beforeConfirm != nil {
 		p.faults.beforeConfirm()
 	}
-	// A waiting job's predecessor may have ended between join and enqueue,
-	// and handed it the turn while it was not there to promote. A job whose
-	// enqueue took longer than the repair's patience lost its place: it
-	// joins again at the end.
-	if err := seq.confirm(ctx, p.rdb, j.ID); err != nil {
-		return e, err
+	// A waiting job handed the turn between join and enqueue is promoted by
+	// the workers' late-head loop. Only an enqueue slow enough that the
+	// repair may have passed over its place (DefaultSeqRepairAfter) needs
+	// a confirm: it joins again at the end if it lost its place.
+	if time.Since(joined) > slowEnqueue {
+		if err := seq.confirm(ctx, p.rdb, j.ID); err != nil {
+			return e, err
+		}
 	}
 	return e, nil
 }
@@ -209,6 +212,12 @@ func (p *Producer) knowQueue(queue string) {
 
 // queuesFresh is how long a Producer trusts its list of queues.
 const queuesFresh = 2 * time.Second
+
+// slowEnqueue is how long an enqueue may take after its job joined its
+// task's sequence before it confirms its place: well under the repair's
+// patience (DefaultSeqRepairAfter; a worker's SeqRepairAfter must stay
+// above it).
+const slowEnqueue = 5 * time.Second
 
 // producerFaults are fault points for tests: a producer that dies between
 // the steps of an enqueue (the hook panics, or blocks).

@@ -28,7 +28,9 @@ import (
 // runnable, whatever crashes.
 //
 //	enqueue:  join ──head──▶ enqueue runnable
-//	               └─wait──▶ enqueue parked ─▶ confirm (promote if it became head meanwhile)
+//	               └─wait──▶ enqueue parked
+//	          (an enqueue that took long: confirm, rejoin if the repair passed it)
+//	late:     (every worker, 2/s) promote a head handed the turn mid-enqueue
 //	result:   write result + hand over (pop the next waiting job, promote it)
 //	repair:   (reaper's tick) heads that are gone, archived, or parked
 //
@@ -38,6 +40,8 @@ import (
 //	boxq:{Q}:seq:T    hash   head: the job whose turn it is; since: when (ms)
 //	boxq:{Q}:seqw:T   list   the jobs waiting behind the head, in order
 //	boxq:{Q}:seqheads zset   T → since, for the repair: heads to look at
+//	boxq:{Q}:seqlate  zset   T → when, heads handed the turn while being
+//	                         enqueued, for the workers' late-head loop
 //
 // None of them expires: a sequence lives while it has jobs (runs last
 // days), and its keys are deleted when its last job ends.
@@ -66,11 +70,12 @@ const DefaultSeqRepairAfter = 30 * time.Second
 // workers with clocks apart agree on them.
 //
 // KEYS: 1 seq, 2 seq waiting list, 3 seq heads. ARGV: 1 asynq's key prefix
-// of the queue ("asynq:{Q}:"), 2 unused, 3 now ns (asynq's pending_since),
+// of the queue ("asynq:{Q}:"), 2 the queue's late-heads set
+// (boxq:{Q}:seqlate), 3 now ns (asynq's pending_since),
 // 4 the parked score, 5 task id ("" for a job in no sequence); each
 // script's own arguments follow.
 const seqLib = `
-local P, NOWNS, PARK, TASK = ARGV[1], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local P, LATE, NOWNS, PARK, TASK = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local T = redis.call('TIME')
 local NOWMS = tonumber(T[1]) * 1000 + math.floor(tonumber(T[2]) / 1000)
 local SEQ, SEQW, HEADS = KEYS[1], KEYS[2], KEYS[3]
@@ -101,7 +106,13 @@ local function handover()
 		if st ~= 'archived' and st ~= 'completed' and not res then
 			redis.call('HSET', SEQ, 'head', id, 'since', NOWMS)
 			redis.call('ZADD', HEADS, NOWMS, TASK)
-			promote(id)
+			if st then
+				promote(id)
+			else
+				-- Being enqueued (joined, not yet in asynq): the workers'
+				-- late-head loop promotes it once it is there.
+				redis.call('ZADD', LATE, NOWMS, TASK)
+			end
 			return id
 		end
 	end
@@ -258,6 +269,37 @@ func (q sequence) stop(ctx context.Context, rdb redis.UniversalClient, result fu
 	}
 }
 
+// seqLateScript promotes a head that was handed the turn while it was
+// being enqueued (its hash did not exist yet), once its enqueue is done:
+// {1} promoted (or runnable already), {0} still being enqueued (looked at
+// again; the repair passes over it if it never comes).
+//
+// KEYS: seqLib's. ARGV: seqLib's.
+var seqLateScript = redis.NewScript(seqLib + `
+local head = redis.call('HGET', SEQ, 'head')
+if head and not redis.call('HGET', P .. 't:' .. head, 'state') then return 0 end
+if head then promote(head) end
+redis.call('ZREM', LATE, TASK)
+return 1
+`)
+
+// promoteLate runs seqLateScript over queue's late heads. Every worker runs
+// it twice a second: the set is empty but for the moment a job is being
+// enqueued as its predecessor ends, so it costs one read.
+func (s store) promoteLate(ctx context.Context, queue string) error {
+	tasks, err := s.rdb.ZRange(ctx, seqLateKey(s.prefix, queue), 0, 99).Result()
+	if err != nil || len(tasks) == 0 {
+		return err
+	}
+	for _, task := range tasks {
+		q := s.sequence(queue, task)
+		if err := seqLateScript.Run(ctx, s.rdb, q.keys(), q.args(time.Now())...).Err(); err != nil {
+			return fmt.Errorf("jobs: promote the late head of task %q: %w", task, err)
+		}
+	}
+	return nil
+}
+
 // sequence names one task's sequence in one queue.
 type sequence struct {
 	queue, task string
@@ -273,6 +315,9 @@ func (q sequence) waitKey() string { return q.prefix + "{" + q.queue + "}:seqw:"
 func seqHeadsKey(prefix, queue string) string {
 	return prefix + "{" + queue + "}:seqheads"
 }
+func seqLateKey(prefix, queue string) string {
+	return prefix + "{" + queue + "}:seqlate"
+}
 
 // keys and args are seqLib's KEYS and ARGV, with more of each after them.
 func (q sequence) keys(more ...string) []string {
@@ -280,7 +325,7 @@ func (q sequence) keys(more ...string) []string {
 }
 
 func (q sequence) args(now time.Time, more ...any) []any {
-	return append([]any{"asynq:{" + q.queue + "}:", "", now.UnixNano(), parkedAt.Unix(), q.task}, more...)
+	return append([]any{"asynq:{" + q.queue + "}:", seqLateKey(q.prefix, q.queue), now.UnixNano(), parkedAt.Unix(), q.task}, more...)
 }
 
 // Places a job can be given by join.

@@ -113,11 +113,13 @@ func (s store) writeResult(ctx context.Context, w resultWrite) error {
 }
 
 // queueResult queues on pipe what writeResult does, for a caller that
-// sends it with other commands (sandboxpool.Pool.ReleaseWith). Eval, not
-// EvalSha: a pipeline cannot fall back when Redis lost its scripts.
+// sends it with other commands (sandboxpool.Pool.ReleaseWith), by EvalSha:
+// the script's text is not sent each time. A pipeline cannot fall back when
+// Redis does not know the script: the caller sends it again with
+// writeResult on NOSCRIPT.
 func (s store) queueResult(ctx context.Context, pipe redis.Pipeliner, w resultWrite) *redis.Cmd {
 	keys, args := w.keysArgs(s.prefix)
-	return resultScript.Eval(ctx, pipe, keys, args...)
+	return resultScript.EvalSha(ctx, pipe, keys, args...)
 }
 
 // takeOverScript makes a rescuer the owner of a job's results, unless the

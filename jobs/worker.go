@@ -288,6 +288,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	if w.rescuer != nil {
 		wg.Go(func() { _ = w.rescuer.Run(ctx) })
 	}
+	wg.Go(func() { w.promoteLate(ctx) })
 	<-ctx.Done()
 	w.cfg.Logger.Info("stopping: waiting for running jobs", "timeout", w.cfg.ShutdownTimeout)
 	close(w.stopping)
@@ -303,6 +304,34 @@ func (w *Worker) Run(ctx context.Context) error {
 		w.cfg.Logger.Warn("some jobs did not finish their cleanup in time")
 	}
 	return nil
+}
+
+// lateEvery is how often a worker promotes the heads that were handed the
+// turn while they were being enqueued.
+const lateEvery = 500 * time.Millisecond
+
+// promoteLate runs until ctx ends: twice a second, for every queue asynq
+// knows, it promotes late heads (sequence.go).
+func (w *Worker) promoteLate(ctx context.Context) {
+	t := time.NewTicker(lateEvery)
+	defer t.Stop()
+	s := store{rdb: w.cfg.Redis, prefix: w.cfg.Prefix}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		queues, err := w.cfg.Redis.SMembers(ctx, asynqQueuesKey).Result()
+		if err != nil {
+			continue
+		}
+		for _, q := range queues {
+			if err := s.promoteLate(ctx, q); err != nil && ctx.Err() == nil {
+				w.cfg.Logger.Warn("promote late heads", "queue", q, "err", err)
+			}
+		}
+	}
 }
 
 // isFailure tells asynq which errors count against a job's retries:

@@ -548,8 +548,9 @@ func (p *Pool) Release(ctx context.Context, l *Lease, cwd string) error {
 // is refused or was done before; their errors are in their own Cmders.
 // When the release is tried again (Redis unreachable), also is called
 // again, for a new pipeline: the Cmders of its last call hold the outcome.
-// Scripts queued on the pipeline should be sent with Eval, not EvalSha:
-// a pipeline cannot fall back when Redis does not know a script.
+// Scripts queued on the pipeline may be sent with EvalSha, to spare
+// sending their text every time; the caller handles their NOSCRIPT (load
+// the script, send it again: the release has happened by then).
 func (p *Pool) ReleaseWith(ctx context.Context, l *Lease, cwd string, also func(redis.Pipeliner)) error {
 	ctx = context.WithoutCancel(ctx)
 	if l == nil || !l.released.CompareAndSwap(false, true) {
@@ -620,9 +621,18 @@ func (p *Pool) releaseOnce(ctx context.Context, keys []string, args []any, also 
 		return releaseScript.Run(ctx, p.rdb, keys, args...)
 	}
 	pipe := p.rdb.Pipeline()
-	rel := releaseScript.Eval(ctx, pipe, keys, args...)
+	rel := releaseScript.EvalSha(ctx, pipe, keys, args...)
 	also(pipe)
 	_, _ = pipe.Exec(ctx) // each command's error is in its Cmder
+	if redis.HasErrorPrefix(rel.Err(), "NOSCRIPT") {
+		// Redis does not know the script (it restarted, or this is the
+		// first call): load it and send the release alone. The caller's
+		// commands ran already; their own NOSCRIPT is theirs to handle.
+		if err := releaseScript.Load(ctx, p.rdb).Err(); err != nil {
+			return rel
+		}
+		return releaseScript.EvalSha(ctx, p.rdb, keys, args...)
+	}
 	return rel
 }
 
