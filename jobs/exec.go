@@ -205,7 +205,8 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 	// A sandbox near the end of its lifetime would cut the command: rotate
 	// it first (a persistent one: its files and cwd go to its successor).
 	// Not when this job's command may already run in it.
-	if startedIn == "" && needsRotation(lease, p.Timeout(), h.now()) {
+	timeout := fitTimeout(p.Timeout(), lease)
+	if startedIn == "" && needsRotation(lease, timeout, h.now()) {
 		old := lease.SandboxID()
 		if err := h.pool.Rotate(ctx, lease); err != nil {
 			h.release(ctx, log, lease, "")
@@ -239,7 +240,7 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 	runCtx, cancelRun := h.runContext(ctx, jobID, lease.Lost())
 	defer cancelRun(nil)
 	execStart := time.Now()
-	st, err := h.gw.Run(runCtx, lease.SandboxID(), h.startRequest(&p, res.ExecID, cwd, marker))
+	st, err := h.gw.Run(runCtx, lease.SandboxID(), h.startRequest(&p, res.ExecID, cwd, marker, timeout))
 	if errors.Is(err, gateway.ErrSandboxGone) && startedIn != "" {
 		// The sandbox was there when an earlier delivery took the job; the
 		// command may have run in it before it went.
@@ -261,7 +262,7 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 			res.SandboxID = lease.SandboxID()
 			log = log.With("sandbox_id", lease.SandboxID())
 			cwd = p.Cwd
-			st, err = h.gw.Run(runCtx, lease.SandboxID(), h.startRequest(&p, res.ExecID, cwd, marker))
+			st, err = h.gw.Run(runCtx, lease.SandboxID(), h.startRequest(&p, res.ExecID, cwd, marker, timeout))
 		}
 	}
 	h.metrics.observeExec(time.Since(execStart))
@@ -304,7 +305,7 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 		return ret
 	}
 
-	newCwd := h.fillResult(&res, st, marker, cwd, lease.Spec().WithDefaults().Cwd, p.Timeout())
+	newCwd := h.fillResult(&res, st, marker, cwd, lease.Spec().WithDefaults().Cwd, timeout)
 	if res.Status == StatusCancelled && ctx.Err() == nil {
 		// Nobody here cancelled it: the gateway stopped the command (the
 		// sandbox's lifetime ran out, or the gateway ended it). That is not
@@ -321,6 +322,17 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 // rotationMargin is what a command needs of its sandbox's lifetime besides
 // its timeout: the start, and the gateway's kill of a timed-out command.
 const rotationMargin = 5 * time.Second
+
+// fitTimeout caps a command's timeout so that it fits in a whole lifetime
+// of its sandbox (the default 1 h lifetime cannot hold a 3,600 s timeout and
+// the start): a longer one could only be cut.
+func fitTimeout(timeout time.Duration, l *sandboxpool.Lease) time.Duration {
+	lifetime := time.Duration(l.Spec().TimeoutMs) * time.Millisecond
+	if lifetime > rotationMargin && timeout > lifetime-rotationMargin {
+		return lifetime - rotationMargin
+	}
+	return timeout
+}
 
 // needsRotation reports whether a command with this timeout might not fit
 // in what is left of the sandbox's lifetime, but would in a new sandbox's.
@@ -490,11 +502,11 @@ func wrapCommand(command, jobCwd, cwd, marker string) string {
 	return wrap.CommandTracked(command, cwd, marker)
 }
 
-func (h *ExecHandler) startRequest(p *ExecPayload, execID, cwd, marker string) gateway.StartRequest {
+func (h *ExecHandler) startRequest(p *ExecPayload, execID, cwd, marker string, timeout time.Duration) gateway.StartRequest {
 	return gateway.StartRequest{
 		ExecID:    execID,
 		Command:   wrapCommand(p.Command, p.Cwd, cwd, marker),
-		TimeoutMs: p.Timeout().Milliseconds(),
+		TimeoutMs: timeout.Milliseconds(),
 		StdinData: p.Stdin,
 	}
 }

@@ -555,9 +555,27 @@ func TestSandboxLifetime(t *testing.T) {
 		t.Errorf("next command: %+v; want it run in a rotated sandbox, with the files", r)
 	}
 
-	cut := s.run1(t, jobs.Job{TaskID: "life-np", Command: "sleep 30", TimeoutS: ptr(20.0), Persistent: ptr(false)})
-	if cut.Status != jobs.StatusError || !strings.Contains(cut.Error, "lifetime") {
-		t.Errorf("a command cut by the sandbox's lifetime: %+v; want status error saying so", cut)
+	// The gateway ends a sandbox under a running command (its lifetime, a
+	// hosted gateway's limits): played here by a terminate behind the
+	// pool's back.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	marker := "boxq-cut-" + randID()
+	w, _ := s.submit(t, ctx, jobs.Job{ID: "cut", TaskID: "life-np", Command: "BOXQ_TEST_MARK=" + marker + " sleep 30", Persistent: ptr(false)})
+	waitFor(t, 20*time.Second, "the command to start", func() bool { return len(findProcesses(marker)) > 0 })
+	rec, _, err := s.pool.Get(ctx, "life-np")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.client.Terminate(ctx, rec.SandboxID, false); err != nil {
+		t.Fatal(err)
+	}
+	cut, err := w.Next(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cut.Status != jobs.StatusError || !strings.Contains(cut.Error, "lifetime") || !strings.Contains(cut.Error, "not cancelled by a user") {
+		t.Errorf("a command cut by the gateway: %+v; want status error saying so, not cancelled", cut)
 	}
 }
 
@@ -735,5 +753,17 @@ func TestRepairInAQueueOfItsOwn(t *testing.T) {
 	r := s.run1(t, jobs.Job{ID: "q2-next", TaskID: "q2t", Command: "echo next", Queue: "q2"})
 	if r.Status != jobs.StatusCompleted || r.Output != "next\n" {
 		t.Errorf("result %+v; want the job after the head that never came to run", r)
+	}
+}
+
+// TestTimeoutFitsTheLifetime: a command's timeout is capped to what fits
+// in a whole lifetime of its sandbox, so that it times out (124) rather
+// than being cut by the lifetime.
+func TestTimeoutFitsTheLifetime(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.startWorker(t, func(c *jobs.WorkerConfig) { c.SandboxLifetime = 7 * time.Second })
+	r := s.run1(t, jobs.Job{TaskID: "fit", Command: "sleep 30", TimeoutS: ptr(20.0)})
+	if r.Status != jobs.StatusTimeout || r.ReturnCode != 124 || !strings.Contains(r.Error, "2s") {
+		t.Errorf("result %+v; want a timeout after the capped 2s", r)
 	}
 }
