@@ -156,7 +156,7 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 		nonce = hex.EncodeToString(sum[:12])
 	}
 	note, err := json.Marshal(rescueNote{Job: jobID, Queue: queue, Task: p.TaskID, Seq: p.Seq, Nonce: nonce, Notify: p.Notify,
-		Cwd: p.Cwd, TimeoutMs: p.Timeout().Milliseconds(), QueuedAtMs: p.QueuedAtMs, StartedAtMs: startedAt.UnixMilli(), Attempts: res.Attempts})
+		Cwd: p.Cwd, TimeoutMs: h.noteTimeout(p.Timeout()).Milliseconds(), QueuedAtMs: p.QueuedAtMs, StartedAtMs: startedAt.UnixMilli(), Attempts: res.Attempts})
 	if err != nil {
 		return fmt.Errorf("jobs: encode rescue note: %w", err)
 	}
@@ -310,8 +310,7 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 		// Nobody here cancelled it: the gateway stopped the command (the
 		// sandbox's lifetime ran out, or the gateway ended it). That is not
 		// the user's cancel.
-		res.Status, res.ReturnCode = StatusError, 1
-		res.Error = "the gateway stopped the command before it ended (the sandbox reached its lifetime, or was ended by the gateway); it was not cancelled by a user"
+		res.Status, res.ReturnCode, res.Error = StatusError, 1, errGatewayStopped
 	} else if res.Status == StatusCancelled {
 		res.Error = h.store.cancelReason(ctx, jobID)
 	}
@@ -319,9 +318,26 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 	return h.releaseAndFinish(ctx, log, lease, newCwd, d)
 }
 
+// errGatewayStopped is the "error" of a command that the gateway stopped on
+// its own (status cancelled, nobody having cancelled it).
+const errGatewayStopped = "the gateway stopped the command before it ended (the sandbox reached its lifetime, or was ended by the gateway); it was not cancelled by a user"
+
 // rotationMargin is what a command needs of its sandbox's lifetime besides
 // its timeout: the start, and the gateway's kill of a timed-out command.
 const rotationMargin = 5 * time.Second
+
+// noteTimeout is the timeout a rescuer waits for: the command's, capped as
+// fitTimeout caps it in a sandbox of this worker's lifetime.
+func (h *ExecHandler) noteTimeout(timeout time.Duration) time.Duration {
+	lifetime := h.lifetime
+	if lifetime <= 0 {
+		lifetime = time.Duration(gateway.DefaultTimeoutMs) * time.Millisecond
+	}
+	if lifetime > rotationMargin && timeout > lifetime-rotationMargin {
+		return lifetime - rotationMargin
+	}
+	return timeout
+}
 
 // fitTimeout caps a command's timeout so that it fits in a whole lifetime
 // of its sandbox (the default 1 h lifetime cannot hold a 3,600 s timeout and

@@ -144,7 +144,7 @@ func (h *ExecHandler) rescue(ctx context.Context, o sandboxpool.Orphan) {
 
 	timeout := time.Duration(n.TimeoutMs) * time.Millisecond
 	deadline := time.UnixMilli(n.StartedAtMs).Add(timeout + rescueGrace)
-	st, err := h.collect(ctx, l, n.Job, ex.ExecID, deadline)
+	st, cancelled, err := h.collect(ctx, l, n.Job, ex.ExecID, deadline)
 	switch {
 	case errors.Is(err, errRescueStopped):
 		// The worker stops, or another holder took the task: leave it.
@@ -182,7 +182,10 @@ func (h *ExecHandler) rescue(ctx context.Context, o sandboxpool.Orphan) {
 	}
 	cwd := firstNonEmpty(n.Cwd, l.Cwd())
 	newCwd := h.fillResult(&res, st, wrap.Marker(n.Nonce), cwd, l.Spec().Cwd, timeout)
-	if res.Status == StatusCancelled {
+	if res.Status == StatusCancelled && !cancelled {
+		// Nobody cancelled it: the gateway stopped it (see ProcessTask).
+		res.Status, res.ReturnCode, res.Error = StatusError, 1, errGatewayStopped
+	} else if res.Status == StatusCancelled {
 		res.Error = h.store.cancelReason(ctx, n.Job)
 	}
 	log.Info("rescued a dead worker's command", "status", res.Status, "returncode", res.ReturnCode)
@@ -201,7 +204,7 @@ var errRescueStopped = errors.New("jobs: rescue stopped")
 
 // collect waits for an exec to end, long-polling the gateway; past the
 // deadline it cancels the exec and reports it timed out.
-func (h *ExecHandler) collect(ctx context.Context, l *sandboxpool.Lease, jobID, execID string, deadline time.Time) (gateway.ExecState, error) {
+func (h *ExecHandler) collect(ctx context.Context, l *sandboxpool.Lease, jobID, execID string, deadline time.Time) (st gateway.ExecState, cancelled bool, err error) {
 	for {
 		if h.cancels.requested(jobID, 0) || h.store.cancelRequested(ctx, jobID) {
 			// Cancelled (enqueue -cancel, the dashboard, a terminate) while
@@ -213,17 +216,17 @@ func (h *ExecHandler) collect(ctx context.Context, l *sandboxpool.Lease, jobID, 
 			}
 			st, err := h.gw.PollExec(bg, l.SandboxID(), execID, 2*time.Second)
 			if err == nil && gateway.Terminal(st.Status) && st.Status != gateway.StatusCancelled {
-				return st, nil
+				return st, false, nil
 			}
 			rc := gateway.ReturnCodeCancelled
 			st.Status, st.ReturnCode = gateway.StatusCancelled, &rc
-			return st, nil
+			return st, true, nil
 		}
 		select {
 		case <-ctx.Done():
-			return gateway.ExecState{}, errRescueStopped
+			return gateway.ExecState{}, false, errRescueStopped
 		case <-l.Lost():
-			return gateway.ExecState{}, errRescueStopped
+			return gateway.ExecState{}, false, errRescueStopped
 		default:
 		}
 		if time.Now().After(deadline) {
@@ -234,28 +237,28 @@ func (h *ExecHandler) collect(ctx context.Context, l *sandboxpool.Lease, jobID, 
 			}
 			st, err := h.gw.PollExec(bg, l.SandboxID(), execID, 2*time.Second)
 			if err == nil && gateway.Terminal(st.Status) && st.Status != gateway.StatusCancelled {
-				return st, nil
+				return st, false, nil
 			}
 			rc := gateway.ReturnCodeTimeout
 			st.Status, st.ReturnCode = gateway.StatusTimeout, &rc
-			return st, nil
+			return st, false, nil
 		}
 		// Short long-polls, so that a cancel is heard within seconds.
 		wait := min(2*time.Second, time.Until(deadline))
 		st, err := h.gw.PollExec(ctx, l.SandboxID(), execID, max(wait, 0))
 		switch {
 		case err == nil && gateway.Terminal(st.Status):
-			return st, nil
+			return st, false, nil
 		case err == nil:
 		case errors.Is(err, gateway.ErrExecNotFound):
-			return gateway.ExecState{}, err
+			return gateway.ExecState{}, false, err
 		case gateway.StatusCode(err) == 404:
-			return gateway.ExecState{}, fmt.Errorf("%w: %w", gateway.ErrSandboxGone, err)
+			return gateway.ExecState{}, false, fmt.Errorf("%w: %w", gateway.ErrSandboxGone, err)
 		case gateway.Classify(err) == gateway.Permanent:
-			return gateway.ExecState{}, err
+			return gateway.ExecState{}, false, err
 		default:
 			if !sleepCtx(ctx, 200*time.Millisecond) {
-				return gateway.ExecState{}, errRescueStopped
+				return gateway.ExecState{}, false, errRescueStopped
 			}
 		}
 	}

@@ -59,6 +59,11 @@ import (
 // parkedAt is when a parked job is due: never, in practice.
 var parkedAt = time.Date(2200, 1, 1, 0, 0, 0, 0, time.UTC)
 
+// goneHeadGrace is the least time a head whose job does not exist keeps its
+// turn, whatever SeqRepairAfter says: a producer whose enqueue is slower
+// than slowEnqueue confirms its place, and must find it kept until then.
+const goneHeadGrace = 2 * slowEnqueue
+
 // DefaultSeqRepairAfter is how long a head may stay as it is before the
 // repair looks at it, and how long a head whose job does not exist keeps
 // its turn: a producer between join and enqueue takes milliseconds.
@@ -287,17 +292,20 @@ return 1
 // it twice a second: the set is empty but for the moment a job is being
 // enqueued as its predecessor ends, so it costs one read.
 func (s store) promoteLate(ctx context.Context, queue string) error {
-	tasks, err := s.rdb.ZRange(ctx, seqLateKey(s.prefix, queue), 0, 99).Result()
+	// All of them: entries of producers that died mid-enqueue stay until
+	// the repair passes over them, and must not hold up the others.
+	tasks, err := s.rdb.ZRange(ctx, seqLateKey(s.prefix, queue), 0, -1).Result()
 	if err != nil || len(tasks) == 0 {
 		return err
 	}
+	var firstErr error
 	for _, task := range tasks {
 		q := s.sequence(queue, task)
-		if err := seqLateScript.Run(ctx, s.rdb, q.keys(), q.args(time.Now())...).Err(); err != nil {
-			return fmt.Errorf("jobs: promote the late head of task %q: %w", task, err)
+		if err := seqLateScript.Run(ctx, s.rdb, q.keys(), q.args(time.Now())...).Err(); err != nil && firstErr == nil {
+			firstErr = fmt.Errorf("jobs: promote the late head of task %q: %w", task, err)
 		}
 	}
-	return nil
+	return firstErr
 }
 
 // sequence names one task's sequence in one queue.
@@ -411,7 +419,7 @@ func (s store) repairSequences(ctx context.Context, queue string, now time.Time,
 	moved := 0
 	for _, task := range tasks {
 		q := s.sequence(queue, task)
-		n, err := seqRepairScript.Run(ctx, s.rdb, q.keys(), q.args(now, after.Milliseconds())...).Int64()
+		n, err := seqRepairScript.Run(ctx, s.rdb, q.keys(), q.args(now, max(after, goneHeadGrace).Milliseconds())...).Int64()
 		if err != nil {
 			return moved, fmt.Errorf("jobs: repair the sequence of task %q: %w", task, err)
 		}

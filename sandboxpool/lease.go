@@ -629,7 +629,11 @@ func (p *Pool) releaseOnce(ctx context.Context, keys []string, args []any, also 
 		// first call): load it and send the release alone. The caller's
 		// commands ran already; their own NOSCRIPT is theirs to handle.
 		if err := releaseScript.Load(ctx, p.rdb).Err(); err != nil {
-			return rel
+			// Not loaded (Redis away again): a retriable error, so that
+			// ReleaseWith tries again within its window.
+			cmd := redis.NewCmd(ctx)
+			cmd.SetErr(err)
+			return cmd
 		}
 		return releaseScript.EvalSha(ctx, p.rdb, keys, args...)
 	}
@@ -711,7 +715,7 @@ func (p *Pool) Recreate(ctx context.Context, l *Lease) error {
 	// The tracked cwd goes back to "" — the new sandbox's own default — not
 	// to Spec.Cwd spelt out: a gateway without isolation maps its default
 	// cwd to the sandbox's directory, but cannot map a path a script cds to.
-	return p.replace(ctx, l, "")
+	return p.replace(ctx, l, "", nil)
 }
 
 // Rotate replaces the lease's sandbox, which is near the end of its
@@ -719,16 +723,22 @@ func (p *Pool) Recreate(ctx context.Context, l *Lease) error {
 // is persistent, so that the successor gets its files back) and creates
 // its successor, keeping the tracked cwd.
 func (p *Pool) Rotate(ctx context.Context, l *Lease) error {
-	if l.released.Load() {
-		return fmt.Errorf("sandboxpool: rotate sandbox of task %q: lease released: %w", l.taskID, ErrStaleLease)
-	}
-	if err := p.gw.Terminate(ctx, l.sandboxID, l.spec.Persistent); err != nil && !isGone(err) {
-		return fmt.Errorf("sandboxpool: rotate sandbox %s of task %q: %w", l.sandboxID, l.taskID, err)
-	}
-	return p.replace(ctx, l, l.cwd)
+	old, persistent := l.sandboxID, l.spec.Persistent
+	// The successor is recorded first (a new key, no sandbox id yet, the
+	// job's stamp moved to it, the exec disarmed): a holder that dies while
+	// the old sandbox snapshots leaves a pending create, not a job that
+	// looks as if it started in a sandbox now gone.
+	return p.replace(ctx, l, l.cwd, func() error {
+		if err := p.gw.Terminate(ctx, old, persistent); err != nil && !isGone(err) {
+			return fmt.Errorf("sandboxpool: rotate sandbox %s of task %q: %w", old, l.taskID, err)
+		}
+		return nil
+	})
 }
 
-func (p *Pool) replace(ctx context.Context, l *Lease, cwd string) error {
+// replace records a new generation of the lease's sandbox, runs before
+// (ending the old one, for a rotation), and creates the new one.
+func (p *Pool) replace(ctx context.Context, l *Lease, cwd string, before func() error) error {
 	if l.released.Load() {
 		return fmt.Errorf("sandboxpool: recreate sandbox of task %q: lease released: %w", l.taskID, ErrStaleLease)
 	}
@@ -737,7 +747,7 @@ func (p *Pool) replace(ctx context.Context, l *Lease, cwd string) error {
 	if l.stampKey != "" {
 		stampKey, stampArg = l.stampKey, "1"
 	}
-	gen, err := recreateScript.Run(ctx, p.rdb, []string{l.leaseKey, l.recordKey, stampKey}, l.tokenArg, key, cwd, p.nowArg(), stampArg).Int64()
+	gen, err := recreateScript.Run(ctx, p.rdb, []string{l.leaseKey, l.recordKey, stampKey}, l.tokenArg, key, cwd, p.nowArg(), stampArg, l.execID).Int64()
 	if err != nil {
 		return fmt.Errorf("sandboxpool: recreate sandbox of task %q: %w", l.taskID, err)
 	}
@@ -745,5 +755,10 @@ func (p *Pool) replace(ctx context.Context, l *Lease, cwd string) error {
 		return fmt.Errorf("sandboxpool: recreate sandbox of task %q: %w", l.taskID, ErrStaleLease)
 	}
 	l.gen, l.key, l.sandboxID, l.cwd, l.recreated, l.createdAt = gen, key, "", cwd, true, p.cfg.Now()
+	if before != nil {
+		if err := before(); err != nil {
+			return err
+		}
+	}
 	return p.create(ctx, l)
 }

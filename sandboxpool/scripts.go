@@ -296,8 +296,12 @@ return 1
 // boxq_start moves to the new key in the same step: the command was not
 // started in the sandbox that is gone, and will be in the new one.
 //
+// The holder's exec is disarmed: it arms it again right before it starts
+// it in the new sandbox (Pool.Arm), so that a rescuer that finds it dead
+// meanwhile leaves the job to asynq rather than answer for it.
+//
 // KEYS: lease, record, stamp (the record again when none). ARGV: token,
-// idempotency key, cwd, now ms, stamp ("1" or "").
+// idempotency key, cwd, now ms, stamp ("1" or ""), the holder's exec id.
 var recreateScript = redis.NewScript(`
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
@@ -305,6 +309,9 @@ local gen = redis.call('HINCRBY', KEYS[2], 'gen', 1)
 redis.call('HSET', KEYS[2], 'key', ARGV[2], 'sandbox_id', '', 'cwd', ARGV[3], 'created', ARGV[4])
 if ARGV[5] == '1' and redis.call('HGET', KEYS[3], 'boxq_owner') == ARGV[1] then
 	redis.call('HSET', KEYS[3], 'boxq_start', ARGV[2])
+end
+if ARGV[6] ~= '' and redis.call('HEXISTS', KEYS[2], 'inflight:' .. ARGV[6]) == 1 then
+	redis.call('HSET', KEYS[2], 'armed:' .. ARGV[6], '0')
 end
 return gen
 `)
