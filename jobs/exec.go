@@ -156,7 +156,7 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 		nonce = hex.EncodeToString(sum[:12])
 	}
 	note, err := json.Marshal(rescueNote{Job: jobID, Queue: queue, Task: p.TaskID, Seq: p.Seq, Nonce: nonce, Notify: p.Notify,
-		Cwd: p.Cwd, TimeoutMs: h.noteTimeout(p.Timeout()).Milliseconds(), QueuedAtMs: p.QueuedAtMs, StartedAtMs: startedAt.UnixMilli(), Attempts: res.Attempts})
+		Cwd: p.Cwd, TimeoutMs: capTimeout(p.Timeout(), h.lifetime).Milliseconds(), QueuedAtMs: p.QueuedAtMs, StartedAtMs: startedAt.UnixMilli(), Attempts: res.Attempts})
 	if err != nil {
 		return fmt.Errorf("jobs: encode rescue note: %w", err)
 	}
@@ -205,7 +205,7 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 	// A sandbox near the end of its lifetime would cut the command: rotate
 	// it first (a persistent one: its files and cwd go to its successor).
 	// Not when this job's command may already run in it.
-	timeout := fitTimeout(p.Timeout(), lease)
+	timeout := capTimeout(p.Timeout(), lifetimeOf(lease))
 	if startedIn == "" && needsRotation(lease, timeout, h.now()) {
 		old := lease.SandboxID()
 		if err := h.pool.Rotate(ctx, lease); err != nil {
@@ -326,10 +326,11 @@ const errGatewayStopped = "the gateway stopped the command before it ended (the 
 // its timeout: the start, and the gateway's kill of a timed-out command.
 const rotationMargin = 5 * time.Second
 
-// noteTimeout is the timeout a rescuer waits for: the command's, capped as
-// fitTimeout caps it in a sandbox of this worker's lifetime.
-func (h *ExecHandler) noteTimeout(timeout time.Duration) time.Duration {
-	lifetime := h.lifetime
+// capTimeout caps a command's timeout so that it fits in a whole sandbox
+// lifetime (the default 1 h lifetime cannot hold a 3,600 s timeout and the
+// start): a longer one could only be cut. A lifetime of 0 is the gateway's
+// default.
+func capTimeout(timeout, lifetime time.Duration) time.Duration {
 	if lifetime <= 0 {
 		lifetime = time.Duration(gateway.DefaultTimeoutMs) * time.Millisecond
 	}
@@ -339,15 +340,9 @@ func (h *ExecHandler) noteTimeout(timeout time.Duration) time.Duration {
 	return timeout
 }
 
-// fitTimeout caps a command's timeout so that it fits in a whole lifetime
-// of its sandbox (the default 1 h lifetime cannot hold a 3,600 s timeout and
-// the start): a longer one could only be cut.
-func fitTimeout(timeout time.Duration, l *sandboxpool.Lease) time.Duration {
-	lifetime := time.Duration(l.Spec().TimeoutMs) * time.Millisecond
-	if lifetime > rotationMargin && timeout > lifetime-rotationMargin {
-		return lifetime - rotationMargin
-	}
-	return timeout
+// lifetimeOf is the lifetime the lease's sandbox was created with.
+func lifetimeOf(l *sandboxpool.Lease) time.Duration {
+	return time.Duration(l.Spec().TimeoutMs) * time.Millisecond
 }
 
 // needsRotation reports whether a command with this timeout might not fit
@@ -355,8 +350,7 @@ func fitTimeout(timeout time.Duration, l *sandboxpool.Lease) time.Duration {
 // Only persistent sandboxes rotate: a non-persistent one would lose its
 // files (ask for a longer lifetime instead: worker -sandbox-lifetime).
 func needsRotation(l *sandboxpool.Lease, timeout time.Duration, now time.Time) bool {
-	spec := l.Spec()
-	lifetime := time.Duration(spec.TimeoutMs) * time.Millisecond
+	spec, lifetime := l.Spec(), lifetimeOf(l)
 	if !spec.Persistent || lifetime <= 0 || l.Created() || l.CreatedAt().IsZero() || l.SandboxID() == "" {
 		return false
 	}
@@ -570,23 +564,35 @@ func (h *ExecHandler) abandon(ctx context.Context, log *slog.Logger, l *sandboxp
 // marked in flight, so that the task's next command waits for it and a
 // rescuer clears the mark once it has ended.
 func (h *ExecHandler) stopAndRelease(ctx context.Context, log *slog.Logger, l *sandboxpool.Lease, execID string) {
-	bg, cancel := context.WithTimeout(context.WithoutCancel(ctx), stopExecWait)
-	defer cancel()
-	if err := h.gw.CancelExec(bg, l.SandboxID(), execID); err != nil && !errors.Is(err, gateway.ErrExecNotFound) {
-		log.Warn("cancel exec failed", "exec_id", execID, "err", err)
-	}
-	for bg.Err() == nil {
-		st, err := h.gw.PollExec(bg, l.SandboxID(), execID, 2*time.Second)
-		if errors.Is(err, gateway.ErrExecNotFound) || err == nil && gateway.Terminal(st.Status) {
-			h.release(ctx, log, l, "")
-			return
-		}
-		if err != nil && !sleepCtx(bg, 200*time.Millisecond) {
-			break
-		}
+	if _, ended := h.stopExec(ctx, log, l.SandboxID(), execID, stopExecWait); ended {
+		h.release(ctx, log, l, "")
+		return
 	}
 	log.Warn("could not see the command end; leaving it marked in flight", "exec_id", execID)
 	h.abandon(ctx, log, l, 0)
+}
+
+// stopExec cancels an exec and polls it, for at most wait, until it has
+// ended; it returns its last state and whether it was seen to end (or the
+// gateway no longer knows it). It runs even when ctx is cancelled.
+func (h *ExecHandler) stopExec(ctx context.Context, log *slog.Logger, sandboxID, execID string, wait time.Duration) (gateway.ExecState, bool) {
+	bg, cancel := context.WithTimeout(context.WithoutCancel(ctx), wait)
+	defer cancel()
+	if err := h.gw.CancelExec(bg, sandboxID, execID); err != nil && !errors.Is(err, gateway.ErrExecNotFound) {
+		log.Warn("cancel exec failed", "exec_id", execID, "err", err)
+	}
+	for bg.Err() == nil {
+		st, err := h.gw.PollExec(bg, sandboxID, execID, 2*time.Second)
+		switch {
+		case err == nil && gateway.Terminal(st.Status):
+			return st, true
+		case errors.Is(err, gateway.ErrExecNotFound):
+			return gateway.ExecState{}, true
+		case err != nil && !sleepCtx(bg, 200*time.Millisecond):
+			return gateway.ExecState{}, false
+		}
+	}
+	return gateway.ExecState{}, false
 }
 
 // stopExecWait bounds how long a job that ends for good waits for its

@@ -566,6 +566,15 @@ func startWorkerProcess(t *testing.T, s *stack) *exec.Cmd {
 	return cmd
 }
 
+// killProcess SIGKILLs a helper process and waits for it to be gone.
+func killProcess(t *testing.T, cmd *exec.Cmd) {
+	t.Helper()
+	if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	_ = cmd.Wait()
+}
+
 func TestSigkillMidExecRunsOnce(t *testing.T) {
 	t.Parallel()
 	s := newStack(t, stackOptions{})
@@ -576,10 +585,7 @@ func TestSigkillMidExecRunsOnce(t *testing.T) {
 	w, _ := s.submit(t, ctx, jobs.Job{ID: "killed", TaskID: "sk",
 		Command: "echo run >> ~/runs; BOXQ_TEST_MARK=" + marker + " sleep 2\nwc -l < ~/runs"})
 	waitFor(t, 20*time.Second, "the command to start", func() bool { return len(findProcesses(marker)) > 0 })
-	if err := a.Process.Signal(syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	_ = a.Wait()
+	killProcess(t, a)
 	killedAt := time.Now()
 	startWorkerProcess(t, s)
 	r, err := w.Next(ctx)
@@ -645,10 +651,7 @@ func TestCancelWhileRescued(t *testing.T) {
 	marker := "boxq-cancel-rescued-" + randID()
 	w, e := s.submit(t, ctx, jobs.Job{ID: "cancel-rescued", TaskID: "cr", Command: "BOXQ_TEST_MARK=" + marker + " sleep 60"})
 	waitFor(t, 20*time.Second, "the command to start", func() bool { return len(findProcesses(marker)) > 0 })
-	if err := a.Process.Signal(syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	_ = a.Wait()
+	killProcess(t, a)
 	if err := s.prod.Cancel(ctx, e.ID); err != nil {
 		t.Fatal(err)
 	}

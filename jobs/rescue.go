@@ -209,18 +209,7 @@ func (h *ExecHandler) collect(ctx context.Context, l *sandboxpool.Lease, jobID, 
 		if h.cancels.requested(jobID, 0) || h.store.cancelRequested(ctx, jobID) {
 			// Cancelled (enqueue -cancel, the dashboard, a terminate) while
 			// its worker was dead: cancel the command, as its worker would.
-			bg, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-			defer cancel()
-			if err := h.gw.CancelExec(bg, l.SandboxID(), execID); err != nil {
-				h.log.Warn("rescue: cancel an exec", "exec_id", execID, "err", err)
-			}
-			st, err := h.gw.PollExec(bg, l.SandboxID(), execID, 2*time.Second)
-			if err == nil && gateway.Terminal(st.Status) && st.Status != gateway.StatusCancelled {
-				return st, false, nil
-			}
-			rc := gateway.ReturnCodeCancelled
-			st.Status, st.ReturnCode = gateway.StatusCancelled, &rc
-			return st, true, nil
+			return h.stopAs(ctx, l, execID, gateway.StatusCancelled, gateway.ReturnCodeCancelled), true, nil
 		}
 		select {
 		case <-ctx.Done():
@@ -230,18 +219,7 @@ func (h *ExecHandler) collect(ctx context.Context, l *sandboxpool.Lease, jobID, 
 		default:
 		}
 		if time.Now().After(deadline) {
-			bg, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-			defer cancel()
-			if err := h.gw.CancelExec(bg, l.SandboxID(), execID); err != nil {
-				h.log.Warn("rescue: cancel an exec past its deadline", "exec_id", execID, "err", err)
-			}
-			st, err := h.gw.PollExec(bg, l.SandboxID(), execID, 2*time.Second)
-			if err == nil && gateway.Terminal(st.Status) && st.Status != gateway.StatusCancelled {
-				return st, false, nil
-			}
-			rc := gateway.ReturnCodeTimeout
-			st.Status, st.ReturnCode = gateway.StatusTimeout, &rc
-			return st, false, nil
+			return h.stopAs(ctx, l, execID, gateway.StatusTimeout, gateway.ReturnCodeTimeout), false, nil
 		}
 		// Short long-polls, so that a cancel is heard within seconds.
 		wait := min(2*time.Second, time.Until(deadline))
@@ -262,4 +240,16 @@ func (h *ExecHandler) collect(ctx context.Context, l *sandboxpool.Lease, jobID, 
 			}
 		}
 	}
+}
+
+// stopAs stops an exec the rescuer gives up on (cancelled, or past its
+// deadline) and reports it with status and rc, unless it ended on its own
+// first: then its own ending is the truth.
+func (h *ExecHandler) stopAs(ctx context.Context, l *sandboxpool.Lease, execID, status string, rc int) gateway.ExecState {
+	st, ended := h.stopExec(ctx, h.log, l.SandboxID(), execID, 10*time.Second)
+	if ended && (st.Status == gateway.StatusCompleted || st.Status == gateway.StatusFailed) {
+		return st
+	}
+	st.Status, st.ReturnCode = status, &rc
+	return st
 }

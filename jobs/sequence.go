@@ -374,8 +374,8 @@ func (q sequence) leave(ctx context.Context, rdb redis.Scripter, jobID string, r
 	return n, nil
 }
 
-// Place is where a waiting job stands in its task's sequence.
-type Place struct {
+// seqPlace is where a waiting job stands in its task's sequence.
+type seqPlace struct {
 	// Head is the job whose turn it is.
 	Head string
 	// Ahead counts the jobs before this one, the head included.
@@ -383,22 +383,22 @@ type Place struct {
 }
 
 // place finds where jobID waits; ok is false when it is not waiting.
-func (q sequence) place(ctx context.Context, rdb redis.Cmdable, jobID string) (Place, bool, error) {
+func (q sequence) place(ctx context.Context, rdb redis.Cmdable, jobID string) (seqPlace, bool, error) {
 	head, err := rdb.HGet(ctx, q.key(), "head").Result()
 	if errors.Is(err, redis.Nil) || head == jobID {
-		return Place{}, false, nil
+		return seqPlace{}, false, nil
 	}
 	if err != nil {
-		return Place{}, false, fmt.Errorf("jobs: read the sequence of task %q: %w", q.task, err)
+		return seqPlace{}, false, fmt.Errorf("jobs: read the sequence of task %q: %w", q.task, err)
 	}
 	i, err := rdb.LPos(ctx, q.waitKey(), jobID, redis.LPosArgs{}).Result()
 	if errors.Is(err, redis.Nil) {
-		return Place{}, false, nil
+		return seqPlace{}, false, nil
 	}
 	if err != nil {
-		return Place{}, false, fmt.Errorf("jobs: find %s in the sequence of task %q: %w", jobID, q.task, err)
+		return seqPlace{}, false, fmt.Errorf("jobs: find %s in the sequence of task %q: %w", jobID, q.task, err)
 	}
-	return Place{Head: head, Ahead: int(i) + 1}, true, nil
+	return seqPlace{Head: head, Ahead: int(i) + 1}, true, nil
 }
 
 // repairSequences runs the repair over the heads of queue that have kept

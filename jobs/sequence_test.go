@@ -251,6 +251,30 @@ func TestSequenceMovesOn(t *testing.T) {
 	}
 }
 
+// producerDied is the panic of a producer that dies at a fault point.
+type producerDied struct{}
+
+// producerDies is a fault point at which the producer dies.
+func producerDies() { panic(producerDied{}) }
+
+// enqueueDying enqueues j with fault points installed, one of which is to
+// kill the producer (producerDies): the enqueue stops there, as a process
+// would that died.
+func enqueueDying(t *testing.T, ctx context.Context, prod *jobs.Producer, j jobs.Job, afterJoin, beforeConfirm func()) {
+	t.Helper()
+	jobs.SetProducerFaults(prod, afterJoin, beforeConfirm)
+	defer jobs.SetProducerFaults(prod, nil, nil)
+	defer func() {
+		if r := recover(); r != nil {
+			if _, ok := r.(producerDied); !ok {
+				panic(r)
+			}
+		}
+	}()
+	_, _ = prod.Enqueue(ctx, j, "")
+	t.Fatalf("the producer of %s did not die", j.ID)
+}
+
 // TestSequenceRepairsAProducerThatDied: a producer that dies between the
 // steps of an enqueue leaves the sequence in a state the repair (on the
 // reaper's tick) moves on from: no job skipped, none run twice.
@@ -259,22 +283,11 @@ func TestSequenceRepairsAProducerThatDied(t *testing.T) {
 	s.startWorker(t, repairFast)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	type died struct{}
 	enqueueDying := func(j jobs.Job, afterJoin, beforeConfirm func()) {
 		t.Helper()
-		jobs.SetProducerFaults(s.prod, afterJoin, beforeConfirm)
-		defer jobs.SetProducerFaults(s.prod, nil, nil)
-		defer func() {
-			if r := recover(); r != nil {
-				if _, ok := r.(died); !ok {
-					panic(r)
-				}
-			}
-		}()
-		_, _ = s.prod.Enqueue(ctx, j, "")
-		t.Fatalf("the producer of %s did not die", j.ID)
+		enqueueDying(t, ctx, s.prod, j, afterJoin, beforeConfirm)
 	}
-	die := func() { panic(died{}) }
+	die := producerDies
 
 	// Died between join and enqueue, as the head: the job never exists.
 	// The next job waits behind its place until the repair passes it.
@@ -743,13 +756,7 @@ func TestRepairInAQueueOfItsOwn(t *testing.T) {
 	s.startWorker(t, func(c *jobs.WorkerConfig) { repairFast(c); c.Queues = map[string]int{"q2": 1} })
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	type died struct{}
-	func() {
-		jobs.SetProducerFaults(s.prod, func() { panic(died{}) }, nil)
-		defer jobs.SetProducerFaults(s.prod, nil, nil)
-		defer func() { _ = recover() }()
-		_, _ = s.prod.Enqueue(ctx, jobs.Job{ID: "q2-never", TaskID: "q2t", Command: "true", Queue: "q2"}, "")
-	}()
+	enqueueDying(t, ctx, s.prod, jobs.Job{ID: "q2-never", TaskID: "q2t", Command: "true", Queue: "q2"}, producerDies, nil)
 	r := s.run1(t, jobs.Job{ID: "q2-next", TaskID: "q2t", Command: "echo next", Queue: "q2"})
 	if r.Status != jobs.StatusCompleted || r.Output != "next\n" {
 		t.Errorf("result %+v; want the job after the head that never came to run", r)

@@ -621,4 +621,12 @@ func signalWorker(p *proc, sig syscall.Signal) time.Time {
 	return at
 }
 
+// killWorker SIGKILLs a worker process, waits for it to be gone, and
+// returns when the signal was sent.
+func killWorker(p *proc) time.Time {
+	at := signalWorker(p, syscall.SIGKILL)
+	<-p.done
+	return at
+}
+
 func ptr[T any](v T) *T { return &v }

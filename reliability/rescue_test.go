@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hibiken/asynq"
+
 	"github.com/boxq/boxq/jobs"
 )
 
@@ -41,8 +43,7 @@ func TestSIGKILLedWorkerAnswersInSeconds(t *testing.T) {
 	j, runs := rescueJob(t, "sigkill", 3)
 	b := c.enqueue(t, []jobs.Job{j})
 	waitRunning(t, runs)
-	killed := signalWorker(a, syscall.SIGKILL)
-	<-a.done
+	killed := killWorker(a)
 	c.startWorker(t)
 	b.collect(t, 2*time.Minute, nil)
 	r := b.got[j.ID]
@@ -91,9 +92,13 @@ func TestPausedWorkerLosesItsJobOnce(t *testing.T) {
 		}
 		return false
 	})
-	// Its job comes back from asynq later and finds the result; give the
-	// resumed worker time to (wrongly) write or publish a second one.
-	time.Sleep(6 * time.Second) // an observation window for a write that must not happen
+	// Its job comes back (the resumed worker put it back) and finds the
+	// result: once asynq has it done, nothing writes for it any more.
+	insp := asynq.NewInspectorFromRedisClient(c.rdb)
+	waitFor(t, 2*time.Minute, "the job to be done in asynq", func() bool {
+		info, err := insp.GetTaskInfo(jobs.DefaultQueue, j.ID)
+		return err == nil && info.State == asynq.TaskStateCompleted
+	})
 	b.checkOneAnswer(t, c.rdb)
 	b.pubMu.Lock()
 	pubs := len(b.pubs[j.ID])
@@ -116,14 +121,12 @@ func TestRescuerKilledMidRescue(t *testing.T) {
 	j, runs := rescueJob(t, "rescuer", 14)
 	b := c.enqueue(t, []jobs.Job{j})
 	waitRunning(t, runs)
-	signalWorker(a, syscall.SIGKILL)
-	<-a.done
+	killWorker(a)
 	rescuer := c.startWorker(t)
 	if err := rescuer.waitLog(60*time.Second, "rescuing a dead worker's command", j.ID); err != nil {
 		t.Fatal(err)
 	}
-	signalWorker(rescuer, syscall.SIGKILL)
-	<-rescuer.done
+	killWorker(rescuer)
 	third := c.startWorker(t)
 	b.collect(t, 2*time.Minute, nil)
 	r := b.got[j.ID]
@@ -149,8 +152,7 @@ func TestGatewayRestartWhileOrphaned(t *testing.T) {
 	j, runs := rescueJob(t, "orphan", 30)
 	b := c.enqueue(t, []jobs.Job{j})
 	waitRunning(t, runs)
-	signalWorker(a, syscall.SIGKILL)
-	<-a.done
+	killWorker(a)
 	c.gw.kill()
 	c.gw.start(t, nil)
 	c.startWorker(t)

@@ -62,8 +62,7 @@ func TestWorkerSIGKILL(t *testing.T) {
 			return
 		}
 		active := activeJobs(insp, victim.cmd.Process.Pid)
-		at := signalWorker(victim, syscall.SIGKILL)
-		<-victim.done
+		at := killWorker(victim)
 		killedAt = append(killedAt, at)
 		last = at
 		for _, id := range active {

@@ -108,9 +108,6 @@ func (l *Lease) SandboxKey() string { return l.key }
 // from one that may have started its command before, and in which sandbox.
 func (l *Lease) StartedIn() string { return l.stamp }
 
-// ExecID returns the exec named when the lease was taken.
-func (l *Lease) ExecID() string { return l.execID }
-
 // Arm says the holder is about to start the exec named at the take, after
 // work that came first (a create, a wait for an earlier exec): from now on a
 // rescuer that finds the holder dead collects the exec rather than leave
@@ -197,7 +194,7 @@ func (c Check) arg() (string, error) {
 	if c.Other == "" {
 		return c.Field, nil
 	}
-	if c.Field == "" || strings.ContainsRune(c.Field, '\x02') || strings.HasPrefix(c.Field, "\x02") {
+	if c.Field == "" || strings.ContainsRune(c.Field, '\x02') {
 		return "", fmt.Errorf("sandboxpool: check on %q: bad field %q", c.Key, c.Field)
 	}
 	return "\x02" + c.Field + "\x02" + c.Other, nil
