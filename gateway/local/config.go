@@ -28,7 +28,12 @@ const (
 // Defaults of Config. A zero field means its default.
 const (
 	DefaultMaxSandboxes    = 64
-	DefaultMaxRunningExecs = 2048
+	DefaultMaxRunningExecs = 1024
+	// A sandbox is one task's: a few execs at once is its normal load.
+	DefaultMaxSandboxRunningExecs = 64
+	DefaultMaxRetainedExecs       = 4096
+	DefaultMaxRetainedBytes       = 256 << 20 // 256 MiB
+	DefaultMaxTombstones          = 256 << 10
 	DefaultOutputLimit     = 1 << 20 // 1 MiB
 	DefaultStartWait       = 50 * time.Millisecond
 	DefaultExecRetention   = 10 * time.Minute
@@ -73,6 +78,25 @@ type Config struct {
 	// beyond it gets 429. Default DefaultMaxRunningExecs (2048).
 	MaxRunningExecs int
 
+	// MaxSandboxRunningExecs caps the execs running at once in one
+	// sandbox; a start beyond it gets 429. Default
+	// DefaultMaxSandboxRunningExecs (64).
+	MaxSandboxRunningExecs int
+
+	// MaxRetainedExecs and MaxRetainedBytes cap the finished execs kept
+	// for polls, over all sandboxes, by number and by the size of their
+	// encoded answers: beyond either, the oldest is forgotten before its
+	// ExecRetention is up, and a poll of it gets 404 "expired". Defaults
+	// DefaultMaxRetainedExecs (4096) and DefaultMaxRetainedBytes (256 MiB).
+	MaxRetainedExecs int
+	MaxRetainedBytes int64
+
+	// MaxTombstones caps the ids of forgotten execs kept so that none of
+	// them runs again (a start with one gets 409) while its sandbox
+	// lives: 16 bytes and a map entry each. Beyond it the oldest go.
+	// Default DefaultMaxTombstones (256 Ki, some 16 MiB when full).
+	MaxTombstones int
+
 	// OutputLimit caps the output kept per exec, in bytes: the first and
 	// the last half are kept and a line in between says how many bytes were
 	// cut. Default DefaultOutputLimit (1 MiB).
@@ -83,12 +107,15 @@ type Config struct {
 	// start itself, which saves the client a poll round trip; a longer one
 	// costs the client nothing, since its first poll would have waited for
 	// the same end. Default DefaultStartWait (50 ms); negative: answer at
-	// once.
+	// once, "running", as a hosted gateway does (see StartWaitFlag for
+	// the flag's reading, where 0 means that).
 	StartWait time.Duration
 
-	// ExecRetention is how long a finished exec stays pollable (and its
-	// execId stays taken, so a repeated start cannot run it again).
-	// Default DefaultExecRetention (10 min).
+	// ExecRetention is how long a finished exec stays pollable, at most
+	// (see MaxRetainedExecs). Its execId stays taken after that, as a
+	// tombstone, for as long as its sandbox lives (see MaxTombstones), so a
+	// repeated start cannot run it again. Default DefaultExecRetention
+	// (10 min).
 	ExecRetention time.Duration
 
 	// JanitorInterval is how often idle timeouts, lifetimes and retention
@@ -101,6 +128,16 @@ type Config struct {
 	// Now is the clock of sandbox lifetimes, idle timeouts and retention.
 	// Default time.Now. Exec timeouts use real timers.
 	Now func() time.Time
+}
+
+// StartWaitFlag turns the value of a -start-wait flag, where 0 means "answer
+// every start at once" (no wait), into Config.StartWait, where 0 means the
+// default and a negative value means no wait.
+func StartWaitFlag(d time.Duration) time.Duration {
+	if d <= 0 {
+		return -1
+	}
+	return d
 }
 
 // withDefaults returns c with every zero field set to its default.
@@ -116,6 +153,18 @@ func (c Config) withDefaults() Config {
 	}
 	if c.MaxRunningExecs == 0 {
 		c.MaxRunningExecs = DefaultMaxRunningExecs
+	}
+	if c.MaxSandboxRunningExecs == 0 {
+		c.MaxSandboxRunningExecs = DefaultMaxSandboxRunningExecs
+	}
+	if c.MaxRetainedExecs == 0 {
+		c.MaxRetainedExecs = DefaultMaxRetainedExecs
+	}
+	if c.MaxRetainedBytes == 0 {
+		c.MaxRetainedBytes = DefaultMaxRetainedBytes
+	}
+	if c.MaxTombstones == 0 {
+		c.MaxTombstones = DefaultMaxTombstones
 	}
 	if c.OutputLimit == 0 {
 		c.OutputLimit = DefaultOutputLimit
@@ -154,6 +203,18 @@ func (c Config) validate() error {
 	}
 	if c.MaxRunningExecs < 0 {
 		errs = append(errs, fmt.Errorf("max running execs %d is negative", c.MaxRunningExecs))
+	}
+	if c.MaxSandboxRunningExecs < 0 {
+		errs = append(errs, fmt.Errorf("max running execs per sandbox %d is negative", c.MaxSandboxRunningExecs))
+	}
+	if c.MaxRetainedExecs < 0 {
+		errs = append(errs, fmt.Errorf("max retained execs %d is negative", c.MaxRetainedExecs))
+	}
+	if c.MaxRetainedBytes < 0 {
+		errs = append(errs, fmt.Errorf("max retained bytes %d is negative", c.MaxRetainedBytes))
+	}
+	if c.MaxTombstones < 0 {
+		errs = append(errs, fmt.Errorf("max tombstones %d is negative", c.MaxTombstones))
 	}
 	if c.OutputLimit < 0 {
 		errs = append(errs, fmt.Errorf("output limit %d is negative", c.OutputLimit))

@@ -33,6 +33,7 @@ type sandbox struct {
 
 	mu         sync.Mutex
 	execs      map[string]*execution
+	tombs      map[tombKey]struct{} // execs evicted: their ids never run again
 	running    int
 	lastActive time.Time // the last exec start or end, or the create
 	ending     bool      // terminate has begun: no new execs
@@ -62,6 +63,15 @@ func (sb *sandbox) nextExpiry() time.Time {
 		}
 	}
 	return t
+}
+
+// tombKey stands for an evicted exec's id: a hash of fixed size, so that
+// a tombstone costs the same whatever the id's length.
+type tombKey [16]byte
+
+func tombKeyOf(execID string) tombKey {
+	sum := sha256.Sum256([]byte(execID))
+	return tombKey(sum[:16])
 }
 
 // fsLayout is where a sandbox's files are: dir/fs is what a snapshot keeps.

@@ -76,7 +76,31 @@ type Server struct {
 	creating  int                   // creates under way, counted against MaxSandboxes
 	idem      map[string]*idemEntry // x-idempotency-key → its create
 	idemFIFO  []expiring            // keys of ended sandboxes, the oldest first
-	execFIFO  []expiring            // finished execs, the oldest first
+
+	// Finished execs, kept for polls: the oldest first, bounded by
+	// ExecRetention, MaxRetainedExecs and MaxRetainedBytes together.
+	execFIFO      []*retainedExec
+	retainedCount int
+	retainedBytes int64
+	// The ids of execs no longer kept, so that none runs again: the
+	// oldest first, bounded by MaxTombstones. The ids themselves are in
+	// their sandbox's tombs.
+	tombFIFO []tombRef
+}
+
+// retainedExec is a finished exec kept for polls.
+type retainedExec struct {
+	until   time.Time
+	sb      *sandbox
+	e       *execution
+	size    int64
+	dropped bool // evicted, or gone with its sandbox: no longer counted
+}
+
+// tombRef is a tombstone in the FIFO: the sandbox whose tombs hold it.
+type tombRef struct {
+	sb  *sandbox
+	key tombKey
 }
 
 // idemEntry is the create of one idempotency key: concurrent creates with
@@ -87,13 +111,13 @@ type idemEntry struct {
 	err  error
 }
 
-// expiring is a finished thing to forget at until. Retention is the same
-// for all, so the order of ending is the order of expiry: a queue suffices
-// and each sweep costs what expires, not what is kept.
+// expiring is an idempotency key to forget at until. Retention is the
+// same for all, so the order of ending is the order of expiry: a queue
+// suffices and each sweep costs what expires, not what is kept. The same
+// holds for retainedExec.
 type expiring struct {
 	until time.Time
-	sb    *sandbox // for an exec
-	key   string   // the exec id, or the idempotency key
+	key   string
 }
 
 // New checks cfg, prepares the state dir, picks the isolation and starts
@@ -303,19 +327,11 @@ func (s *Server) sweep(ctx context.Context) {
 		n++
 	}
 	s.idemFIFO = s.idemFIFO[n:]
-	n = 0
-	for n < len(s.execFIFO) && !s.execFIFO[n].until.After(now) {
-		n++
+	for len(s.execFIFO) > 0 && !s.execFIFO[0].until.After(now) {
+		s.evictOldestLocked()
 	}
-	forget := s.execFIFO[:n]
-	s.execFIFO = s.execFIFO[n:]
 	s.mu.Unlock()
 
-	for _, x := range forget {
-		x.sb.mu.Lock()
-		delete(x.sb.execs, x.key)
-		x.sb.mu.Unlock()
-	}
 	for _, x := range expired {
 		x.sb.beginEnd()
 		// The gateway, not the client, ends it: keep what a persistent
@@ -335,6 +351,57 @@ func (s *Server) retainIdemLocked(sb *sandbox, now time.Time) {
 	}
 	if e := s.idem[sb.idemKey]; e != nil && e.id == sb.id {
 		s.idemFIFO = append(s.idemFIFO, expiring{until: now.Add(s.cfg.ExecRetention), key: sb.idemKey})
+	}
+}
+
+// retainLocked keeps e, which has just finished in sb, for polls, and
+// evicts the oldest finished execs while the caps are exceeded. s.mu must
+// be held.
+func (s *Server) retainLocked(sb *sandbox, e *execution, at time.Time) {
+	x := &retainedExec{until: at.Add(s.cfg.ExecRetention), sb: sb, e: e, size: e.retainedSize()}
+	e.retained = x
+	s.execFIFO = append(s.execFIFO, x)
+	s.retainedCount++
+	s.retainedBytes += x.size
+	for s.retainedCount > s.cfg.MaxRetainedExecs || s.retainedBytes > s.cfg.MaxRetainedBytes {
+		s.evictOldestLocked()
+	}
+}
+
+// evictOldestLocked forgets the oldest retained exec and leaves its
+// tombstone. s.mu must be held.
+func (s *Server) evictOldestLocked() {
+	x := s.execFIFO[0]
+	s.execFIFO[0] = nil
+	s.execFIFO = s.execFIFO[1:]
+	if x.dropped {
+		return
+	}
+	x.dropped = true
+	s.retainedCount--
+	s.retainedBytes -= x.size
+	key := tombKeyOf(x.e.id)
+	x.sb.mu.Lock()
+	live := x.sb.execs != nil
+	if live {
+		delete(x.sb.execs, x.e.id)
+		if x.sb.tombs == nil {
+			x.sb.tombs = make(map[tombKey]struct{})
+		}
+		x.sb.tombs[key] = struct{}{}
+	}
+	x.sb.mu.Unlock()
+	if !live {
+		return
+	}
+	s.tombFIFO = append(s.tombFIFO, tombRef{sb: x.sb, key: key})
+	for len(s.tombFIFO) > s.cfg.MaxTombstones {
+		old := s.tombFIFO[0]
+		s.tombFIFO[0] = tombRef{}
+		s.tombFIFO = s.tombFIFO[1:]
+		old.sb.mu.Lock()
+		delete(old.sb.tombs, old.key)
+		old.sb.mu.Unlock()
 	}
 }
 
@@ -374,7 +441,17 @@ func (s *Server) finishEnd(ctx context.Context, sb *sandbox, snapshot bool, reas
 	}
 	sb.mu.Lock()
 	sb.execs = nil // the outputs of a gone sandbox are unreachable: free them
+	sb.tombs = nil
 	sb.mu.Unlock()
+	s.mu.Lock()
+	for _, e := range execs {
+		if x := e.retained; x != nil && !x.dropped {
+			x.dropped = true
+			s.retainedCount--
+			s.retainedBytes -= x.size
+		}
+	}
+	s.mu.Unlock()
 
 	var err error
 	kept := false

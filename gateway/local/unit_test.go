@@ -145,14 +145,16 @@ func TestConfig(t *testing.T) {
 	t.Run("defaults", func(t *testing.T) {
 		got := Config{Token: "t"}.withDefaults()
 		want := map[string]any{
-			"Isolation": IsolationAuto, "BwrapPath": "bwrap", "MaxSandboxes": 64, "MaxRunningExecs": 2048,
+			"Isolation": IsolationAuto, "BwrapPath": "bwrap", "MaxSandboxes": 64, "MaxRunningExecs": 1024,
 			"OutputLimit": 1 << 20, "StartWait": 50 * time.Millisecond, "ExecRetention": 10 * time.Minute,
-			"JanitorInterval": time.Second,
+			"JanitorInterval": time.Second, "MaxSandboxRunningExecs": 64, "MaxRetainedExecs": 4096,
+			"MaxRetainedBytes": int64(256 << 20), "MaxTombstones": 256 << 10,
 		}
 		have := map[string]any{
 			"Isolation": got.Isolation, "BwrapPath": got.BwrapPath, "MaxSandboxes": got.MaxSandboxes, "MaxRunningExecs": got.MaxRunningExecs,
 			"OutputLimit": got.OutputLimit, "StartWait": got.StartWait, "ExecRetention": got.ExecRetention,
-			"JanitorInterval": got.JanitorInterval,
+			"JanitorInterval": got.JanitorInterval, "MaxSandboxRunningExecs": got.MaxSandboxRunningExecs,
+			"MaxRetainedExecs": got.MaxRetainedExecs, "MaxRetainedBytes": got.MaxRetainedBytes, "MaxTombstones": got.MaxTombstones,
 		}
 		if diff := cmp.Diff(want, have); diff != "" {
 			t.Errorf("defaults (-want +got):\n%s", diff)
