@@ -34,10 +34,10 @@ const (
 	DefaultMaxRetainedExecs       = 4096
 	DefaultMaxRetainedBytes       = 256 << 20 // 256 MiB
 	DefaultMaxTombstones          = 256 << 10
-	DefaultOutputLimit     = 1 << 20 // 1 MiB
-	DefaultStartWait       = 50 * time.Millisecond
-	DefaultExecRetention   = 10 * time.Minute
-	DefaultJanitorInterval = time.Second
+	DefaultOutputLimit            = 1 << 20 // 1 MiB
+	DefaultStartWait              = 50 * time.Millisecond
+	DefaultExecRetention          = 10 * time.Minute
+	DefaultJanitorInterval        = time.Second
 )
 
 // Limits of the API, not configurable: they bound what one request can ask.
