@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"net/http"
-	"os"
 	"path"
 	"path/filepath"
 	"slices"
@@ -184,7 +183,7 @@ func (s *Server) create(ctx context.Context, key string, spec createSpec) (strin
 	}
 	s.mu.Unlock()
 	if orphan {
-		_ = os.RemoveAll(sb.dir)
+		_ = removeTree(sb.dir)
 	}
 	return id, err
 }
@@ -212,9 +211,12 @@ func (s *Server) newSandbox(idemKey string, spec createSpec) (*sandbox, error) {
 		defer unlock()
 		snapshot = s.snapshotDir(spec.logicalKey)
 	}
-	dirs, restored, err := makeSandboxDir(dir, snapshot)
+	log := s.log.With("sandbox_id", id)
+	dirs, restored, err := s.makeSandboxDir(dir, snapshot, log)
 	if err != nil {
-		_ = os.RemoveAll(dir)
+		if rmErr := removeTree(dir); rmErr != nil {
+			log.Warn("cannot remove the files of a failed create", "error", rmErr)
+		}
 		return nil, fmt.Errorf("create sandbox: %w", err)
 	}
 	now := s.cfg.Now()
@@ -229,7 +231,7 @@ func (s *Server) newSandbox(idemKey string, spec createSpec) (*sandbox, error) {
 		createdAt:  now,
 		lifetime:   spec.lifetime,
 		idle:       spec.idle,
-		log:        s.log.With("sandbox_id", id),
+		log:        log,
 		execs:      make(map[string]*execution),
 		lastActive: now,
 	}

@@ -38,6 +38,8 @@ const (
 	DefaultStartWait              = 50 * time.Millisecond
 	DefaultExecRetention          = 10 * time.Minute
 	DefaultJanitorInterval        = time.Second
+	DefaultSandboxUID             = 65534
+	DefaultSandboxGID             = 65534
 )
 
 // Limits of the API, not configurable: they bound what one request can ask.
@@ -65,6 +67,15 @@ type Config struct {
 	// Isolation is IsolationAuto (the default), IsolationBwrap (New fails
 	// when bubblewrap does not work) or IsolationNone.
 	Isolation Isolation
+
+	// SandboxUID and SandboxGID are who commands run as under bubblewrap
+	// when the gateway runs as root: bubblewrap is started as that user,
+	// unprivileged, and the sandboxes' files are theirs. Any ids will do,
+	// with or without an /etc/passwd entry; not 0. Default
+	// DefaultSandboxUID and DefaultSandboxGID (65534, nobody). A gateway
+	// that is not root runs commands as itself.
+	SandboxUID int
+	SandboxGID int
 
 	// BwrapPath is the bubblewrap binary. Default: "bwrap", looked up in PATH.
 	BwrapPath string
@@ -148,6 +159,12 @@ func (c Config) withDefaults() Config {
 	if c.BwrapPath == "" {
 		c.BwrapPath = "bwrap"
 	}
+	if c.SandboxUID == 0 {
+		c.SandboxUID = DefaultSandboxUID
+	}
+	if c.SandboxGID == 0 {
+		c.SandboxGID = DefaultSandboxGID
+	}
 	if c.MaxSandboxes == 0 {
 		c.MaxSandboxes = DefaultMaxSandboxes
 	}
@@ -197,6 +214,9 @@ func (c Config) validate() error {
 	case IsolationAuto, IsolationBwrap, IsolationNone:
 	default:
 		errs = append(errs, fmt.Errorf("isolation %q: want %q, %q or %q", c.Isolation, IsolationAuto, IsolationBwrap, IsolationNone))
+	}
+	if c.SandboxUID < 0 || c.SandboxGID < 0 {
+		errs = append(errs, fmt.Errorf("sandbox uid %d, gid %d: want positive ids", c.SandboxUID, c.SandboxGID))
 	}
 	if c.MaxSandboxes < 0 {
 		errs = append(errs, fmt.Errorf("max sandboxes %d is negative", c.MaxSandboxes))

@@ -131,6 +131,10 @@ func (s *Server) launch(e *execution, spec execSpec, ended func(at time.Time)) {
 			return
 		}
 	}
+	if err := checkTopLevel(spec.dirs); err != nil {
+		fail(126, "gateway: sandbox: "+err.Error())
+		return
+	}
 	if strings.IndexByte(spec.command, 0) >= 0 {
 		// bash -c could not be given one; the loader would drop it.
 		fail(126, "gateway: start: the command holds a NUL byte")

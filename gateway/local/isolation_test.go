@@ -39,7 +39,7 @@ func TestIsolation(t *testing.T) {
 	eachIsolation(t, func(t *testing.T, mode Isolation) {
 		// Under /tmp the sandbox's own /tmp would hide the state dir
 		// anyway: put it elsewhere, so that its own cover is what is tested.
-		stateDir := t.TempDir()
+		stateDir := newStateDir(t)
 		if d, err := os.MkdirTemp("/var/tmp", "boxq-isolation-"); err == nil {
 			stateDir = d
 			t.Cleanup(func() { os.RemoveAll(d) })

@@ -207,7 +207,7 @@ func TestPersistence(t *testing.T) {
 }
 
 func TestRestartKeepsSnapshots(t *testing.T) {
-	dir := t.TempDir()
+	dir := newStateDir(t)
 	token := "tok-" + uuid.NewString()
 	first, err := New(Config{Token: token, StateDir: dir, Isolation: IsolationNone})
 	if err != nil {

@@ -138,12 +138,27 @@ func New(cfg Config) (*Server, error) {
 		s.releaseStateDir()
 		return nil, err
 	}
-	mode, err := s.chooseIsolation()
+	// As root, bubblewrap runs as the sandbox user; the state dir must let
+	// it reach the sandboxes' own dirs.
+	var user *owner
+	if os.Geteuid() == 0 && cfg.Isolation != IsolationNone {
+		user = &owner{uid: cfg.SandboxUID, gid: cfg.SandboxGID}
+		for _, d := range []string{s.stateDir, filepath.Join(s.stateDir, "sandboxes")} {
+			if err := user.traversable(d); err != nil {
+				s.releaseStateDir()
+				return nil, fmt.Errorf("local: state dir: %w", err)
+			}
+		}
+	}
+	mode, err := s.chooseIsolation(user)
 	if err != nil {
 		s.releaseStateDir()
 		return nil, err
 	}
-	s.launcher = launcher{mode: mode, bwrap: cfg.BwrapPath, stateDir: s.stateDir}
+	if mode == IsolationNone {
+		user = nil
+	}
+	s.launcher = launcher{mode: mode, bwrap: cfg.BwrapPath, user: user, view: hostView(s.stateDir)}
 	s.handler = s.routes()
 
 	ctx, cancel := context.WithCancel(context.Background())
@@ -243,8 +258,10 @@ func (s *Server) openStateDir() error {
 	s.runDir = filepath.Join(dir, "run")
 	s.trashDir = filepath.Join(dir, "trash")
 	for _, d := range []string{"sandboxes", "run", "trash"} {
-		if err := os.RemoveAll(filepath.Join(dir, d)); err != nil {
-			return fmt.Errorf("local: state dir: %w", err)
+		// What cannot go does not stop the gateway: the new sandboxes'
+		// ids are new, and the next start tries again.
+		if err := removeTree(filepath.Join(dir, d)); err != nil {
+			s.log.Error("state dir: cannot remove what an earlier run left; starting anyway", "path", filepath.Join(dir, d), "error", err)
 		}
 	}
 	for _, d := range []string{"sandboxes", "snapshots", "run", "trash"} {
@@ -262,30 +279,30 @@ func (s *Server) releaseStateDir() {
 		s.lockFile = nil
 	}
 	if s.ownsStateDir && s.stateDir != "" {
-		if err := os.RemoveAll(s.stateDir); err != nil {
+		if err := removeTree(s.stateDir); err != nil {
 			s.log.Warn("cannot remove state dir", "state_dir", s.stateDir, "error", err)
 		}
 	}
 }
 
 // chooseIsolation resolves IsolationAuto with a probe run of bubblewrap.
-func (s *Server) chooseIsolation() (Isolation, error) {
+func (s *Server) chooseIsolation(user *owner) (Isolation, error) {
 	switch s.cfg.Isolation {
 	case IsolationNone:
 		s.log.Warn("isolation: none: commands run as plain processes with the gateway's rights")
 		return IsolationNone, nil
 	case IsolationBwrap:
-		if err := probeBwrap(context.Background(), s.cfg.BwrapPath, s.stateDir); err != nil {
+		if err := probeBwrap(context.Background(), s.cfg.BwrapPath, s.stateDir, user); err != nil {
 			return "", fmt.Errorf("local: isolation bwrap: %w", err)
 		}
-		s.log.Info("isolation: bwrap")
+		s.log.Info("isolation: bwrap", "sandbox_uid", user.uidOr(os.Getuid()))
 		return IsolationBwrap, nil
 	}
-	if err := probeBwrap(context.Background(), s.cfg.BwrapPath, s.stateDir); err != nil {
+	if err := probeBwrap(context.Background(), s.cfg.BwrapPath, s.stateDir, user); err != nil {
 		s.log.Warn("isolation: none, because bubblewrap does not work here: commands run as plain processes with the gateway's rights", "error", err)
 		return IsolationNone, nil
 	}
-	s.log.Info("isolation: bwrap (probe worked)")
+	s.log.Info("isolation: bwrap (probe worked)", "sandbox_uid", user.uidOr(os.Getuid()))
 	return IsolationBwrap, nil
 }
 
@@ -460,7 +477,7 @@ func (s *Server) finishEnd(ctx context.Context, sb *sandbox, snapshot bool, reas
 			kept = true
 		}
 	}
-	if rmErr := os.RemoveAll(sb.dir); rmErr != nil {
+	if rmErr := removeTree(sb.dir); rmErr != nil {
 		err = errors.Join(err, rmErr)
 	}
 	sb.log.Info("sandbox ended", "reason", reason, "snapshot", kept, "logical_key", sb.logicalKey)
@@ -483,16 +500,16 @@ func (s *Server) saveSnapshot(sb *sandbox) error {
 	unlock := s.snapLocks.lock(sb.logicalKey)
 	defer unlock()
 	dst := s.snapshotDir(sb.logicalKey)
+	fsDir, _ := fsLayout(sb.dir)
 	old := filepath.Join(s.trashDir, "snapshot-"+sb.id)
 	if err := os.Rename(dst, old); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("snapshot: %w", err)
 	}
-	fsDir, _ := fsLayout(sb.dir)
 	if err := os.Rename(fsDir, dst); err != nil {
 		_ = os.Rename(old, dst) // put the earlier one back
 		return fmt.Errorf("snapshot: %w", err)
 	}
-	if err := os.RemoveAll(old); err != nil {
+	if err := removeTree(old); err != nil {
 		sb.log.Warn("cannot remove replaced snapshot", "path", old, "error", err)
 	}
 	return nil

@@ -115,12 +115,12 @@ func TestHostPath(t *testing.T) {
 }
 
 func TestBwrapArgs(t *testing.T) {
-	l := launcher{mode: IsolationBwrap, bwrap: "bwrap", stateDir: "/state"}
+	l := launcher{mode: IsolationBwrap, bwrap: "bwrap", view: hostView("/state")}
 	args := l.bwrapArgs(fsDirs{home: "/state/s/root", tmp: "/state/s/tmp"}, "/root/w", "echo hi")
 	joined := strings.Join(args, " ")
 	for _, want := range []string{
-		"--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
-		"--ro-bind / /", "--tmpfs /state", "--dev /dev", "--proc /proc",
+		"--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop ALL", "--die-with-parent", "--new-session", "--clearenv",
+		"--ro-bind /usr /usr", "--dev /dev", "--proc /proc",
 		"--bind /state/s/root /root", "--bind /state/s/tmp /tmp",
 		"--setenv HOME /root", "--chdir /root/w", "-- bash -c echo hi",
 	} {
@@ -128,16 +128,25 @@ func TestBwrapArgs(t *testing.T) {
 			t.Errorf("bwrap args %q: want %q in them", joined, want)
 		}
 	}
-	// Later mounts cover earlier ones: the root first, the state dir
-	// hidden after it, the sandbox's own dirs last.
-	order := []string{"--ro-bind / /", "--tmpfs /state", "--bind /state/s/root /root"}
+	// Only the roots a shell needs: never the host's root, /run, /sys, /home.
+	for _, bad := range []string{"--ro-bind / /", "/run", "/sys", "/home", "/state "} {
+		if strings.Contains(joined, bad) {
+			t.Errorf("bwrap args %q: want no %q in them", joined, bad)
+		}
+	}
+	if _, err := os.Stat("/etc/shadow"); err == nil && !strings.Contains(joined, "--ro-bind /dev/null /etc/shadow") {
+		t.Errorf("bwrap args %q: want /etc/shadow covered", joined)
+	}
+	// Later mounts cover earlier ones: /etc first, its secrets after it,
+	// the sandbox's own dirs last.
+	order := []string{"--ro-bind /etc /etc", "--ro-bind /dev/null /etc/shadow", "--bind /state/s/root /root"}
 	last := -1
 	for _, o := range order {
 		i := strings.Index(joined, o)
-		if i < last {
+		if i >= 0 && i < last {
 			t.Errorf("bwrap args %q: want %q after the mounts before it", joined, o)
 		}
-		last = i
+		last = max(last, i)
 	}
 }
 
@@ -148,13 +157,14 @@ func TestConfig(t *testing.T) {
 			"Isolation": IsolationAuto, "BwrapPath": "bwrap", "MaxSandboxes": 64, "MaxRunningExecs": 1024,
 			"OutputLimit": 1 << 20, "StartWait": 50 * time.Millisecond, "ExecRetention": 10 * time.Minute,
 			"JanitorInterval": time.Second, "MaxSandboxRunningExecs": 64, "MaxRetainedExecs": 4096,
-			"MaxRetainedBytes": int64(256 << 20), "MaxTombstones": 256 << 10,
+			"MaxRetainedBytes": int64(256 << 20), "MaxTombstones": 256 << 10, "SandboxUID": 65534, "SandboxGID": 65534,
 		}
 		have := map[string]any{
 			"Isolation": got.Isolation, "BwrapPath": got.BwrapPath, "MaxSandboxes": got.MaxSandboxes, "MaxRunningExecs": got.MaxRunningExecs,
 			"OutputLimit": got.OutputLimit, "StartWait": got.StartWait, "ExecRetention": got.ExecRetention,
 			"JanitorInterval": got.JanitorInterval, "MaxSandboxRunningExecs": got.MaxSandboxRunningExecs,
 			"MaxRetainedExecs": got.MaxRetainedExecs, "MaxRetainedBytes": got.MaxRetainedBytes, "MaxTombstones": got.MaxTombstones,
+			"SandboxUID": got.SandboxUID, "SandboxGID": got.SandboxGID,
 		}
 		if diff := cmp.Diff(want, have); diff != "" {
 			t.Errorf("defaults (-want +got):\n%s", diff)
