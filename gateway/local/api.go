@@ -204,7 +204,7 @@ func (s *Server) retryAfterLocked() time.Duration {
 // of its logical key when it is persistent and one exists.
 func (s *Server) newSandbox(idemKey string, spec createSpec) (*sandbox, error) {
 	id := newID()
-	dir := filepath.Join(s.stateDir, "sandboxes", id)
+	dir := filepath.Join(s.sandboxesDir, id)
 	snapshot := ""
 	if spec.persistent && spec.logicalKey != "" {
 		unlock := s.snapLocks.lock(spec.logicalKey)

@@ -181,8 +181,6 @@ func (l launcher) bwrapArgs(dirs fsDirs, cwd, arg string) []string {
 		// The sandbox's own home and temporary directory.
 		"--bind", dirs.home, sandboxHome,
 		"--bind", dirs.tmp, sandboxTmp,
-		"--dir", "/var",
-		"--symlink", sandboxTmp, "/var/tmp",
 		"--hostname", "sandbox",
 		"--clearenv",
 		"--setenv", "HOME", sandboxHome,
@@ -218,9 +216,10 @@ var etcSecrets = []string{
 }
 
 // hostView returns the bubblewrap arguments of the host's files a command
-// sees: hostRoots read-only, etcSecrets covered, and the state dir and the
-// gateway user's home covered too should they be under one of the roots.
-func hostView(stateDir string) []string {
+// sees: hostRoots read-only, etcSecrets covered, and the state dir, the
+// sandboxes' dir and the gateway user's home covered too should they be
+// under one of the roots.
+func hostView(stateDir, sandboxesDir string) []string {
 	var args, bound []string
 	for _, d := range hostRoots {
 		fi, err := os.Lstat(d)
@@ -250,7 +249,7 @@ func hostView(stateDir string) []string {
 			}
 		}
 	}
-	hide := []string{stateDir}
+	hide := []string{stateDir, sandboxesDir}
 	if h, err := os.UserHomeDir(); err == nil && filepath.IsAbs(h) {
 		hide = append(hide, filepath.Clean(h))
 	}
@@ -326,7 +325,7 @@ func probeBwrap(ctx context.Context, bwrap, stateDir string, user *owner) error 
 			return fmt.Errorf("probe: %w", err)
 		}
 	}
-	l := launcher{mode: IsolationBwrap, bwrap: path, user: user, view: hostView(stateDir)}
+	l := launcher{mode: IsolationBwrap, bwrap: path, user: user, view: hostView(stateDir, stateDir)}
 	script, err := newScriptPipe()
 	if err != nil {
 		return fmt.Errorf("probe: %w", err)

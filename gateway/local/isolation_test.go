@@ -292,3 +292,41 @@ func TestSnapshotFromNoneUntrusted(t *testing.T) {
 		t.Errorf("want the restore of a snapshot made under none logged")
 	}
 }
+
+// TestStateDirOutOfReach checks a state dir the sandbox user cannot reach
+// (under a private directory, as t.TempDir() or /root would be): as root,
+// the sandboxes' working files go elsewhere, and snapshots, on another
+// file system when /dev/shm is one, still work.
+func TestStateDirOutOfReach(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("only root runs commands as another user")
+	}
+	requireBwrap(t)
+	parent := t.TempDir() // private: 0700
+	if d, err := os.MkdirTemp("/dev/shm", "boxq-private-"); err == nil {
+		parent = d
+		t.Cleanup(func() { os.RemoveAll(d) })
+	}
+	stateDir := filepath.Join(parent, "state")
+	req := gateway.CreateRequest{PersistentFilesystem: true, LogicalKey: "far"}
+	g := newGateway(t, Config{Isolation: IsolationBwrap, StateDir: stateDir})
+	if strings.HasPrefix(g.srv.sandboxesDir, stateDir) {
+		t.Fatalf("sandboxes dir %s: want it out of the unreachable state dir", g.srv.sandboxesDir)
+	}
+	sb := g.create(t, req, "")
+	g.mustRun(t, sb, "echo kept > ~/f")
+	decode(t, "terminate", g.do(t, "POST", "/v1/sandboxes/"+sb+"/terminate", gateway.TerminateRequest{SnapshotBeforeTerminate: true}), http.StatusOK, nil)
+	sb = g.create(t, req, "")
+	if out := g.mustRun(t, sb, "cat ~/f; id -u"); out != fmt.Sprintf("kept\n%d\n", DefaultSandboxUID) {
+		t.Errorf("restored: got %q", out)
+	}
+	dir := g.srv.sandboxesDir
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := g.srv.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(dir); err == nil {
+		t.Errorf("Close left %s", dir)
+	}
+}

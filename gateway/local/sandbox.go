@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/google/uuid"
@@ -174,6 +175,34 @@ func (o *owner) traversable(dir string) error {
 		return err
 	}
 	return os.Chmod(dir, 0o710)
+}
+
+// canSearchAbove reports whether o may search every directory above dir
+// (by its permission bits; ACLs are not looked at).
+func (o *owner) canSearchAbove(dir string) bool {
+	for p := filepath.Dir(dir); ; p = filepath.Dir(p) {
+		fi, err := os.Stat(p)
+		if err != nil {
+			return false
+		}
+		st, ok := fi.Sys().(*syscall.Stat_t)
+		if !ok {
+			return false
+		}
+		var bit fs.FileMode = 0o001
+		switch {
+		case int(st.Uid) == o.uid:
+			bit = 0o100
+		case int(st.Gid) == o.gid:
+			bit = 0o010
+		}
+		if fi.Mode().Perm()&bit == 0 {
+			return false
+		}
+		if p == "/" {
+			return true
+		}
+	}
 }
 
 // uidOr is o's uid, or def when o is nil.

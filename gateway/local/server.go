@@ -35,6 +35,8 @@ package local
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -56,7 +58,10 @@ type Server struct {
 	launcher     launcher
 	stateDir     string
 	ownsStateDir bool // made by New: Close removes it
+	// sandboxesDir is outside the state dir, made by New: Close removes it.
+	ownsSandboxesDir bool
 	runDir       string
+	sandboxesDir string // StateDir/sandboxes, or a dir of its own (see openSandboxesDir)
 	trashDir     string
 	lockFile     *os.File
 	handler      http.Handler
@@ -138,16 +143,15 @@ func New(cfg Config) (*Server, error) {
 		s.releaseStateDir()
 		return nil, err
 	}
-	// As root, bubblewrap runs as the sandbox user; the state dir must let
-	// it reach the sandboxes' own dirs.
+	// As root, bubblewrap runs as the sandbox user, who must reach the
+	// sandboxes' own dirs.
+	s.sandboxesDir = filepath.Join(s.stateDir, "sandboxes")
 	var user *owner
 	if os.Geteuid() == 0 && cfg.Isolation != IsolationNone {
 		user = &owner{uid: cfg.SandboxUID, gid: cfg.SandboxGID}
-		for _, d := range []string{s.stateDir, filepath.Join(s.stateDir, "sandboxes")} {
-			if err := user.traversable(d); err != nil {
-				s.releaseStateDir()
-				return nil, fmt.Errorf("local: state dir: %w", err)
-			}
+		if err := s.openSandboxesDir(user); err != nil {
+			s.releaseStateDir()
+			return nil, fmt.Errorf("local: state dir: %w", err)
 		}
 	}
 	mode, err := s.chooseIsolation(user)
@@ -158,7 +162,7 @@ func New(cfg Config) (*Server, error) {
 	if mode == IsolationNone {
 		user = nil
 	}
-	s.launcher = launcher{mode: mode, bwrap: cfg.BwrapPath, user: user, view: hostView(s.stateDir)}
+	s.launcher = launcher{mode: mode, bwrap: cfg.BwrapPath, user: user, view: hostView(s.stateDir, s.sandboxesDir)}
 	s.handler = s.routes()
 
 	ctx, cancel := context.WithCancel(context.Background())
@@ -272,8 +276,49 @@ func (s *Server) openStateDir() error {
 	return nil
 }
 
+// openSandboxesDir makes the sandboxes' dir reachable by user, who runs
+// bubblewrap: search permission (0710, user's group) on the state dir and
+// on the sandboxes' dir, whose listings stay private. When a directory
+// above the state dir does not let user search (a state dir under /root,
+// or under a test's private temporary dir), the sandboxes' working files
+// go to a directory of their own in os.TempDir() instead, named after the
+// state dir, emptied at start and removed by Close; snapshots stay in the
+// state dir.
+func (s *Server) openSandboxesDir(user *owner) error {
+	if user.canSearchAbove(s.stateDir) {
+		for _, d := range []string{s.stateDir, s.sandboxesDir} {
+			if err := user.traversable(d); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	sum := sha256.Sum256([]byte(s.stateDir))
+	dir := filepath.Join(os.TempDir(), "boxq-sandboxes-"+hex.EncodeToString(sum[:8]))
+	if !user.canSearchAbove(dir) {
+		return fmt.Errorf("uid %d cannot reach %s nor %s: bubblewrap, run as that user, could not reach the sandboxes", user.uid, s.stateDir, dir)
+	}
+	// What is there is an earlier run's, or someone else's: it goes (a
+	// symlink is removed, not followed), and Mkdir makes a new one or fails.
+	if err := removeTree(dir); err != nil {
+		return err
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return err
+	}
+	s.sandboxesDir, s.ownsSandboxesDir = dir, true
+	s.log.Info("the sandbox user cannot reach the state dir: sandboxes' working files go elsewhere", "state_dir", s.stateDir, "sandboxes_dir", dir, "sandbox_uid", user.uid)
+	return user.traversable(dir)
+}
+
 // releaseStateDir unlocks the state dir, and removes it if New made it.
 func (s *Server) releaseStateDir() {
+	if s.ownsSandboxesDir {
+		if err := removeTree(s.sandboxesDir); err != nil {
+			s.log.Warn("cannot remove sandboxes dir", "sandboxes_dir", s.sandboxesDir, "error", err)
+		}
+		s.ownsSandboxesDir = false
+	}
 	if s.lockFile != nil {
 		s.lockFile.Close()
 		s.lockFile = nil
@@ -292,13 +337,13 @@ func (s *Server) chooseIsolation(user *owner) (Isolation, error) {
 		s.log.Warn("isolation: none: commands run as plain processes with the gateway's rights")
 		return IsolationNone, nil
 	case IsolationBwrap:
-		if err := probeBwrap(context.Background(), s.cfg.BwrapPath, s.stateDir, user); err != nil {
+		if err := probeBwrap(context.Background(), s.cfg.BwrapPath, s.sandboxesDir, user); err != nil {
 			return "", fmt.Errorf("local: isolation bwrap: %w", err)
 		}
 		s.log.Info("isolation: bwrap", "sandbox_uid", user.uidOr(os.Getuid()))
 		return IsolationBwrap, nil
 	}
-	if err := probeBwrap(context.Background(), s.cfg.BwrapPath, s.stateDir, user); err != nil {
+	if err := probeBwrap(context.Background(), s.cfg.BwrapPath, s.sandboxesDir, user); err != nil {
 		s.log.Warn("isolation: none, because bubblewrap does not work here: commands run as plain processes with the gateway's rights", "error", err)
 		return IsolationNone, nil
 	}
@@ -505,7 +550,19 @@ func (s *Server) saveSnapshot(sb *sandbox) error {
 	if err := os.Rename(dst, old); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("snapshot: %w", err)
 	}
-	if err := os.Rename(fsDir, dst); err != nil {
+	err := os.Rename(fsDir, dst)
+	if errors.Is(err, syscall.EXDEV) {
+		// The sandboxes' dir is on another file system than the state
+		// dir (see openSandboxesDir): copy, then rename within it.
+		tmp := filepath.Join(s.trashDir, "new-"+sb.id)
+		if err = copyTree(fsDir, tmp, nil); err == nil {
+			err = os.Rename(tmp, dst)
+		}
+		if err != nil {
+			_ = removeTree(tmp)
+		}
+	}
+	if err != nil {
 		_ = os.Rename(old, dst) // put the earlier one back
 		return fmt.Errorf("snapshot: %w", err)
 	}
