@@ -60,12 +60,12 @@ type Server struct {
 	ownsStateDir bool // made by New: Close removes it
 	// sandboxesDir is outside the state dir, made by New: Close removes it.
 	ownsSandboxesDir bool
-	runDir       string
-	sandboxesDir string // StateDir/sandboxes, or a dir of its own (see openSandboxesDir)
-	trashDir     string
-	lockFile     *os.File
-	handler      http.Handler
-	snapLocks    keyedMutex
+	runDir           string
+	sandboxesDir     string // StateDir/sandboxes, or a dir of its own (see openSandboxesDir)
+	trashDir         string
+	lockFile         *os.File
+	handler          http.Handler
+	snapLocks        keyedMutex
 
 	running atomic.Int64 // execs running over all sandboxes
 
