@@ -555,7 +555,7 @@ func (s *Server) saveSnapshot(sb *sandbox) error {
 		// The sandboxes' dir is on another file system than the state
 		// dir (see openSandboxesDir): copy, then rename within it.
 		tmp := filepath.Join(s.trashDir, "new-"+sb.id)
-		if err = copyTree(fsDir, tmp, nil); err == nil {
+		if err = copyTree(fsDir, tmp, s.launcher.user); err == nil {
 			err = os.Rename(tmp, dst)
 		}
 		if err != nil {
