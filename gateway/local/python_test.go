@@ -214,9 +214,12 @@ type recordWriter struct {
 	writes [][]byte
 }
 
-func (w *recordWriter) Header() http.Header         { return w.h }
-func (w *recordWriter) Write(p []byte) (int, error) { w.writes = append(w.writes, p); return len(p), nil }
-func (w *recordWriter) WriteHeader(int)             {}
+func (w *recordWriter) Header() http.Header { return w.h }
+func (w *recordWriter) Write(p []byte) (int, error) {
+	w.writes = append(w.writes, p)
+	return len(p), nil
+}
+func (w *recordWriter) WriteHeader(int) {}
 
 // TestPollEncodesOnce checks that a poll of a finished exec writes the
 // answer encoded when the exec ended, the very bytes, rather than encode
