@@ -90,7 +90,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		retention    = fs.Duration("exec-retention", local.DefaultExecRetention, "how long a finished exec's result is kept for polls, at most")
 		maxRetained  = fs.Int("max-retained-execs", local.DefaultMaxRetainedExecs, "finished execs kept for polls; beyond, the oldest is dropped and a poll of it gets 404 expired")
 		maxRetBytes  = fs.Int64("max-retained-bytes", local.DefaultMaxRetainedBytes, "`bytes` of finished execs' answers kept for polls; beyond, the oldest is dropped")
-		sandboxUID   = fs.Int("sandbox-uid", local.DefaultSandboxUID, "as root under bwrap: the `uid` commands run as (no /etc/passwd entry needed; not 0)")
+		sandboxUID   = fs.Int("sandbox-uid", local.DefaultSandboxUID, "as root under bwrap: the `uid` commands run as (no /etc/passwd entry needed; not 0); bwrap runs as it, unprivileged, so the host must allow unprivileged user namespaces")
 		sandboxGID   = fs.Int("sandbox-gid", local.DefaultSandboxGID, "as root under bwrap: the `gid` commands run as (not 0)")
 		logFormat    = fs.String("log-format", "auto", "auto, text or json: auto is coloured text on a terminal, JSON otherwise")
 		logLevel     = fs.String("log-level", "info", "debug, info, warn or error")
