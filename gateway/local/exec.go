@@ -192,7 +192,7 @@ func (s *Server) launch(e *execution, spec execSpec, ended func(at time.Time)) {
 		timer = time.AfterFunc(spec.timeout, func() { e.kill(gateway.StatusTimeout) })
 	}
 
-	out := newCapBuffer(s.cfg.OutputLimit)
+	out := newCapBuffer(s.cfg.OutputLimit, s.runDir)
 	readDone := make(chan struct{})
 	go func() {
 		defer close(readDone)
