@@ -110,7 +110,9 @@ type Config struct {
 
 	// OutputLimit caps the output kept per exec, in bytes: the first and
 	// the last half are kept and a line in between says how many bytes were
-	// cut. Default DefaultOutputLimit (1 MiB).
+	// cut. While the exec runs, what it keeps beyond 64 KiB waits in an
+	// unlinked file in StateDir/run, not in memory. Default
+	// DefaultOutputLimit (1 MiB).
 	OutputLimit int
 
 	// StartWait is how long a start waits for its exec to end before it

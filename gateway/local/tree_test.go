@@ -55,8 +55,8 @@ func TestTreeOps(t *testing.T) {
 			"":       os.ModeDir | 0o500,
 			"ro/a":   os.ModeDir | 0o555,
 			"ro/a/f": 0o000,
-			"secret": os.ModeDir | 0o000,
-			"suid":   0o755, // the setuid bit dropped
+			"secret": os.ModeDir, // 000
+			"suid":   0o755,      // the setuid bit dropped
 			"out":    os.ModeSymlink | 0o777,
 			"victim": os.ModeSymlink | 0o777,
 		} {
