@@ -308,6 +308,16 @@ func TestStateDirOutOfReach(t *testing.T) {
 		t.Cleanup(func() { os.RemoveAll(d) })
 	}
 	stateDir := filepath.Join(parent, "state")
+	// What a gateway killed before its Close left, for a state dir gone
+	// since: this start removes it.
+	orphan, err := os.MkdirTemp("", "boxq-sandboxes-orphan")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(orphan) })
+	if err := os.WriteFile(filepath.Join(orphan, stateDirRecord), []byte(filepath.Join(parent, "gone")), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	req := gateway.CreateRequest{PersistentFilesystem: true, LogicalKey: "far"}
 	g := newGateway(t, Config{Isolation: IsolationBwrap, StateDir: stateDir})
 	if strings.HasPrefix(g.srv.sandboxesDir, stateDir) {
@@ -319,6 +329,9 @@ func TestStateDirOutOfReach(t *testing.T) {
 	sb = g.create(t, req, "")
 	if out := g.mustRun(t, sb, "cat ~/f; id -u"); out != fmt.Sprintf("kept\n%d\n", DefaultSandboxUID) {
 		t.Errorf("restored: got %q", out)
+	}
+	if _, err := os.Lstat(orphan); err == nil {
+		t.Errorf("the orphan sandboxes dir %s is still there", orphan)
 	}
 	dir := g.srv.sandboxesDir
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

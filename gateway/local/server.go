@@ -308,7 +308,44 @@ func (s *Server) openSandboxesDir(user *owner) error {
 	}
 	s.sandboxesDir, s.ownsSandboxesDir = dir, true
 	s.log.Info("the sandbox user cannot reach the state dir: sandboxes' working files go elsewhere", "state_dir", s.stateDir, "sandboxes_dir", dir, "sandbox_uid", user.uid)
+	if err := os.WriteFile(filepath.Join(dir, stateDirRecord), []byte(s.stateDir), 0o600); err != nil {
+		return err
+	}
+	s.removeOrphanSandboxesDirs(dir)
 	return user.traversable(dir)
+}
+
+// stateDirRecord names, in a sandboxes' dir of its own, the file that
+// holds the path of its state dir.
+const stateDirRecord = "state-dir"
+
+// removeOrphanSandboxesDirs removes the sandboxes' dirs of their own (but
+// mine) that a gateway killed before its Close left in os.TempDir() for a
+// state dir that is gone since (a test's temporary one, typically): no
+// start will ever empty them.
+func (s *Server) removeOrphanSandboxesDirs(mine string) {
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), "boxq-sandboxes-*"))
+	for _, d := range dirs {
+		fi, err := os.Lstat(d)
+		if d == mine || err != nil || !fi.IsDir() {
+			continue
+		}
+		if st, ok := fi.Sys().(*syscall.Stat_t); !ok || int(st.Uid) != os.Geteuid() {
+			continue // not a gateway's of this user
+		}
+		state, err := os.ReadFile(filepath.Join(d, stateDirRecord))
+		if err != nil || !filepath.IsAbs(string(state)) {
+			continue
+		}
+		if _, err := os.Lstat(string(state)); !errors.Is(err, os.ErrNotExist) {
+			continue // its gateway, or the next one, will see to it
+		}
+		if err := removeTree(d); err != nil {
+			s.log.Warn("cannot remove an orphan sandboxes dir", "path", d, "error", err)
+		} else {
+			s.log.Info("removed an orphan sandboxes dir", "path", d, "state_dir", string(state))
+		}
+	}
 }
 
 // releaseStateDir unlocks the state dir, and removes it if New made it.
