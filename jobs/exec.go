@@ -142,6 +142,18 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 		return h.finalError(ctx, d, err)
 	}
 
+	if p.JoinOnRun {
+		// A delayed job, due now: it joins its task's sequence (delayed.go).
+		wait, err := h.store.joinDue(ctx, queue, jobID, p.TaskID)
+		if err != nil {
+			return h.failure(ctx, d, retried, maxRetry, err)
+		}
+		if wait {
+			log.Info("delayed job fell due behind other jobs of its task; it waits for its turn")
+			return &retryLater{err: errWaitsTurn, park: true}
+		}
+	}
+
 	// What a delivery must check first (a result already written, a cancel
 	// request, another job's turn) rides along with the take of the lease,
 	// and so do the exec's in-flight mark with what a rescuer needs, and
@@ -745,6 +757,9 @@ func (h *ExecHandler) failure(ctx context.Context, d *delivery, retried, maxRetr
 type retryLater struct {
 	err   error
 	after time.Duration
+	// park: the job waits for its turn in its task's sequence; it goes
+	// back due at parkedAt, and the hand-over promotes it.
+	park bool
 }
 
 func (e *retryLater) Error() string { return "retry later: " + e.err.Error() }

@@ -106,6 +106,10 @@ func (p *Producer) Enqueue(ctx context.Context, j Job, notify string) (Enqueued,
 	} else if other != "" {
 		return Enqueued{}, fmt.Errorf("invalid job: id %q is already a job of queue %q; job ids must be unique across queues", j.ID, other)
 	}
+	if j.RunAt != nil && j.RunAt.After(time.Now()) {
+		// It joins its sequence when it falls due (delayed.go).
+		return p.enqueueDelayed(ctx, j, e, notify)
+	}
 	// The task's commands run in the order they are enqueued: the job
 	// joins its task's sequence first, and is enqueued runnable when it is
 	// the head, parked when it waits (sequence.go).
@@ -392,7 +396,11 @@ func (p *Producer) Lookup(ctx context.Context, jobID string) (res Result, state 
 	}
 	if len(info.Result) == 0 {
 		state := info.State.String()
-		if pl, isExec := payloadOf(info); isExec && pl.Seq && info.State == asynq.TaskStateScheduled {
+		pl, isExec := payloadOf(info)
+		if isExec && pl.JoinOnRun && info.State == asynq.TaskStateScheduled {
+			state = "scheduled: runs at " + info.NextProcessAt.UTC().Format(time.RFC3339)
+		}
+		if isExec && pl.Seq && (info.State == asynq.TaskStateScheduled || info.State == asynq.TaskStateRetry) {
 			place, waiting, err := p.store.sequence(info.Queue, pl.TaskID).place(ctx, p.rdb, jobID)
 			if err != nil {
 				return Result{}, "", false, err

@@ -348,6 +348,8 @@ func isFailure(err error) bool {
 func retryDelay(n int, err error, _ *asynq.Task) time.Duration {
 	var rl *retryLater
 	switch {
+	case errors.As(err, &rl) && rl.park:
+		return time.Until(parkedAt)
 	case errors.As(err, &rl):
 		return rl.after + rand.N(rl.after/2+1)
 	case errors.Is(err, context.Canceled):
