@@ -243,6 +243,12 @@ const TerminateReason = "task terminated"
 // task runs or waits, and its result says which. It returns the terminate
 // job's id (TerminateOutcome reads its result).
 func (p *Producer) Terminate(ctx context.Context, taskID string, ifIdle bool) (string, error) {
+	return p.terminate(ctx, taskID, ifIdle)
+}
+
+// terminate is Terminate with asynq options for the terminate job (a
+// schedule's tick gives its id).
+func (p *Producer) terminate(ctx context.Context, taskID string, ifIdle bool, opts ...asynq.Option) (string, error) {
 	t, err := NewTerminateTask(taskID, ifIdle)
 	if err != nil {
 		return "", err
@@ -258,7 +264,7 @@ func (p *Producer) Terminate(ctx context.Context, taskID string, ifIdle bool) (s
 			}
 		}
 	}
-	info, err := p.client.EnqueueContext(ctx, t, asynq.MaxRetry(p.cfg.MaxRetry), asynq.Retention(p.cfg.Retention))
+	info, err := p.client.EnqueueContext(ctx, t, append([]asynq.Option{asynq.MaxRetry(p.cfg.MaxRetry), asynq.Retention(p.cfg.Retention)}, opts...)...)
 	if err != nil {
 		return "", fmt.Errorf("jobs: enqueue terminate of %q: %w", taskID, err)
 	}
