@@ -197,7 +197,7 @@ type ScheduleJob struct {
 
 const maxRunJobs = 10_000
 
-func (s store) schedulesKey() string           { return s.prefix + "schedules" }
+func (s store) schedulesKey() string            { return s.prefix + "schedules" }
 func (s store) schedLastKey(name string) string { return s.prefix + "schedlast:" + name }
 
 // SetSchedule adds or replaces a schedule. It takes effect within one reap
