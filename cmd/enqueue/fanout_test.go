@@ -187,11 +187,11 @@ func TestNightlyCleanup(t *testing.T) {
 	js = append(js, jobs.Job{TaskID: "scratch", Command: "true"})
 	s.runJobs(t, js)
 
-	if _, errb, code := s.enqueue(t, "-schedule", "nightly", "-cron", "0 3 * * *", "-tz", "Europe/Paris", "-terminate", "-tasks", "**"); code != 0 {
+	if _, errb, code := s.enqueue(t, "-schedule", "nightly-cleanup", "-cron", "0 3 * * *", "-tz", "Europe/Paris", "-terminate", "-tasks", "**"); code != 0 {
 		t.Fatalf("-schedule: exit %d: %s", code, errb)
 	}
 	// The README's schedule runs at 03:00; this one every second, to see it run.
-	if _, errb, code := s.enqueue(t, "-schedule", "nightly", "-cron", "@every 1s", "-terminate", "-tasks", "**"); code != 0 {
+	if _, errb, code := s.enqueue(t, "-schedule", "nightly-cleanup", "-cron", "@every 1s", "-terminate", "-tasks", "**"); code != 0 {
 		t.Fatalf("-schedule: exit %d: %s", code, errb)
 	}
 	ctx := context.Background()
@@ -210,10 +210,21 @@ func TestNightlyCleanup(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	out, _, _ := s.enqueue(t, "-schedules")
-	if !strings.Contains(out, "nightly") || !strings.Contains(out, "terminate -tasks '**'") || !strings.Contains(out, "terminated") {
+	t.Logf("-schedules:\n%s", out)
+	if !strings.Contains(out, "nightly-cleanup") || !strings.Contains(out, "terminate -tasks '**'") || !strings.Contains(out, "terminated") {
 		t.Errorf("-schedules:\n%s", out)
 	}
-	if _, errb, code := s.enqueue(t, "-unschedule", "nightly"); code != 0 {
+	// The README's job-file schedule.
+	if _, errb, code := s.enqueue(t, "-schedule", "report", "-cron", "@daily", "-f", "../../examples/nightly-report.json"); code != 0 {
+		t.Fatalf("-schedule -f: exit %d: %s", code, errb)
+	}
+	if out, _, _ := s.enqueue(t, "-schedules"); !strings.Contains(out, "-task reports -- mkdir") {
+		t.Errorf("-schedules lacks the job-file schedule:\n%s", out)
+	}
+	if _, errb, code := s.enqueue(t, "-unschedule", "report"); code != 0 {
+		t.Fatalf("-unschedule: exit %d: %s", code, errb)
+	}
+	if _, errb, code := s.enqueue(t, "-unschedule", "nightly-cleanup"); code != 0 {
 		t.Fatalf("-unschedule: exit %d: %s", code, errb)
 	}
 	if out, _, _ := s.enqueue(t, "-schedules"); !strings.Contains(out, "no schedules") {
