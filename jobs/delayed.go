@@ -69,7 +69,7 @@ func (p *Producer) enqueueDelayed(ctx context.Context, j Job, e Enqueued, notify
 	}
 	_, err = p.client.EnqueueContext(ctx, task, asynq.TaskID(j.ID), asynq.Queue(e.Queue),
 		asynq.MaxRetry(p.cfg.MaxRetry), asynq.Retention(p.cfg.Retention),
-		asynq.Timeout(j.Timeout()+2*time.Minute), asynq.ProcessAt(*j.RunAt))
+		asynq.Timeout(j.Timeout()+2*time.Minute), asynq.ProcessAt(dueSecond(*j.RunAt)))
 	if errors.Is(err, asynq.ErrTaskIDConflict) {
 		e.Existed = true
 		return e, nil
@@ -79,6 +79,16 @@ func (p *Producer) enqueueDelayed(ctx context.Context, j Job, e Enqueued, notify
 	}
 	p.knowQueue(e.Queue)
 	return e, nil
+}
+
+// dueSecond is when asynq may hand over a job due at t: asynq keeps due
+// times in whole seconds, and moves a job once the second has begun, up to
+// a second early; the next whole second is never early.
+func dueSecond(t time.Time) time.Time {
+	if s := t.Truncate(time.Second); !s.Equal(t) {
+		return s.Add(time.Second)
+	}
+	return t
 }
 
 // joinDue joins a delayed job to its task's sequence on delivery, and
@@ -95,6 +105,9 @@ func (s store) joinDue(ctx context.Context, queue, jobID, taskID string) (wait b
 	}
 	return n == joinWait, nil
 }
+
+// errNotDue sends back a delayed job delivered before its run_at.
+var errNotDue = errors.New("delivered before its run_at; comes back then")
 
 // errWaitsTurn parks a delayed job that fell due behind other jobs of its
 // task (retryLater with park: back in asynq until its turn).

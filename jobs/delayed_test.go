@@ -23,7 +23,7 @@ func TestDelayedJobRunsAtItsTime(t *testing.T) {
 	if err != nil || ok {
 		t.Fatalf("Lookup before its time: ok %v, err %v", ok, err)
 	}
-	if want := "scheduled: runs at " + runAt.UTC().Format(time.RFC3339); state != want {
+	if want := "scheduled: runs at " + runAt.UTC().Format(time.RFC3339Nano); state != want {
 		t.Errorf("state before its time: got %q, want %q", state, want)
 	}
 	r, err := w.Next(ctx)
@@ -34,7 +34,7 @@ func TestDelayedJobRunsAtItsTime(t *testing.T) {
 		t.Fatalf("result %+v", r)
 	}
 	ranAt := parseUnix(t, r.Output)
-	if ranAt.Before(runAt.Truncate(time.Second)) || r.StartedAt.Before(runAt.Truncate(time.Second)) {
+	if ranAt.Before(runAt) || r.StartedAt.Before(runAt) {
 		t.Errorf("the command ran at %v (started %v), before its run_at %v", ranAt, r.StartedAt, runAt)
 	}
 }

@@ -144,6 +144,11 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 
 	if p.JoinOnRun {
 		// A delayed job, due now: it joins its task's sequence (delayed.go).
+		// One delivered early (the dashboard's "run now") goes back until
+		// its time; not when cancelled: its delivery ends it at once.
+		if p.RunAt != nil && h.now().Before(*p.RunAt) && !h.store.cancelRequested(ctx, jobID) {
+			return &retryLater{err: errNotDue, after: dueSecond(*p.RunAt).Sub(h.now()), exact: true}
+		}
 		wait, err := h.store.joinDue(ctx, queue, jobID, p.TaskID)
 		if err != nil {
 			return h.failure(ctx, d, retried, maxRetry, err)
@@ -760,6 +765,8 @@ type retryLater struct {
 	// park: the job waits for its turn in its task's sequence; it goes
 	// back due at parkedAt, and the hand-over promotes it.
 	park bool
+	// exact: come back after `after`, no jitter.
+	exact bool
 }
 
 func (e *retryLater) Error() string { return "retry later: " + e.err.Error() }

@@ -403,8 +403,8 @@ func (p *Producer) Lookup(ctx context.Context, jobID string) (res Result, state 
 	if len(info.Result) == 0 {
 		state := info.State.String()
 		pl, isExec := payloadOf(info)
-		if isExec && pl.JoinOnRun && info.State == asynq.TaskStateScheduled {
-			state = "scheduled: runs at " + info.NextProcessAt.UTC().Format(time.RFC3339)
+		if isExec && pl.JoinOnRun && pl.RunAt != nil && info.State == asynq.TaskStateScheduled {
+			state = "scheduled: runs at " + pl.RunAt.UTC().Format(time.RFC3339Nano)
 		}
 		if isExec && pl.Seq && (info.State == asynq.TaskStateScheduled || info.State == asynq.TaskStateRetry) {
 			place, waiting, err := p.store.sequence(info.Queue, pl.TaskID).place(ctx, p.rdb, jobID)

@@ -365,6 +365,8 @@ func retryDelay(n int, err error, _ *asynq.Task) time.Duration {
 	switch {
 	case errors.As(err, &rl) && rl.park:
 		return time.Until(parkedAt)
+	case errors.As(err, &rl) && rl.exact:
+		return rl.after
 	case errors.As(err, &rl):
 		return rl.after + rand.N(rl.after/2+1)
 	case errors.Is(err, context.Canceled):

@@ -211,7 +211,7 @@ func TestNightlyCleanup(t *testing.T) {
 	}
 	out, _, _ := s.enqueue(t, "-schedules")
 	t.Logf("-schedules:\n%s", out)
-	if !strings.Contains(out, "nightly-cleanup") || !strings.Contains(out, "terminate -tasks '**'") || !strings.Contains(out, "terminated") {
+	if !strings.Contains(out, "nightly-cleanup") || !strings.Contains(out, "terminate -tasks '**'") || !strings.Contains(out, "Z: ") {
 		t.Errorf("-schedules:\n%s", out)
 	}
 	// The README's job-file schedule.
