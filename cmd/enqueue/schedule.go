@@ -47,6 +47,7 @@ worker ran are not run afterwards. A schedule change takes effect within one
 reap tick of the workers (-reap-every).
 
 ` + sandboxpool.GlobSyntax + `
+
 A fan-out with no matching task says so and exits 1; with -wait it exits 0
 when every command completed with return code 0, else 1.
 `
