@@ -206,7 +206,13 @@ func (p *Producer) SetSchedule(ctx context.Context, s Schedule) error {
 	if err := s.Validate(); err != nil {
 		return err
 	}
-	s.UpdatedAt = time.Now().UTC()
+	// Redis's clock, not this machine's: ticks before it are not the
+	// schedule's, and the workers should agree on when that was.
+	now, err := p.rdb.Time(ctx).Result()
+	if err != nil {
+		return fmt.Errorf("jobs: store schedule %q: %w", s.Name, err)
+	}
+	s.UpdatedAt = now.UTC()
 	b, err := json.Marshal(s)
 	if err != nil {
 		return fmt.Errorf("jobs: encode schedule: %w", err)

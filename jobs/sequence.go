@@ -280,9 +280,11 @@ func (q sequence) stop(ctx context.Context, rdb redis.UniversalClient, result fu
 }
 
 // seqLateScript promotes a head that was handed the turn while it was
-// being enqueued (its hash did not exist yet), once its enqueue is done:
-// {1} promoted (or runnable already), {0} still being enqueued (looked at
-// again; the repair passes over it if it never comes).
+// being enqueued (its hash did not exist yet), once its enqueue is done,
+// or while asynq had it active (a delayed job between its join and its
+// return to the retry set, delayed.go), once it is back:
+// {1} promoted (or runnable already), {0} still being enqueued, or still
+// active (looked at again; the repair passes over a job that never comes).
 //
 // KEYS: seqLib's. ARGV: seqLib's.
 var seqLateScript = redis.NewScript(seqLib + `
