@@ -17,8 +17,9 @@ import (
 // commands through the programs: a real redis-server, the gateway and two
 // workers as processes, and enqueue: the example batch makes the demo
 // tasks' sandboxes; a fan-out over examples/fanout-tasks.txt and over a
-// glob, with its summary; a job delayed by 2 s runs no earlier; and the
-// nightly cleanup schedule ends every live sandbox at its tick.
+// glob, with its summary; a job delayed by 2 s runs no earlier; a cleanup
+// command scheduled over every live sandbox; and the nightly cleanup
+// schedule, which ends every live sandbox at its tick.
 func TestScheduledAndFanOut(t *testing.T) {
 	binaries(t)
 	srv := redistest.StartServer(t)
@@ -72,6 +73,34 @@ func TestScheduledAndFanOut(t *testing.T) {
 		}
 		if due := before.Add(2 * time.Second); ran < float64(due.Unix()) || r.StartedAt.Before(due) {
 			t.Errorf("-in 2s ran at %.3f (started %v), before %v", ran, r.StartedAt, due)
+		}
+	})
+
+	t.Run("cache cleanup", func(t *testing.T) {
+		if _, stderr, code := enqueue("-tasks", "**", "-wait", "--", "mkdir -p ~/.cache && touch ~/.cache/x"); code != 0 {
+			t.Fatalf("fill the caches: exit %d: %s", code, stderr)
+		}
+		// As the README shows it; then every second, to see it run.
+		for _, spec := range []string{"0 2 * * *", "@every 1s"} {
+			if _, stderr, code := enqueue("-schedule", "cache-cleanup", "-cron", spec, "-tz", "Europe/Paris", "-tasks", "**", "--", "rm -rf ~/.cache"); code != 0 {
+				t.Fatalf("-schedule -cron %q: exit %d: %s", spec, code, stderr)
+			}
+		}
+		want := "5 tasks: 5 completed (rc 0: 5)\n\ndemo-a,demo-b,demo-c,demo-d,demo-e (5 tasks), rc 0:\n    gone\n"
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			stdout, _, _ := enqueue("-tasks", "**", "-wait", "--", "test -e ~/.cache && echo present || echo gone")
+			_, summary, _ := strings.Cut(stdout, "\n\n")
+			if summary == want {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("caches left 30 s after the cleanup schedule:\n%s", summary)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		if _, stderr, code := enqueue("-unschedule", "cache-cleanup"); code != 0 {
+			t.Errorf("-unschedule: exit %d: %s", code, stderr)
 		}
 	})
 
