@@ -106,3 +106,18 @@ func parseUnix(t *testing.T, s string) time.Time {
 	}
 	return time.Unix(sec, nsec)
 }
+
+func TestParseJobRunAt(t *testing.T) {
+	j, err := jobs.ParseJob([]byte(`{"task_id": "t", "command": "true", "run_at": "2026-12-03T03:00:00Z"}`))
+	if err != nil || j.RunAt == nil || !j.RunAt.Equal(time.Date(2026, 12, 3, 3, 0, 0, 0, time.UTC)) {
+		t.Errorf("ParseJob with run_at = %+v, %v", j, err)
+	}
+	for line, want := range map[string]string{
+		`{"task_id": "t", "command": "true", "run_at": "tomorrow"}`:             "run_at",
+		`{"task_id": "t", "command": "true", "run_at": "2300-01-01T00:00:00Z"}`: "too far ahead",
+	} {
+		if _, err := jobs.ParseJob([]byte(line)); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("ParseJob(%s) = %v, want an error with %q", line, err, want)
+		}
+	}
+}

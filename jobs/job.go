@@ -16,6 +16,7 @@ import (
 	"math"
 	"reflect"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -161,8 +162,12 @@ func describeJSONError(err error) error {
 	var (
 		te *json.UnmarshalTypeError
 		se *json.SyntaxError
+		pe *time.ParseError
 	)
 	switch {
+	case errors.As(err, &pe):
+		// run_at is a job's only time.
+		return fmt.Errorf("field \"run_at\" must be an RFC 3339 time (2026-12-03T03:00:00Z), not %s", shorten(strconv.Quote(pe.Value), 60))
 	case errors.As(err, &te):
 		// ExecPayload embeds Job: report "command", not "Job.command".
 		field := strings.TrimPrefix(te.Field, "Job.")

@@ -1,6 +1,7 @@
 package jobs
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -118,7 +119,7 @@ func (s *Schedule) Validate() error {
 	}
 	if s.Job != nil {
 		j := *s.Job
-		j.TaskID = cmpOr(s.Task, "t")
+		j.TaskID = cmp.Or(s.Task, "t")
 		if j.ID != "" || j.RunAt != nil {
 			return bad("a schedule's job has no id or run_at: each tick's job gets its own")
 		}
@@ -127,13 +128,6 @@ func (s *Schedule) Validate() error {
 		}
 	}
 	return nil
-}
-
-func cmpOr(a, b string) string {
-	if a != "" {
-		return a
-	}
-	return b
 }
 
 // Next returns the schedule's first tick after t. An @every interval

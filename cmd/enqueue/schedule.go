@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"flag"
@@ -183,6 +184,12 @@ func (x *schedOptions) check(o *options) error {
 		return app.Usagef("a -terminate schedule runs no command")
 	case (x.schedules || x.unschedule != "") && (len(o.command) > 0 || o.task != "" || x.tasks != ""):
 		return app.Usagef("-schedules and -unschedule take no task or command")
+	case o.id != "" && x.schedule == "" && !x.schedules && x.unschedule == "":
+		return app.Usagef("-id names one job; each job of a fan-out gets its own")
+	case o.id != "" && x.schedule != "":
+		return app.Usagef("-id names one job; each tick's job gets its own (sched:NAME:TIME)")
+	case o.out != "":
+		return app.Usagef("-o is for batches (-f)")
 	case o.ifIdle && !o.terminate:
 		return app.Usagef("-if-idle goes with -terminate")
 	case o.timeout <= 0:
@@ -297,17 +304,10 @@ func listSchedules(ctx context.Context, prod *jobs.Producer, asJSON bool, stdout
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "NAME\tCRON\tTZ\tRUNS\tNEXT\tLAST RUN")
 	for _, st := range sts {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", st.Name, st.Cron, cmpOr(st.TZ, "UTC"), target(st.Schedule),
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", st.Name, st.Cron, cmp.Or(st.TZ, "UTC"), target(st.Schedule),
 			st.Next.Format(time.RFC3339), lastRun(st))
 	}
 	return tw.Flush()
-}
-
-func cmpOr(a, b string) string {
-	if a != "" {
-		return a
-	}
-	return b
 }
 
 // target says what a schedule's ticks do.
