@@ -147,6 +147,23 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 		return h.finalError(ctx, d, err)
 	}
 
+	if p.JoinOnRun {
+		// A delayed job, due now: it joins its task's sequence (delayed.go).
+		// One delivered early (the dashboard's "run now") goes back until
+		// its time; not when cancelled: its delivery ends it at once.
+		if p.RunAt != nil && h.now().Before(*p.RunAt) && !h.store.cancelRequested(ctx, jobID) {
+			return &retryLater{err: errNotDue, after: dueSecond(*p.RunAt).Sub(h.now()), exact: true, wait: WaitSchedule}
+		}
+		wait, err := h.store.joinDue(ctx, queue, jobID, p.TaskID)
+		if err != nil {
+			return h.failure(ctx, d, retried, maxRetry, err)
+		}
+		if wait {
+			log.Info("delayed job fell due behind other jobs of its task; it waits for its turn")
+			return &retryLater{err: errWaitsTurn, park: true, wait: WaitTurn}
+		}
+	}
+
 	// What a delivery must check first (a result already written, a cancel
 	// request, another job's turn) rides along with the take of the lease,
 	// and so do the exec's in-flight mark with what a rescuer needs, and
@@ -755,6 +772,11 @@ type retryLater struct {
 	err   error
 	after time.Duration
 	wait  string
+	// park: the job waits for its turn in its task's sequence; it goes
+	// back due at parkedAt, and the hand-over promotes it.
+	park bool
+	// exact: come back after `after`, no jitter.
+	exact bool
 }
 
 func (e *retryLater) Error() string { return "retry later: " + e.err.Error() }

@@ -12,6 +12,8 @@ import (
 
 	"github.com/hibiken/asynq"
 	"github.com/redis/go-redis/v9"
+
+	"github.com/boxq/boxq/sandboxpool"
 )
 
 // DefaultTaskCheckInterval is WorkerConfig.TaskCheckInterval's default.
@@ -145,6 +147,7 @@ type Worker struct {
 	srv      *asynq.Server
 	mux      *asynq.ServeMux
 	reaper   *Reaper
+	sched    *Scheduler
 	rescuer  *Rescuer
 	client   *asynq.Client
 	stopping chan struct{}
@@ -214,6 +217,17 @@ func NewWorker(cfg WorkerConfig) (*Worker, error) {
 		}
 		w.reaper = &Reaper{client: w.client, every: cfg.ReapEvery, queue: reapQueue, now: cfg.Now, log: log}
 	}
+	// Every worker runs the schedules (schedule.go), reading them again on
+	// every reap tick.
+	prod, err := NewProducer(cfg.Redis, ProducerConfig{Prefix: cfg.Prefix, Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	reload := cfg.ReapEvery
+	if reload <= 0 {
+		reload = 30 * time.Second
+	}
+	w.sched = NewScheduler(prod, sandboxpool.NewIndex(cfg.Redis, cfg.Prefix), reload, cfg.Now, log)
 	return w, nil
 }
 
@@ -289,6 +303,7 @@ func (w *Worker) Run(ctx context.Context) error {
 		wg.Go(func() { _ = w.rescuer.Run(ctx) })
 	}
 	wg.Go(func() { w.promoteLate(ctx) })
+	wg.Go(func() { _ = w.sched.Run(ctx) })
 	<-ctx.Done()
 	w.cfg.Logger.Info("stopping: waiting for running jobs", "timeout", w.cfg.ShutdownTimeout)
 	close(w.stopping)
@@ -348,6 +363,10 @@ func isFailure(err error) bool {
 func retryDelay(n int, err error, _ *asynq.Task) time.Duration {
 	var rl *retryLater
 	switch {
+	case errors.As(err, &rl) && rl.park:
+		return time.Until(parkedAt)
+	case errors.As(err, &rl) && rl.exact:
+		return rl.after
 	case errors.As(err, &rl):
 		return rl.after + rand.N(rl.after/2+1)
 	case errors.Is(err, context.Canceled):

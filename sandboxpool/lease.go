@@ -264,7 +264,7 @@ func (p *Pool) forget(ctx context.Context, l *Lease) {
 	l.stop()
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 	defer cancel()
-	if err := deleteScript.Run(ctx, p.rdb, []string{p.indexKey, l.leaseKey, l.recordKey, p.tombKey(l.taskID)}, p.tombArg, l.tokenArg, l.taskID).Err(); err != nil {
+	if err := deleteScript.Run(ctx, p.rdb, []string{p.indexKey, p.tasksKey, l.leaseKey, l.recordKey, p.tombKey(l.taskID)}, p.tombArg, l.tokenArg, l.taskID).Err(); err != nil {
 		p.log.Warn("sandboxpool: drop the record of a refused create", "task_id", l.taskID, "err", err)
 	}
 }
@@ -279,7 +279,7 @@ func (p *Pool) take(ctx context.Context, taskID string, spec *Spec, in Intent) (
 		stampKey, stampArg = in.Stamp, "1"
 	}
 	keys := make([]string, takeKeys, takeKeys+len(in.Unless))
-	keys[0], keys[1], keys[2], keys[3], keys[4], keys[5], keys[6] = p.leaseKey(taskID), p.recordKey(taskID), p.indexKey, p.fenceKey, p.inflightKey, stampKey, p.tombKey(taskID)
+	keys[0], keys[1], keys[2], keys[3], keys[4], keys[5], keys[6], keys[7] = p.leaseKey(taskID), p.recordKey(taskID), p.indexKey, p.fenceKey, p.inflightKey, stampKey, p.tombKey(taskID), p.tasksKey
 	args := make([]any, takeArgs, takeArgs+len(in.Unless)+10)
 	args[0], args[1], args[2], args[3], args[4], args[5] = p.ttlArg, "", taskID, in.ExecID, in.Note, stampArg
 	for _, c := range in.Unless {

@@ -161,6 +161,7 @@ type Pool struct {
 	leasePrefix  string
 	recordPrefix string
 	indexKey     string
+	tasksKey     string // the fan-out index (fanout.go)
 	fenceKey     string
 	inflightKey  string
 	tombPrefix   string
@@ -189,6 +190,7 @@ func New(rdb redis.UniversalClient, gw Gateway, cfg Config) (*Pool, error) {
 		leasePrefix:  cfg.Prefix + "lease:",
 		recordPrefix: cfg.Prefix + "sandbox:",
 		indexKey:     cfg.Prefix + "sandboxes",
+		tasksKey:     cfg.Prefix + "tasks",
 		fenceKey:     cfg.Prefix + "fence",
 		inflightKey:  cfg.Prefix + "inflight",
 		tombPrefix:   cfg.Prefix + "gone:",

@@ -93,6 +93,7 @@ type options struct {
 	logFormat string
 	logLevel  string
 	command   []string
+	runAt     *time.Time // -in, -at (schedule.go)
 }
 
 func run(ctx context.Context, args []string, getenv func(string) string, stdin io.Reader, stdout, stderr io.Writer) error {
@@ -120,10 +121,23 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 	fs.IntVar(&o.maxRetry, "max-retry", 8, "retries after infrastructure faults (capacity waits do not count)")
 	fs.StringVar(&o.logFormat, "log-format", "auto", "log format of -dev's embedded worker: auto, text or json")
 	fs.StringVar(&o.logLevel, "log-level", "warn", "log level of -dev's embedded worker")
-	if err := app.ParseFlags(fs, args, stdout, helpHead, helpTail); err != nil {
+	var x schedOptions
+	x.register(fs)
+	if err := app.ParseFlags(fs, args, stdout, helpHead+helpScheduling, helpTail); err != nil {
 		return err
 	}
 	o.command = fs.Args()
+	if x.handles() {
+		return runScheduling(ctx, &o, &x, stdin, stdout, stderr)
+	}
+	runAt, err := x.runAt(time.Now())
+	if err != nil {
+		return err
+	}
+	o.runAt = runAt
+	if o.runAt != nil && o.file != "" {
+		return app.Usagef("-in and -at delay one job; in a batch, give each line a \"run_at\"")
+	}
 	if err := o.check(); err != nil {
 		return err
 	}
@@ -278,7 +292,7 @@ func startDev(ctx context.Context, log *slog.Logger, wg *sync.WaitGroup) (*devst
 // output (or its result with -json) and exits with its return code.
 func runOne(ctx context.Context, o *options, prod *jobs.Producer, stdin io.Reader, stdout, stderr io.Writer) error {
 	j := jobs.Job{ID: o.id, TaskID: o.task, Command: strings.Join(o.command, " "), Cwd: o.cwd,
-		Image: o.image, Queue: o.queue, Persistent: &o.persist}
+		Image: o.image, Queue: o.queue, Persistent: &o.persist, RunAt: o.runAt}
 	secs := o.timeout.Seconds()
 	j.TimeoutS = &secs
 	if o.stdinFile != "" {

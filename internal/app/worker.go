@@ -97,6 +97,14 @@ func RunWorker(ctx context.Context, o WorkerOptions) error {
 		return err
 	}
 
+	// Records made by an older boxq, before the fan-out index existed, join
+	// it (once per Redis: later starts cost one command).
+	if n, err := pool.Index().Backfill(ctx); err != nil {
+		log.Warn("backfill the fan-out index of task ids", "err", err)
+	} else if n > 0 {
+		log.Info("added existing sandboxes to the fan-out index", "count", n)
+	}
+
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	insp := asynq.NewInspectorFromRedisClient(rdb)
