@@ -36,6 +36,7 @@ type Pool interface {
 	TerminateIdle(ctx context.Context, taskID string, unless []sandboxpool.Check) error
 	ReapIdle(ctx context.Context, now time.Time, ttl time.Duration) (int, error)
 	ClaimOrphans(ctx context.Context) ([]sandboxpool.Orphan, error)
+	Get(ctx context.Context, taskID string) (sandboxpool.Record, bool, error)
 }
 
 // Gateway is what the handlers need of gateway.Client.
@@ -139,7 +140,6 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 	}
 	if p.QueuedAtMs > 0 {
 		res.QueuedAt = time.UnixMilli(p.QueuedAtMs).UTC()
-		h.metrics.observeQueueWait(startedAt.Sub(res.QueuedAt))
 	}
 	log := h.log.With("job_id", jobID, "task_id", p.TaskID)
 	if err := p.Validate(); err != nil {
@@ -245,6 +245,13 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 	runCtx, cancelRun := h.runContext(ctx, jobID, lease.Lost())
 	defer cancelRun(nil)
 	execStart := time.Now()
+	if startedIn == "" && !res.QueuedAt.IsZero() {
+		// The first delivery to get this far (the take stamps the job, so
+		// a later one has startedIn set): the queue wait is observed once
+		// per job, however many times it came back to wait for its turn or
+		// for capacity before.
+		h.metrics.observeQueueWait(execStart.Sub(res.QueuedAt))
+	}
 	st, err := h.gw.Run(runCtx, lease.SandboxID(), h.startRequest(&p, res.ExecID, cwd, marker, timeout))
 	if errors.Is(err, gateway.ErrSandboxGone) && startedIn != "" {
 		// The sandbox was there when an earlier delivery took the job; the
@@ -439,6 +446,7 @@ func (h *ExecHandler) vetoed(ctx context.Context, log *slog.Logger, d *delivery,
 		// back to waiting; the hand-over promotes it from the retry set
 		// when its turn comes.
 		log.Info("not this job's turn in its task's sequence; it waits")
+		h.metrics.observeWait(waitReasonTurn)
 		return &retryLater{err: errors.New("another job of the task has the turn"), after: turnRetry, wait: WaitTurn}
 	}
 	return fmt.Errorf("jobs: delivery of %s was held back by check %d", d.jobID, check)
@@ -706,10 +714,13 @@ func (h *ExecHandler) failure(ctx context.Context, d *delivery, retried, maxRetr
 	h.metrics.observeGatewayError(err)
 	switch {
 	case errors.Is(err, sandboxpool.ErrFull):
+		h.metrics.observeWait(waitReasonPoolFull)
 		return &retryLater{err: err, after: 200 * time.Millisecond, wait: WaitCapacity}
 	case errors.Is(err, sandboxpool.ErrBusy):
+		h.metrics.observeWait(waitReasonTurn)
 		return &retryLater{err: err, after: 200 * time.Millisecond, wait: WaitTurn}
 	case gateway.Classify(err) == gateway.Capacity && gateway.StatusCode(err) != 0:
+		h.metrics.observeWait(waitReasonGatewayCapacity)
 		return &retryLater{err: err, after: max(gateway.RetryAfter(err), 500*time.Millisecond), wait: WaitCapacity}
 	case errors.Is(err, gateway.ErrExecNotFound):
 		// The gateway forgot the exec (restart, the sandbox ended, or a
