@@ -165,13 +165,13 @@ type Pool struct {
 	// answer (sandbox_id ""), so that Created need not scan every record.
 	// It may hold stale members (a worker that died mid-create): Created
 	// checks each one and drops those that are not pending any more.
-	pendingKey string
-	fenceKey     string
-	inflightKey  string
-	tombPrefix   string
-	tombArg      string // TombstoneTTL in ms
-	ttlArg       string // LeaseTTL in ms
-	capArg       string // MaxSandboxes
+	pendingKey  string
+	fenceKey    string
+	inflightKey string
+	tombPrefix  string
+	tombArg     string // TombstoneTTL in ms
+	ttlArg      string // LeaseTTL in ms
+	capArg      string // MaxSandboxes
 }
 
 // New returns a Pool over rdb (the client asynq uses may be shared) and gw.

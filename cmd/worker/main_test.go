@@ -116,7 +116,7 @@ func TestDevServesAndStops(t *testing.T) {
 	}
 	for _, tt := range []struct {
 		path, auth, want string
-		code           int
+		code             int
 	}{
 		{"/monitoring/", "none", "", http.StatusUnauthorized},
 		{"/monitoring/", "wrong bearer", "", http.StatusUnauthorized},

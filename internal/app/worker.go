@@ -39,7 +39,7 @@ type WorkerOptions struct {
 	// /metrics with it too.
 	HTTPToken   string
 	MetricsAuth bool
-	Logger   *slog.Logger
+	Logger      *slog.Logger
 	// OnReady, when set, is called once the worker serves, with the
 	// address the HTTP endpoints listen on ("" without HTTPAddr).
 	OnReady func(httpAddr string)
@@ -154,4 +154,3 @@ func RunWorker(ctx context.Context, o WorkerOptions) error {
 	log.Info("worker stopped")
 	return err
 }
-
