@@ -317,7 +317,7 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 		return ret
 	}
 
-	newCwd := h.fillResult(&res, st, marker, cwd, lease.Spec().WithDefaults().Cwd, timeout)
+	newCwd := h.fillResult(&res, st, marker, p.Cwd, lease.Cwd(), lease.Spec().WithDefaults().Cwd, timeout)
 	if res.Status == StatusCancelled && ctx.Err() == nil {
 		// Nobody here cancelled it: the gateway stopped the command (the
 		// sandbox's lifetime ran out, or the gateway ended it). That is not
@@ -403,10 +403,13 @@ func leaseLost(l *sandboxpool.Lease) bool {
 }
 
 // fillResult fills res from a finished exec and returns the cwd the
-// command reported ("" none). A command that exits the shell, times out
-// or is killed reports no cwd: it is where the command started, or the
-// sandbox's default.
-func (h *ExecHandler) fillResult(res *Result, st gateway.ExecState, marker, cwd, defaultCwd string, timeout time.Duration) string {
+// command reported ("" none). own is the job's own cwd, tracked the task's.
+// A command that exits the shell, times out, is killed, or whose own cwd
+// does not exist (rc 126) reports no cwd: the task's tracked cwd stays as
+// it was, and the result says that one (where the next command starts),
+// never the job's own cwd, which may not exist.
+func (h *ExecHandler) fillResult(res *Result, st gateway.ExecState, marker, own, tracked, defaultCwd string, timeout time.Duration) string {
+	cwd := firstNonEmpty(own, tracked)
 	parsed := wrap.ParseAll(st.Output, marker)
 	clean, newCwd := parsed.Output, parsed.Cwd
 	res.Status, res.ReturnCode = resultStatus(st)
@@ -415,9 +418,9 @@ func (h *ExecHandler) fillResult(res *Result, st gateway.ExecState, marker, cwd,
 	if parsed.CwdReset {
 		res.CwdReset = true
 		res.Error = fmt.Sprintf("the task's working directory %s no longer exists; the command ran from the sandbox's default directory", cwd)
-		cwd = ""
+		tracked = ""
 	}
-	res.Cwd = firstNonEmpty(newCwd, cwd, defaultCwd)
+	res.Cwd = firstNonEmpty(newCwd, tracked, defaultCwd)
 	if st.Status == gateway.StatusTimeout {
 		res.Error = strings.TrimPrefix(res.Error+"; ", "; ") + fmt.Sprintf("command timed out after %s", timeout)
 	}
