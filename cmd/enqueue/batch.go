@@ -237,4 +237,3 @@ func writeJSONLine(w io.Writer, v any) error {
 	_, err = w.Write(b)
 	return err
 }
-
