@@ -2,11 +2,14 @@ package jobs_test
 
 import (
 	"context"
+	"log/slog"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/boxq/boxq/internal/syncbuf"
 	"github.com/boxq/boxq/jobs"
 	"github.com/boxq/boxq/sandboxpool"
 )
@@ -24,7 +27,11 @@ func TestMetricsKeepWaitsApart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.startWorker(t, func(c *jobs.WorkerConfig) { c.Metrics = m })
+	var logs syncbuf.Buffer
+	s.startWorker(t, func(c *jobs.WorkerConfig) {
+		c.Metrics = m
+		c.Logger = slog.New(slog.NewJSONHandler(&logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	})
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 
@@ -34,6 +41,11 @@ func TestMetricsKeepWaitsApart(t *testing.T) {
 	// The gateway holds its one sandbox: task tb's create gets a 429.
 	_, refused := s.submit(t, ctx, jobs.Job{ID: "tb-" + randID(), TaskID: "tb", Command: "true"})
 	waitFor(t, 20*time.Second, "a capacity wait", func() bool { return value(t, reg, "boxq_waits_total", "gateway_capacity") >= 1 })
+	// The worker says so at info, in the gateway's words, once per
+	// CapacityLogEvery however often the job came back.
+	if got := logs.String(); !strings.Contains(got, "jobs wait for capacity") || !strings.Contains(got, "429") {
+		t.Errorf("no info line about the capacity wait with the gateway's answer:\n%s", got)
+	}
 	if err := s.prod.Cancel(ctx, refused.ID); err != nil {
 		t.Fatal(err)
 	}
