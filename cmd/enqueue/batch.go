@@ -25,6 +25,9 @@ const maxLineBytes = 32 << 20
 // prints one result line per job as each finishes.
 func runBatch(ctx context.Context, o *options, prod *jobs.Producer, stdin io.Reader, stdout, stderr io.Writer) error {
 	in := stdin
+	if o.file == "-" && isTerminalIn(stdin) {
+		fmt.Fprintln(stderr, "enqueue: reading jobs from the terminal, one JSON object a line; end with Ctrl-D")
+	}
 	if o.file != "-" {
 		f, err := os.Open(o.file)
 		if err != nil {

@@ -157,6 +157,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 	app.RouteRedisLogs(log)
 	// Read before anything is enqueued: a missing file is a usage error.
 	var stdinData *string
+	if o.stdinFile == "-" && isTerminalIn(stdin) {
+		fmt.Fprintln(stderr, "enqueue: reading the command's stdin from the terminal; end it with Ctrl-D")
+	}
 	if o.stdinFile != "" {
 		b, err := readStdin(o.stdinFile, stdin)
 		if err != nil {
@@ -437,6 +440,8 @@ func runTerminate(ctx context.Context, o *options, prod *jobs.Producer, stderr i
 		// to do it, and go on waiting.
 		if served, serr := prod.QueuesServed(); serr == nil && served[jobs.MaintenanceQueue] == 0 {
 			fmt.Fprintln(stderr, "enqueue: no live worker is running to do it; still waiting: start one (worker)")
+		} else {
+			fmt.Fprintf(stderr, "enqueue: terminate of task %q enqueued (job %s); its sandbox ends once its running command has stopped\n", o.task, id)
 		}
 		if o.wait {
 			out, err = prod.WaitTerminate(ctx, id)
@@ -461,6 +466,13 @@ func runTerminate(ctx context.Context, o *options, prod *jobs.Producer, stderr i
 	}
 	fmt.Fprintf(stderr, "task %q terminated\n", o.task)
 	return nil
+}
+
+// isTerminalIn reports whether r is a terminal: reading it waits for a
+// user to type, which deserves a word.
+func isTerminalIn(r io.Reader) bool {
+	f, ok := r.(*os.File)
+	return ok && app.IsTerminal(f)
 }
 
 func readLimited(path string, limit int64) ([]byte, error) {
