@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/boxq/boxq/internal/app"
 	"github.com/boxq/boxq/jobs"
 )
 
@@ -32,15 +33,29 @@ func (f durationFlag) Set(s string) error {
 	return fmt.Errorf("not a duration: want a number with a unit, as in 30s, 5m or 1h30m")
 }
 
-// lineFlags are the flags that, given explicitly, are the defaults of the
-// job lines of a batch (-f) or a fan-out (-tasks) that lack the field: a
-// field a line gives wins. Flags not given leave the lines alone (the job
-// defaults apply). -id and -stdin-file make no sense for many jobs and are
-// rejected with -f, like -task.
-var lineFlags = []string{"cwd", "timeout", "queue", "image", "persistent"}
+// The flags -cwd, -timeout, -queue, -image and -persistent, given
+// explicitly, are the defaults of the job lines of a batch (-f) or a
+// fan-out (-tasks) that lack the field: a field a line gives wins. Flags
+// not given leave the lines alone (the job defaults apply). -task, -id and
+// -stdin-file name one job: rejectPerJob refuses them with such a mode.
 
-// perJobFlags are rejected with -f: each names one job.
-var perJobFlags = []string{"task", "id", "stdin-file"}
+// perJobFlags name one job, and why each makes no sense for many.
+var perJobFlags = []struct{ name, why string }{
+	{"task", "each line names its task_id"},
+	{"id", "each line has its own id (or gets a new one)"},
+	{"stdin-file", `each line gives its own stdin (the "stdin" field)`},
+}
+
+// rejectPerJob returns a usage error when a flag that names one job was
+// given with mode ("-f", "-tasks"), which makes many.
+func rejectPerJob(set map[string]bool, mode string) error {
+	for _, f := range perJobFlags {
+		if set[f.name] {
+			return app.Usagef("with %s %s; drop -%s", mode, f.why, f.name)
+		}
+	}
+	return nil
+}
 
 // lineDefaults holds the explicit values of lineFlags.
 type lineDefaults struct {

@@ -231,14 +231,8 @@ func (o *options) check() error {
 		return app.Usagef("-if-idle goes with -terminate")
 	case o.file != "" && len(o.command) > 0:
 		return app.Usagef("with -f the jobs come from the file; drop the command %q", strings.Join(o.command, " "))
-	case o.file != "" && o.task != "":
-		return app.Usagef("with -f each line names its task_id; drop -task")
-	case o.file != "" && o.id != "":
-		return app.Usagef("with -f each line has its own id (or gets a new one); drop -id")
-	case o.file != "" && o.stdinFile != "":
-		return app.Usagef("with -f each line gives its own stdin (the \"stdin\" field); drop -stdin-file")
-	case o.file == "-" && o.stdinFile == "-":
-		return app.Usagef("-f - and -stdin-file - both read stdin; use one")
+	case o.file != "" && rejectPerJob(o.set, "-f") != nil:
+		return rejectPerJob(o.set, "-f")
 	case modes == 0 && o.task == "":
 		return app.Usagef("missing -task ID (or use -f FILE for a batch)")
 	case modes == 0 && len(o.command) == 0:
