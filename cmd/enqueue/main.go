@@ -454,6 +454,9 @@ func runTerminate(ctx context.Context, o *options, prod *jobs.Producer, stderr i
 	case out.Status == "busy":
 		fmt.Fprintf(stderr, "task %q not terminated: %s\n", o.task, out.Reason)
 		return nil
+	case out.Status == "none" && o.ifIdle:
+		fmt.Fprintf(stderr, "task %q had no sandbox: nothing to terminate\n", o.task)
+		return nil
 	case out.Status == "none":
 		fmt.Fprintf(stderr, "task %q had no sandbox: nothing to terminate (its running and waiting jobs, if any, were cancelled)\n", o.task)
 		return nil
