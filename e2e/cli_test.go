@@ -264,7 +264,10 @@ func TestProgressBarTerminal(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	master, slave := openPTY(t)
+	// A narrow terminal: a bar wider than it would wrap, and each redraw
+	// would leave a row behind.
+	const cols = 40
+	master, slave := openPTY(t, cols)
 	ctx, cancel := context.WithTimeout(context.Background(), cliLimit)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, filepath.Join(binaries(t), progEnqueue), "-f", file, "-wait")
@@ -318,11 +321,17 @@ func TestProgressBarTerminal(t *testing.T) {
 	if !strings.Contains(raw, "\x1b[K") || !strings.Contains(raw, "/13 completed") {
 		t.Errorf("no progress bar drawn on the terminal; raw output %q", raw)
 	}
+	for _, draw := range strings.Split(raw, "\r") {
+		bar, _, ok := strings.Cut(draw, "\x1b[K")
+		if ok && utf8.RuneCountInString(bar) >= cols {
+			t.Errorf("a bar of %d columns on a terminal of %d: it wraps: %q", utf8.RuneCountInString(bar), cols, bar)
+		}
+	}
 }
 
-// openPTY opens a pseudo-terminal pair with /dev/ptmx (no library needed:
-// unlock the slave, ask its number).
-func openPTY(t *testing.T) (master, slave *os.File) {
+// openPTY opens a pseudo-terminal pair of cols columns with /dev/ptmx (no
+// library needed: unlock the slave, ask its number, set its size).
+func openPTY(t *testing.T, cols int) (master, slave *os.File) {
 	t.Helper()
 	m, err := os.OpenFile("/dev/ptmx", os.O_RDWR|syscall.O_NOCTTY, 0)
 	if err != nil {
@@ -342,6 +351,12 @@ func openPTY(t *testing.T) (master, slave *os.File) {
 	if err != nil {
 		m.Close()
 		t.Fatal(err)
+	}
+	ws := struct{ Row, Col, X, Y uint16 }{Row: 24, Col: uint16(cols)}
+	if _, _, errno := syscall.Syscall(syscall.SYS_IOCTL, s.Fd(), syscall.TIOCSWINSZ, uintptr(unsafe.Pointer(&ws))); errno != 0 {
+		m.Close()
+		s.Close()
+		t.Fatalf("set the window size: %v", errno)
 	}
 	return m, s
 }

@@ -5,6 +5,7 @@ import (
 	"io"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/boxq/boxq/internal/app"
 	"github.com/boxq/boxq/jobs"
@@ -56,11 +57,33 @@ func waitLine(c jobs.WaitCounts) string {
 	return strings.Join(parts, ", ")
 }
 
+// shortWaitLine is waitLine for the bar, which must fit a terminal's line:
+// "4 run, wait: 6 capacity, 2 turn, 1 worker".
+func shortWaitLine(c jobs.WaitCounts) string {
+	var parts []string
+	for _, n := range []struct {
+		n    int
+		what string
+	}{{c.Capacity, "capacity"}, {c.Turn, "turn"}, {c.Worker, "worker"}, {c.Retry, "retry"}, {c.Schedule, "time"}} {
+		if n.n > 0 {
+			parts = append(parts, fmt.Sprintf("%d %s", n.n, n.what))
+		}
+	}
+	out := ""
+	if c.Running > 0 {
+		out = fmt.Sprintf("%d run", c.Running)
+	}
+	if len(parts) > 0 {
+		out = strings.TrimPrefix(out+", wait: "+strings.Join(parts, ", "), ", ")
+	}
+	return out
+}
+
 func (p *progress) line() string {
 	elapsed := p.now().Sub(p.start).Round(100 * time.Millisecond)
 	var b strings.Builder
 	if p.tty {
-		const width = 20
+		const width = 10
 		filled := width
 		if p.total > 0 {
 			filled = min(p.sum.results*width/p.total, width)
@@ -70,7 +93,11 @@ func (p *progress) line() string {
 		b.WriteString("progress: ")
 	}
 	fmt.Fprintf(&b, "%d/%d %s", p.sum.results, p.total, p.sum.statusLine())
-	if w := waitLine(p.waits); w != "" {
+	w := waitLine(p.waits)
+	if p.tty {
+		w = shortWaitLine(p.waits)
+	}
+	if w != "" {
 		fmt.Fprintf(&b, " | %s", w)
 	}
 	fmt.Fprintf(&b, " | %s", elapsed)
@@ -88,8 +115,14 @@ func (p *progress) draw() {
 		return
 	}
 	// \r to the line's start, the line, then erase what a longer line
-	// drawn before left to its right.
-	fmt.Fprintf(p.w, "\r%s\x1b[K", p.line())
+	// drawn before left to its right. A line wider than the terminal
+	// would wrap, and \r would then go back to its last row only: it is
+	// cut to fit.
+	line := p.line()
+	if width := app.TerminalWidth(p.w); width > 1 && utf8.RuneCountInString(line) > width-1 {
+		line = string([]rune(line)[:width-2]) + "…"
+	}
+	fmt.Fprintf(p.w, "\r%s\x1b[K", line)
 	p.shown = true
 }
 
