@@ -307,7 +307,8 @@ func TestComposeFile(t *testing.T) {
 			if diff := cmp.Diff(w.Ports, []string{want}); diff != "" {
 				t.Errorf("%s ports (-got +want):\n%s", name, diff)
 			}
-			wantEnv := map[string]string{"REDIS_URL": redisURL, "GATEWAY_URL": gatewayURL, "GATEWAY_TOKEN": token}
+			wantEnv := map[string]string{"REDIS_URL": redisURL, "GATEWAY_URL": gatewayURL, "GATEWAY_TOKEN": token,
+				"BOXQ_HTTP_TOKEN": "${BOXQ_HTTP_TOKEN:-}"}
 			if diff := cmp.Diff(w.Environment, wantEnv); diff != "" {
 				t.Errorf("%s environment (-got +want):\n%s", name, diff)
 			}

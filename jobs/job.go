@@ -53,6 +53,9 @@ const (
 	// limit), next to the command.
 	maxStdinJSONBytes = 7 << 20
 	DefaultQueue      = "default"
+	// MaintenanceQueue holds boxq's own terminate and reap jobs. Every
+	// worker serves it, whatever its -queues, and no exec job may use it.
+	MaintenanceQueue = "boxq"
 )
 
 // Job is one exec job as producers write it: one JSON object, or one line
@@ -298,6 +301,10 @@ func (j *Job) Validate() error {
 		// Below a millisecond the gateway's timeoutMs would be 0: no
 		// timeout at all.
 		return bad("timeout_s must be at least %v (1 ms), got %v", MinTimeout.Seconds(), *j.TimeoutS)
+	case j.TimeoutS != nil && *j.TimeoutS > MaxTimeout.Seconds():
+		// Rejected, not capped: a user who asked for more would
+		// otherwise find the command cut short without a word.
+		return bad("timeout_s is %v; the maximum is %v (%v, the sandbox lifetime)", *j.TimeoutS, MaxTimeout.Seconds(), MaxTimeout)
 	case len(j.Stdin) > MaxStdinBytes:
 		return bad("stdin is %d bytes; the limit is %d", len(j.Stdin), MaxStdinBytes)
 	case !utf8.ValidString(j.Stdin):
@@ -316,6 +323,8 @@ func (j *Job) Validate() error {
 		return bad("run_at %s is too far ahead (before %d, please)", j.RunAt.Format(time.RFC3339), parkedAt.Year())
 	case j.Queue != "" && (!printable(j.Queue) || strings.ContainsAny(j.Queue, "{}:")):
 		return bad("queue %q is not a valid queue name (no control characters, braces or colons)", shorten(j.Queue, 64))
+	case j.Queue == MaintenanceQueue:
+		return bad("queue %q is boxq's own, for terminate and reap jobs: use another name", j.Queue)
 	}
 	if n := scriptBytes(j.Command, j.Cwd); n > maxScriptBytes {
 		return bad("command is %d bytes once quoted for the shell (a single quote takes 4); the limit is %d", n, maxScriptBytes)

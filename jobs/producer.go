@@ -264,7 +264,7 @@ func (p *Producer) terminate(ctx context.Context, taskID string, ifIdle bool, op
 			}
 		}
 	}
-	info, err := p.client.EnqueueContext(ctx, t, append([]asynq.Option{asynq.MaxRetry(p.cfg.MaxRetry), asynq.Retention(p.cfg.Retention)}, opts...)...)
+	info, err := p.client.EnqueueContext(ctx, t, append([]asynq.Option{asynq.Queue(MaintenanceQueue), asynq.MaxRetry(p.cfg.MaxRetry), asynq.Retention(p.cfg.Retention)}, opts...)...)
 	if err != nil {
 		return "", fmt.Errorf("jobs: enqueue terminate of %q: %w", taskID, err)
 	}
@@ -298,8 +298,10 @@ func (p *Producer) stopTask(ctx context.Context, queue, taskID string) error {
 // TerminateOutcome is what a terminate job did.
 type TerminateOutcome struct {
 	TaskID string `json:"task_id"`
-	// Status is "terminated", or "busy" when an -if-idle terminate found
-	// a command of the task running or waiting.
+	// Status is "terminated"; "none" when the task had no sandbox (its
+	// running and waiting jobs, if any, were cancelled all the same); or
+	// "busy" when an -if-idle terminate found a command of the task
+	// running or waiting.
 	Status string `json:"status"`
 	Reason string `json:"reason,omitempty"`
 }
@@ -310,7 +312,7 @@ func (p *Producer) WaitTerminate(ctx context.Context, id string) (TerminateOutco
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
 	for {
-		info, err := p.insp.GetTaskInfo(DefaultQueue, id)
+		info, err := p.insp.GetTaskInfo(MaintenanceQueue, id)
 		if err != nil {
 			return TerminateOutcome{}, fmt.Errorf("jobs: look up terminate job %s: %w", id, err)
 		}

@@ -428,6 +428,10 @@ func (p *Pool) newLease(ctx context.Context, taskID string, token int64, fields 
 // create creates the lease's sandbox under its idempotency key and records
 // the id.
 func (p *Pool) create(ctx context.Context, l *Lease) error {
+	// Noted as pending for Created (best effort: Created drops members
+	// that are not pending, and a lost note only counts a pending create
+	// as live for a moment).
+	_ = p.rdb.SAdd(ctx, p.pendingKey, l.taskID).Err()
 	id, err := p.gw.Create(ctx, l.key, l.spec.request(l.taskID))
 	if err != nil {
 		return fmt.Errorf("sandboxpool: create sandbox of task %q: %w", l.taskID, err)
@@ -448,6 +452,7 @@ func (p *Pool) create(ctx context.Context, l *Lease) error {
 		return fmt.Errorf("sandboxpool: record sandbox %s of task %q: %w", id, l.taskID, ErrStaleLease)
 	}
 	l.sandboxID = id
+	_ = p.rdb.SRem(ctx, p.pendingKey, l.taskID).Err()
 	return nil
 }
 

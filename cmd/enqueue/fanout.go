@@ -100,7 +100,7 @@ func runFanOut(ctx context.Context, o *options, x *schedOptions, prod *jobs.Prod
 	}
 	if !o.asJSON {
 		fmt.Fprintln(stdout)
-		fmt.Fprint(stdout, summary(results))
+		fmt.Fprint(stdout, groupSummary(results))
 	}
 	for _, r := range results {
 		if r.Status != jobs.StatusCompleted || r.ReturnCode != 0 {
@@ -119,7 +119,7 @@ func outcome(r jobs.Result) string {
 	return s
 }
 
-// summary counts results by status and return code, then groups the tasks
+// groupSummary counts results by status and return code, then groups the tasks
 // whose results are the same (status, return code, output), as dshbak -c
 // does:
 //
@@ -127,7 +127,7 @@ func outcome(r jobs.Result) string {
 //
 //	eval-42/1,eval-42/3-9 (8 tasks), rc 0:
 //	    ok
-func summary(results []jobs.Result) string {
+func groupSummary(results []jobs.Result) string {
 	var b strings.Builder
 	byStatus := map[string]map[int]int{}
 	for _, r := range results {
