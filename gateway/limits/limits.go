@@ -234,12 +234,12 @@ func (c *Controller) Close() error {
 
 // Group is one sandbox's cgroup (one directory per hierarchy under v1).
 type Group struct {
-	c     *Controller
+	c      *Controller
 	dirs   []string // v2: one; v1: one per controller
 	memDir string   // the directory with the memory controller's files
-	spec  Spec
-	holds Holds
-	fd    int // v2: the cgroup directory, for clone3
+	spec   Spec
+	holds  Holds
+	fd     int // v2: the cgroup directory, for clone3
 }
 
 // New makes the cgroup of sandbox id and writes its limits.
