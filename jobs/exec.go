@@ -79,6 +79,11 @@ type ExecHandler struct {
 // a rescuer takes over from a dead worker, is drawn in docs/LIFECYCLE.md.
 func (h *ExecHandler) ProcessTask(ctx context.Context, t *asynq.Task) error {
 	err := h.process(ctx, t)
+	if err != nil && !errors.Is(err, asynq.SkipRetry) {
+		// The job comes back: say why where producers can see it
+		// (Producer.Status, enqueue -wait's progress).
+		h.store.noteWait(ctx, t, err)
+	}
 	var f *finalErr
 	if errors.As(err, &f) && f.retained {
 		// The job ended with status "error", and its result is written:
@@ -434,7 +439,7 @@ func (h *ExecHandler) vetoed(ctx context.Context, log *slog.Logger, d *delivery,
 		// back to waiting; the hand-over promotes it from the retry set
 		// when its turn comes.
 		log.Info("not this job's turn in its task's sequence; it waits")
-		return &retryLater{err: errors.New("another job of the task has the turn"), after: turnRetry}
+		return &retryLater{err: errors.New("another job of the task has the turn"), after: turnRetry, wait: WaitTurn}
 	}
 	return fmt.Errorf("jobs: delivery of %s was held back by check %d", d.jobID, check)
 }
@@ -700,10 +705,12 @@ func (h *ExecHandler) finalError(ctx context.Context, d *delivery, cause error) 
 func (h *ExecHandler) failure(ctx context.Context, d *delivery, retried, maxRetry int, err error) error {
 	h.metrics.observeGatewayError(err)
 	switch {
+	case errors.Is(err, sandboxpool.ErrFull):
+		return &retryLater{err: err, after: 200 * time.Millisecond, wait: WaitCapacity}
 	case errors.Is(err, sandboxpool.ErrBusy):
-		return &retryLater{err: err, after: 200 * time.Millisecond}
+		return &retryLater{err: err, after: 200 * time.Millisecond, wait: WaitTurn}
 	case gateway.Classify(err) == gateway.Capacity && gateway.StatusCode(err) != 0:
-		return &retryLater{err: err, after: max(gateway.RetryAfter(err), 500*time.Millisecond)}
+		return &retryLater{err: err, after: max(gateway.RetryAfter(err), 500*time.Millisecond), wait: WaitCapacity}
 	case errors.Is(err, gateway.ErrExecNotFound):
 		// The gateway forgot the exec (restart, the sandbox ended, or a
 		// re-delivery later than its retention). Running it again could
@@ -740,11 +747,14 @@ func (h *ExecHandler) failure(ctx context.Context, d *delivery, retried, maxRetr
 	return err
 }
 
-// retryLater is a capacity wait: the job comes back after `after` and the
-// attempt does not count as a failure.
+// retryLater is a wait, not a failure: the job comes back after `after`
+// and the attempt does not count against its retries. wait says what it
+// waits for (WaitTurn, WaitCapacity; "" for a fenced delivery, which
+// waits for the other delivery of the same job).
 type retryLater struct {
 	err   error
 	after time.Duration
+	wait  string
 }
 
 func (e *retryLater) Error() string { return "retry later: " + e.err.Error() }

@@ -52,6 +52,8 @@ type stackOptions struct {
 	isolation local.Isolation
 	// front, when set, wraps the gateway's handler (fault injection).
 	front func(http.Handler) http.Handler
+	// maxSandboxes caps the gateway's live sandboxes (0: its default).
+	maxSandboxes int
 }
 
 func newStack(t *testing.T, o stackOptions) *stack {
@@ -60,7 +62,7 @@ func newStack(t *testing.T, o stackOptions) *stack {
 	if o.isolation == "" {
 		o.isolation = local.IsolationNone
 	}
-	gw, err := local.New(local.Config{Token: testToken, Isolation: o.isolation, JanitorInterval: 50 * time.Millisecond})
+	gw, err := local.New(local.Config{Token: testToken, Isolation: o.isolation, JanitorInterval: 50 * time.Millisecond, MaxSandboxes: o.maxSandboxes})
 	if err != nil {
 		t.Fatalf("start gateway: %v", err)
 	}

@@ -445,6 +445,8 @@ type Waiter struct {
 	nextSweep time.Time
 	// failingSince is when the sweeps began to fail (zero: they work).
 	failingSince time.Time
+	// counts is what the outstanding jobs waited for at the last sweep.
+	counts WaitCounts
 }
 
 // maxRedisOutage is how long a Waiter goes on waiting while its sweeps
@@ -554,6 +556,7 @@ func (w *Waiter) sweep(ctx context.Context) error {
 	for id, pj := range w.pending {
 		byQueue[pj.queue] = append(byQueue[pj.queue], id)
 	}
+	var counts WaitCounts
 	for queue, ids := range byQueue {
 		states, err := w.p.store.lookup(ctx, queue, ids)
 		if err != nil {
@@ -561,6 +564,9 @@ func (w *Waiter) sweep(ctx context.Context) error {
 		}
 		for i, st := range states {
 			id := ids[i]
+			if st.result == nil {
+				counts.add(waitKindOf(st.state, st.wait, st.parked))
+			}
 			switch {
 			case st.result != nil:
 				var r Result
@@ -583,8 +589,14 @@ func (w *Waiter) sweep(ctx context.Context) error {
 			}
 		}
 	}
+	w.counts = counts
 	return nil
 }
+
+// Counts returns what the outstanding jobs waited for at the last sweep
+// (every ProducerConfig.Sweep, or slower for a large batch): the numbers
+// behind a progress line such as "12 wait for capacity".
+func (w *Waiter) Counts() WaitCounts { return w.counts }
 
 // archivedGrace is how long a job may sit archived without a result before
 // the Waiter gives up on it: asynq archives a job whose deadline passed at

@@ -183,30 +183,56 @@ type taskState struct {
 	exists bool
 	state  string // asynq's state name: pending, active, retry, archived, completed, …
 	result []byte
+	wait   string // the worker's note of why it came back (waitField)
+	parked bool   // scheduled at parkedAt: waiting in its task's sequence
 }
 
-// lookup reads the state and result of many jobs in one round trip.
+// lookup reads the state and result of many jobs in one round trip (two
+// when some are scheduled: whether they are parked is in the scheduled
+// set's scores).
 func (s store) lookup(ctx context.Context, queue string, ids []string) ([]taskState, error) {
 	pipe := s.rdb.Pipeline()
 	cmds := make([]*redis.SliceCmd, len(ids))
 	for i, id := range ids {
-		cmds[i] = pipe.HMGet(ctx, taskKey(queue, id), "state", "result")
+		cmds[i] = pipe.HMGet(ctx, taskKey(queue, id), "state", "result", waitField)
 	}
 	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
 		return nil, fmt.Errorf("jobs: look up %d jobs: %w", len(ids), err)
 	}
 	out := make([]taskState, len(ids))
+	var scheduled []int
 	for i, c := range cmds {
 		v := c.Val()
-		if len(v) != 2 {
+		if len(v) != 3 {
 			continue
 		}
 		if st, ok := v[0].(string); ok {
 			out[i].exists = true
 			out[i].state = st
+			if st == "scheduled" {
+				scheduled = append(scheduled, i)
+			}
 		}
 		if r, ok := v[1].(string); ok && r != "" {
 			out[i].result = []byte(r)
+		}
+		if w, ok := v[2].(string); ok {
+			out[i].wait = w
+		}
+	}
+	if len(scheduled) > 0 {
+		zset := "asynq:{" + queue + "}:scheduled"
+		scores := make([]*redis.FloatCmd, len(scheduled))
+		for k, i := range scheduled {
+			scores[k] = pipe.ZScore(ctx, zset, ids[i])
+		}
+		if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
+			return nil, fmt.Errorf("jobs: look up %d scheduled jobs: %w", len(scheduled), err)
+		}
+		for k, i := range scheduled {
+			if at, err := scores[k].Result(); err == nil && at >= float64(parkedAt.Unix()) {
+				out[i].parked = true
+			}
 		}
 	}
 	return out, nil

@@ -336,7 +336,7 @@ func (p *Pool) take(ctx context.Context, taskID string, spec *Spec, in Intent) (
 		left := p.cfg.AcquireWait - time.Since(start)
 		if left <= 0 || in.noWait {
 			if code == codeFull {
-				return nil, fmt.Errorf("sandboxpool: task %q: pool at capacity (%d sandboxes): %w", taskID, p.cfg.MaxSandboxes, ErrBusy)
+				return nil, fmt.Errorf("sandboxpool: task %q: the pool holds its maximum of %d sandboxes: %w", taskID, p.cfg.MaxSandboxes, ErrFull)
 			}
 			return nil, fmt.Errorf("sandboxpool: task %q: lease held elsewhere: %w", taskID, ErrBusy)
 		}

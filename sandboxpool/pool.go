@@ -37,6 +37,9 @@ var (
 	// capacity, for longer than Config.AcquireWait: try again soon. It is
 	// a wait, not a failure.
 	ErrBusy = errors.New("sandboxpool: busy")
+	// ErrFull is the ErrBusy of a pool at capacity (Config.MaxSandboxes)
+	// rather than of a lease held elsewhere; it wraps ErrBusy.
+	ErrFull = fmt.Errorf("%w (pool at capacity)", ErrBusy)
 	// ErrVetoed means AcquireUnless found one of its checks set, and took
 	// nothing.
 	ErrVetoed = errors.New("sandboxpool: vetoed by a check")
