@@ -14,6 +14,8 @@ package limits
 
 import (
 	"bufio"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -49,7 +51,7 @@ type Config struct {
 	MountInfo  string // default /proc/self/mountinfo
 	SelfCgroup string // default /proc/self/cgroup
 	// Name of the directory holding this gateway's sandboxes (default
-	// "boxq-<pid>").
+	// "boxq-<pid>-<random>").
 	Name string
 	// ShimPath is the executable RunShim runs in (default: this one).
 	ShimPath string
@@ -90,7 +92,10 @@ func Detect(cfg Config) (*Controller, error) {
 		cfg.SelfCgroup = "/proc/self/cgroup"
 	}
 	if cfg.Name == "" {
-		cfg.Name = "boxq-" + strconv.Itoa(os.Getpid())
+		// Unique per Controller: one process may run several gateways.
+		rnd := make([]byte, 4)
+		_, _ = rand.Read(rnd)
+		cfg.Name = "boxq-" + strconv.Itoa(os.Getpid()) + "-" + hex.EncodeToString(rnd)
 	}
 	if cfg.ShimPath == "" {
 		exe, err := os.Executable()
@@ -160,17 +165,16 @@ func (c *Controller) setupV2(own string) error {
 		return fmt.Errorf("no memory, cpu or pids controller delegated to %s", own)
 	}
 	// "No internal processes": a cgroup whose children get controllers
-	// holds no processes itself. Move whoever is in ours (this gateway, and
-	// anything started with it) into a leaf of its own first.
-	if procs, _ := readProcs(own); len(procs) > 0 {
+	// holds no processes itself. Move this gateway into a leaf of its own
+	// first. Only itself: anything else in its cgroup (a service's other
+	// processes) is not ours to move, and the delegation then fails, said.
+	if procs, _ := readProcs(own); contains(procs, os.Getpid()) {
 		leaf := filepath.Join(own, "boxq-gateway")
 		if err := c.cfg.mkdir(leaf); err != nil && !errors.Is(err, os.ErrExist) {
 			return fmt.Errorf("not delegated: %w", err)
 		}
-		for _, pid := range procs {
-			if err := writeFile(filepath.Join(leaf, "cgroup.procs"), strconv.Itoa(pid)); err != nil && !errors.Is(err, syscall.ESRCH) {
-				return fmt.Errorf("move process %d to %s: %w", pid, leaf, err)
-			}
+		if err := writeFile(filepath.Join(leaf, "cgroup.procs"), strconv.Itoa(os.Getpid())); err != nil {
+			return fmt.Errorf("move the gateway to %s: %w", leaf, err)
 		}
 	}
 	ctl := strings.Join(enable, " ")
@@ -590,7 +594,7 @@ func readSelfCgroup(p string) (map[string]string, error) {
 	return out, nil
 }
 
-func contains(xs []string, x string) bool {
+func contains[T comparable](xs []T, x T) bool {
 	for _, y := range xs {
 		if y == x {
 			return true

@@ -218,7 +218,7 @@ func fakeV2(t *testing.T, controllers string) (Config, string) {
 		t.Fatal(err)
 	}
 	os.WriteFile(filepath.Join(own, "cgroup.controllers"), []byte(controllers+"\n"), 0o644)
-	os.WriteFile(filepath.Join(own, "cgroup.procs"), []byte("4242\n"), 0o644)
+	os.WriteFile(filepath.Join(own, "cgroup.procs"), []byte("1\n"+strconv.Itoa(os.Getpid())+"\n"), 0o644)
 	mi := filepath.Join(root, "mountinfo")
 	os.WriteFile(mi, []byte("41 31 0:38 / /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw\n"), 0o644)
 	sc := filepath.Join(root, "cgroup")
@@ -246,7 +246,7 @@ func TestV2FakeTree(t *testing.T) {
 		t.Fatalf("mode %s holds %+v why %q", c.Mode(), c.Holds(), c.Why())
 	}
 	// The gateway left its cgroup for a leaf, then delegated.
-	if got := read(t, filepath.Join(own, "boxq-gateway/cgroup.procs")); got != "4242" {
+	if got := read(t, filepath.Join(own, "boxq-gateway/cgroup.procs")); got != strconv.Itoa(os.Getpid()) {
 		t.Errorf("leaf cgroup.procs = %q, want the gateway's pid moved there", got)
 	}
 	for _, d := range []string{own, filepath.Join(own, "boxq")} {

@@ -99,6 +99,7 @@ type execSpec struct {
 	command string
 	stdin   string
 	timeout time.Duration // 0: none (the sandbox's lifetime still ends it)
+	rt      *sandboxRuntime
 }
 
 // launch starts the process of e and returns once it runs or has failed
@@ -155,6 +156,10 @@ func (s *Server) launch(e *execution, spec execSpec, ended func(at time.Time)) {
 		cmd.Stdin = stdin
 	}
 	cmd.Stdout, cmd.Stderr = pw, pw
+	if spec.dirs.group != nil {
+		spec.dirs.group.Wrap(cmd) // into the sandbox's cgroup before any of its code runs
+	}
+	oomBefore := spec.rt.oomKills()
 	err = cmd.Start()
 	pw.Close()
 	script.feed(spec.command)
@@ -224,7 +229,7 @@ func (s *Server) launch(e *execution, spec execSpec, ended func(at time.Time)) {
 		status, rc := outcome(cmd.ProcessState, waitErr, reason)
 		ended(s.cfg.Now())
 		output, omitted := out.Result()
-		e.finish(status, rc, output, omitted)
+		e.finish(status, rc, output+spec.rt.oomNote(oomBefore), omitted)
 	}()
 }
 

@@ -30,6 +30,7 @@ type sandbox struct {
 	lifetime   time.Duration
 	idle       time.Duration
 	log        *slog.Logger
+	rt         *sandboxRuntime // image, disk, cgroup; released by finishEnd
 
 	mu         sync.Mutex
 	execs      map[string]*execution

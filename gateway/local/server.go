@@ -47,6 +47,7 @@ import (
 	"time"
 
 	"github.com/boxq/boxq/gateway"
+	"github.com/boxq/boxq/gateway/limits"
 )
 
 // Server serves the gateway API. Create it with New; end it with Close.
@@ -61,6 +62,7 @@ type Server struct {
 	lockFile     *os.File
 	handler      http.Handler
 	snapLocks    keyedMutex
+	res          *resources
 
 	running atomic.Int64 // execs running over all sandboxes
 
@@ -120,6 +122,11 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	s.launcher = launcher{mode: mode, bwrap: cfg.BwrapPath, stateDir: s.stateDir}
+	if err := s.setupResources(); err != nil {
+		s.closeResources()
+		s.releaseStateDir()
+		return nil, err
+	}
 	s.handler = s.routes()
 
 	ctx, cancel := context.WithCancel(context.Background())
@@ -173,6 +180,7 @@ func (s *Server) close(ctx context.Context) error {
 			errs = append(errs, err)
 		}
 	}
+	s.closeResources()
 	s.releaseStateDir()
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("local: close: %w", err)
@@ -218,6 +226,10 @@ func (s *Server) openStateDir() error {
 	// are their files. Snapshots stay.
 	s.runDir = filepath.Join(dir, "run")
 	s.trashDir = filepath.Join(dir, "trash")
+	// A crashed run may have left its sandboxes' disks and overlays mounted.
+	if err := limits.UnmountUnder(filepath.Join(dir, "sandboxes")); err != nil {
+		return fmt.Errorf("local: state dir: %w", err)
+	}
 	for _, d := range []string{"sandboxes", "run", "trash"} {
 		if err := os.RemoveAll(filepath.Join(dir, d)); err != nil {
 			return fmt.Errorf("local: state dir: %w", err)
@@ -376,9 +388,10 @@ func (s *Server) finishEnd(ctx context.Context, sb *sandbox, snapshot bool, reas
 	sb.execs = nil // the outputs of a gone sandbox are unreachable: free them
 	sb.mu.Unlock()
 
-	var err error
+	keep := snapshot && sb.persistent && sb.logicalKey != ""
+	err := s.releaseRuntime(sb, keep)
 	kept := false
-	if snapshot && sb.persistent && sb.logicalKey != "" {
+	if keep && err == nil {
 		if err = s.saveSnapshot(sb); err == nil {
 			kept = true
 		}
