@@ -40,7 +40,7 @@ type Spec struct {
 }
 
 // Tools most tests want in an image.
-var Tools = []string{"cat", "sleep", "yes", "head", "ls", "id", "env", "rm", "mkdir", "touch", "true", "wc", "dd"}
+var Tools = []string{"cat", "sleep", "yes", "head", "tail", "cut", "du", "ls", "id", "env", "rm", "mkdir", "touch", "true", "wc", "dd"}
 
 // Build returns an image of two layers: the host binaries, then the
 // spec's own files (so the flattening is exercised too).
