@@ -8,8 +8,11 @@
 // What the server does beyond the wire format:
 //   - A create's timeoutMs is the sandbox's lifetime (0: 1 h) and its
 //     idleTimeoutMs the time it may go without a running exec (0: 5 min);
-//     both at most 24 h. cpu, memoryMiB, diskMiB and image are accepted
-//     and not enforced: sandboxes share the host.
+//     both at most 24 h. image, cpu, memoryMiB and diskMiB apply where
+//     the gateway can: images with an image source (Config.ImagesDir,
+//     Pull), limits with cgroups and mounts (root); see runtime.go. What
+//     cannot be enforced is logged at start and shown per sandbox by
+//     GET /v1/sandboxes.
 //   - The same x-idempotency-key gives the same sandbox id, also to
 //     concurrent creates, until ExecRetention after that sandbox ended.
 //   - An exec's timeoutMs (0: none but the sandbox's lifetime) kills its
