@@ -176,10 +176,8 @@ func (x *extractor) entry(name string, hdr *tar.Header, r io.Reader) error {
 		x.st.skippedDevices++
 		return nil
 	case tar.TypeDir, tar.TypeReg, tar.TypeSymlink, tar.TypeFifo:
+		// (tar.Reader turns the old TypeRegA into TypeReg.)
 	default:
-		if hdr.Typeflag == tar.TypeRegA {
-			break
-		}
 		x.st.skippedUnsafe++
 		return nil
 	}
@@ -212,7 +210,7 @@ func (x *extractor) entry(name string, hdr *tar.Header, r io.Reader) error {
 		if err != nil {
 			return err
 		}
-	case tar.TypeReg, tar.TypeRegA:
+	case tar.TypeReg:
 		if hdr.Size > x.lim.maxFileBytes {
 			return fmt.Errorf("%w: file of %d bytes over the %d-byte cap", errTooLarge, hdr.Size, x.lim.maxFileBytes)
 		}

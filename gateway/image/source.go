@@ -31,7 +31,7 @@ const (
 // candidate is one image found in Dir.
 type candidate struct {
 	names  []string // fully qualified, as name.Reference.Name() prints them
-	digest string   // manifest digest, for name@sha256:… references
+	digest string   // manifest digest, for name@sha256:… references ("" for archives)
 	open   func() (v1.Image, error)
 	where  string
 }
@@ -63,7 +63,7 @@ func (s *Store) findInDir(ref name.Reference) (v1.Image, string, []string, error
 			continue
 		}
 		for _, c := range cands {
-			if isDigest && c.digest == dg.DigestStr() {
+			if isDigest && c.digest != "" && c.digest == dg.DigestStr() {
 				img, err := c.open()
 				return img, c.where, nil, err
 			}
@@ -211,15 +211,10 @@ func (s *Store) scanTarball(p, base string, fi os.FileInfo) ([]candidate, error)
 			c.open = func() (v1.Image, error) { return tarball.Image(opener, tag) }
 			out = append(out, c)
 		}
-		// Digest references need the manifest digest, computed from the
-		// archive: do it only for the archive's images, lazily, here.
-		for i := range out {
-			if img, err := out[i].open(); err == nil {
-				if h, err := img.Digest(); err == nil {
-					out[i].digest = h.String()
-				}
-			}
-		}
+		// No digest: an archive holds no registry manifest, and the one
+		// go-containerregistry would compute (compressing every layer)
+		// matches no registry's. A name@sha256:… reference is matched
+		// by layouts, else pulled.
 		return out, nil
 	}
 	if members["index.json"] {

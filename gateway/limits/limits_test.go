@@ -352,3 +352,50 @@ func TestTmpfsDiskAndOverlay(t *testing.T) {
 		t.Errorf("second unmount: %v", err)
 	}
 }
+
+// TestV1AllowUnprivileged: an exec that runs as another user (its shim
+// too) can join the group once Allow has given it the group's procs files.
+func TestV1AllowUnprivileged(t *testing.T) {
+	c := realV1(t, "pids")
+	// The shim must be a binary that user can run: a copy of this one.
+	dir := t.TempDir()
+	for _, d := range []string{dir, filepath.Dir(dir)} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	shim := filepath.Join(dir, "shim")
+	if err := os.WriteFile(shim, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	c.cfg.ShimPath = shim
+	g := newGroup(t, c, Spec{Pids: 32})
+	run := func() (string, error) {
+		cmd := exec.Command("cat", "/proc/self/cgroup")
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+		g.Wrap(cmd)
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	if out, err := run(); err == nil || !strings.Contains(out, "join cgroup") {
+		t.Fatalf("without Allow: %v, %s; want the shim refused its join", err, out)
+	}
+	if err := g.Allow(65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+	out, err := run()
+	if err != nil {
+		t.Fatalf("after Allow: %v: %s", err, out)
+	}
+	if !strings.Contains(out, strings.ReplaceAll(t.Name(), "/", "_")) {
+		t.Errorf("/proc/self/cgroup = %s, want the group", out)
+	}
+}

@@ -184,6 +184,9 @@ func (c Config) validate() error {
 	if c.ExecRetention < 0 {
 		errs = append(errs, fmt.Errorf("exec retention %v is negative", c.ExecRetention))
 	}
+	if (c.ImageDefault != "" || c.ImageFallbackHost) && c.ImagesDir == "" && !c.Pull {
+		errs = append(errs, errors.New("an image default or fallback needs an image source (images dir or pull)"))
+	}
 	if c.MaxPids < 0 {
 		errs = append(errs, fmt.Errorf("max pids %d is negative", c.MaxPids))
 	}

@@ -242,7 +242,6 @@ func (s *Server) releaseRuntime(sb *sandbox, keep bool) error {
 			errs = append(errs, limits.Unmount(rt.disk))
 		}
 	}
-	sb.rt = nil
 	return errors.Join(errs...)
 }
 
