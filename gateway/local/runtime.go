@@ -5,12 +5,16 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/boxq/boxq/gateway"
 	"github.com/boxq/boxq/gateway/image"
@@ -376,4 +380,31 @@ func (r *imageRun) bwrapArgs() []string {
 		args = append(args, "--unshare-user", "--uid", strconv.Itoa(r.uid), "--gid", strconv.Itoa(r.gid))
 	}
 	return args
+}
+
+// An overlay's upper layer records a deleted file of the image as a
+// whiteout (a character device 0:0) and a directory that replaced one of
+// the image as opaque (an xattr). A snapshot of an image sandbox keeps its
+// upper layer, so copies of it (copyTree) keep both, or deleted files would
+// come back from the image.
+
+func isWhiteout(fi fs.FileInfo) bool {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	return ok && fi.Mode()&fs.ModeCharDevice != 0 && st.Rdev == 0
+}
+
+func makeWhiteout(p string) error {
+	return unix.Mknod(p, unix.S_IFCHR|0o000, 0)
+}
+
+// copyOpaque copies the overlay's opaque mark of a directory, if any
+// (only root can read or write trusted.* attributes: otherwise nothing).
+func copyOpaque(src, dst string) {
+	const attr = "trusted.overlay.opaque"
+	buf := make([]byte, 8)
+	n, err := unix.Lgetxattr(src, attr, buf)
+	if err != nil || n <= 0 {
+		return
+	}
+	_ = unix.Lsetxattr(dst, attr, buf[:n], 0)
 }

@@ -325,12 +325,15 @@ func TestImageSnapshotKeepsWrites(t *testing.T) {
 	for _, disk := range []int{0, 16} {
 		t.Run("disk"+strconv.Itoa(disk), func(t *testing.T) {
 			key := "snap-" + strconv.Itoa(disk)
-			req := gateway.CreateRequest{Image: "beta:1", PersistentFilesystem: true, LogicalKey: key, DiskMiB: disk}
+			// (Cwd: alpha's WorkingDir, /srv/app, is deleted below.)
+			req := gateway.CreateRequest{Image: "alpha:1", Cwd: "/tmp", PersistentFilesystem: true, LogicalKey: key, DiskMiB: disk}
 			sb := g.create(t, req, "")
-			g.mustRun(t, sb, "echo home > ~/h && echo etc > /etc/added")
+			// Writes, a deletion of an image file, a directory of the image
+			// replaced by a new one (opaque in the upper layer).
+			g.mustRun(t, sb, "echo home > ~/h && echo etc > /etc/added && rm /marker && rm -r /srv && mkdir -p /srv/new")
 			decode(t, "terminate", g.do(t, "POST", "/v1/sandboxes/"+sb+"/terminate", gateway.TerminateRequest{SnapshotBeforeTerminate: true}), http.StatusOK, nil)
 			sb = g.create(t, req, "")
-			if got := g.mustRun(t, sb, "cat ~/h /etc/added /marker"); got != "home\netc\nbeta" {
+			if got := g.mustRun(t, sb, "cat ~/h /etc/added; test -e /marker && echo marker back; ls /srv"); got != "home\netc\nnew\n" {
 				t.Errorf("restored sandbox: %q", got)
 			}
 		})

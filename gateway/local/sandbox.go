@@ -162,8 +162,14 @@ func copyTree(src, dst string) error {
 				return err
 			}
 			dirs = append(dirs, dirMode{target, mode.Perm() | mode&(fs.ModeSticky|fs.ModeSetgid|fs.ModeSetuid)})
+			copyOpaque(path, target)
 		case mode.IsRegular():
 			if err := copyFile(path, target, info); err != nil {
+				return err
+			}
+		case isWhiteout(info):
+			// A file of the image that the sandbox deleted (runtime.go).
+			if err := makeWhiteout(target); err != nil {
 				return err
 			}
 		case mode&fs.ModeSymlink != 0:
