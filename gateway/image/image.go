@@ -17,6 +17,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -107,6 +109,11 @@ func (e *ResolveError) Error() string {
 }
 
 func (e *ResolveError) Unwrap() error { return e.Err }
+
+// ErrBadImage marks an image that cannot be unpacked because of what it
+// holds (a path out of the root, a file over the size cap, a broken layer):
+// trying again cannot help. Other unpack errors (a full cache disk) can pass.
+var ErrBadImage = errors.New("bad image")
 
 // Store resolves and caches images. Safe for concurrent use.
 type Store struct {
@@ -288,6 +295,9 @@ func (s *Store) unpackCached(digest string, img v1.Image, ref, source string) (I
 	st, err := extract(rc, tmp, extractLimits{maxFileBytes: s.cfg.MaxFileBytes, maxTotalBytes: s.cfg.MaxImageBytes})
 	rc.Close()
 	if err != nil {
+		if !environmental(err) {
+			err = fmt.Errorf("%w: %w", ErrBadImage, err)
+		}
 		return Info{}, fmt.Errorf("unpack: %w", err)
 	}
 	if err := os.Chmod(tmp, 0o755); err != nil {
@@ -383,4 +393,19 @@ func appendNew(xs []string, x string) []string {
 		return xs
 	}
 	return append(xs, x)
+}
+
+// environmental says whether an unpack failed because of the machine (space,
+// I/O, a read-only cache, a registry or network failure while streaming
+// layers) rather than the image's contents.
+func environmental(err error) bool {
+	for _, e := range []error{unix.ENOSPC, unix.EDQUOT, unix.EIO, unix.EROFS, unix.ENOMEM, unix.EMFILE, unix.ENFILE} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	// (Not net.Error: syscall.Errno implements it.)
+	var oe *net.OpError
+	var ue *url.Error
+	return errors.As(err, &oe) || errors.As(err, &ue) || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
 }

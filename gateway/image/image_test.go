@@ -417,6 +417,8 @@ func TestExtractHostileLayers(t *testing.T) {
 				t.Fatalf("extract: %v", err)
 			case tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)):
 				t.Fatalf("extract: err = %v, want one mentioning %q", err, tt.wantErr)
+			case err != nil && environmental(err):
+				t.Errorf("extract: %v counts as the machine's fault, want the image's", err)
 			}
 			if tt.check != nil {
 				tt.check(t, root)

@@ -138,7 +138,8 @@ func (s *Server) resolveImage(requested string) (*image.Image, string, error) {
 		return img, "", nil
 	case errors.As(err, &re) && s.cfg.ImageFallbackHost:
 		return nil, err.Error() + "; -image-fallback host: the host's root", nil
-	case errors.As(err, &re):
+	case errors.As(err, &re), errors.Is(err, image.ErrBadImage):
+		// Permanent: boxq ends the job with this message, no retry.
 		return nil, "", &apiError{status: http.StatusBadRequest, msg: err.Error()}
 	}
 	return nil, "", fmt.Errorf("image %q: %w", name, err)
@@ -394,7 +395,7 @@ func isWhiteout(fi fs.FileInfo) bool {
 }
 
 func makeWhiteout(p string) error {
-	return unix.Mknod(p, unix.S_IFCHR|0o000, 0)
+	return unix.Mknod(p, unix.S_IFCHR, 0) // mode 0, device 0:0, as overlayfs makes them
 }
 
 // copyOpaque copies the overlay's opaque mark of a directory, if any

@@ -1,6 +1,8 @@
 package local
 
 import (
+	"archive/tar"
+	"bytes"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -12,6 +14,8 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
 
 	"github.com/boxq/boxq/gateway"
 	"github.com/boxq/boxq/gateway/image/imagetest"
@@ -346,5 +350,29 @@ func TestLimitsListedWithoutCgroups(t *testing.T) {
 	got := g.list(t)[sb].Limits
 	if diff := cmp.Diff(&gateway.SandboxLimits{}, got); diff != "" {
 		t.Errorf("limits (-want +got):\n%s", diff)
+	}
+}
+
+// TestHostileImageIs400: an image that cannot be unpacked for what it holds
+// is as permanent as one that cannot be found.
+func TestHostileImageIs400(t *testing.T) {
+	requireRoot(t)
+	dir := t.TempDir()
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	if err := tw.WriteHeader(&tar.Header{Name: "../../escape", Typeflag: tar.TypeReg, Mode: 0o644, Size: 1}); err != nil {
+		t.Fatal(err)
+	}
+	tw.Write([]byte("x"))
+	tw.Close()
+	img, err := mutate.AppendLayers(empty.Image, imagetest.RawLayer(t, buf.Bytes()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	imagetest.WriteTarball(t, filepath.Join(dir, "bad.tar"), map[string]v1.Image{"bad:1": img})
+	g := newGateway(t, Config{Isolation: IsolationBwrap, ImagesDir: dir})
+	r := g.do(t, "POST", "/v1/sandboxes", gateway.CreateRequest{Image: "bad:1"})
+	if r.status != http.StatusBadRequest || !strings.Contains(r.errorMessage(), "bad image") || !strings.Contains(r.errorMessage(), "unsafe tar path") {
+		t.Fatalf("create with a hostile image: %d %s; want 400 saying why", r.status, r.body)
 	}
 }
