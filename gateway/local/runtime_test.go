@@ -376,3 +376,29 @@ func TestHostileImageIs400(t *testing.T) {
 		t.Fatalf("create with a hostile image: %d %s; want 400 saying why", r.status, r.body)
 	}
 }
+
+// TestLimitsSaidOnceAtStart: what the gateway cannot enforce it says at
+// start, once, and the list agrees per sandbox. (This embedded gateway has
+// no cgroup v1 shim: on a v1 machine it enforces no cgroup limit.)
+func TestLimitsSaidOnceAtStart(t *testing.T) {
+	g := newGateway(t, Config{})
+	atStart := strings.Count(g.logs.String(), "not enforced")
+	cg := g.srv.res.cgroups != nil
+	if !cg && atStart == 0 {
+		t.Fatalf("no cgroups, and the start log does not say so:\n%s", g.logs.String())
+	}
+	var ids []string
+	for range 3 {
+		ids = append(ids, g.create(t, gateway.CreateRequest{MemoryMiB: 64, CPU: 1}, ""))
+	}
+	if n := strings.Count(g.logs.String(), "not enforced"); n != atStart {
+		t.Errorf("%d 'not enforced' lines after three creates, %d at start: want them once", n, atStart)
+	}
+	list := g.list(t)
+	for _, id := range ids {
+		l := list[id].Limits
+		if l == nil || l.Memory != (cg && g.srv.res.holds.Memory) || l.CPU != (cg && g.srv.res.holds.CPU) || l.Pids || l.Disk {
+			t.Errorf("%s: limits %+v; cgroups %v, gateway holds %+v (no -max-pids, no diskMiB asked)", id, l, cg, g.srv.res.holds)
+		}
+	}
+}
