@@ -402,3 +402,20 @@ func TestLimitsSaidOnceAtStart(t *testing.T) {
 		}
 	}
 }
+
+// TestImagePull: with Pull, an image comes from its registry (an in-process
+// one on loopback: no network).
+func TestImagePull(t *testing.T) {
+	requireRoot(t)
+	host := imagetest.Registry(t)
+	imagetest.Push(t, host+"/team/pulled:1", imagetest.Build(t, imagetest.Spec{Marker: "pulled", OSRelease: "ID=pulled\n", Tools: []string{"cat"}}))
+	g := newGateway(t, Config{Isolation: IsolationBwrap, Pull: true})
+	sb := g.create(t, gateway.CreateRequest{Image: host + "/team/pulled:1"}, "")
+	if got := g.mustRun(t, sb, "cat /marker /etc/os-release"); got != "pulledID=pulled\n" {
+		t.Errorf("pulled image: %q", got)
+	}
+	r := g.do(t, "POST", "/v1/sandboxes", gateway.CreateRequest{Image: host + "/team/absent:1"})
+	if r.status != http.StatusBadRequest || !strings.Contains(r.errorMessage(), "registry "+host) {
+		t.Errorf("absent image: %d %s; want 400 naming the registry", r.status, r.body)
+	}
+}
