@@ -19,6 +19,7 @@ import (
 
 	"github.com/boxq/boxq/gateway"
 	"github.com/boxq/boxq/gateway/image/imagetest"
+	"github.com/boxq/boxq/gateway/limits"
 )
 
 // requireRoot skips where the gateway cannot mount (images, disks) or make
@@ -417,5 +418,32 @@ func TestImagePull(t *testing.T) {
 	r := g.do(t, "POST", "/v1/sandboxes", gateway.CreateRequest{Image: host + "/team/absent:1"})
 	if r.status != http.StatusBadRequest || !strings.Contains(r.errorMessage(), "registry "+host) {
 		t.Errorf("absent image: %d %s; want 400 naming the registry", r.status, r.body)
+	}
+}
+
+// TestLeftoverMountsOfACrashAreUnmounted: a gateway that died with
+// sandboxes mounted leaves their disks and overlays; the next start on the
+// state dir unmounts them before it removes the sandboxes' files.
+func TestLeftoverMountsOfACrashAreUnmounted(t *testing.T) {
+	requireRoot(t)
+	state := t.TempDir()
+	disk := filepath.Join(state, "sandboxes", "sb-crashed", "disk")
+	if err := os.MkdirAll(disk, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := limits.MountTmpfs(disk, 1); err != nil {
+		t.Skipf("cannot mount: %v", err)
+	}
+	t.Cleanup(func() { _ = limits.Unmount(disk) })
+	newGateway(t, Config{StateDir: state})
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(b), disk) {
+		t.Errorf("%s is still mounted", disk)
+	}
+	if _, err := os.Stat(filepath.Dir(disk)); !os.IsNotExist(err) {
+		t.Errorf("the crashed sandbox's dir is still there: %v", err)
 	}
 }
