@@ -399,3 +399,65 @@ func TestV1AllowUnprivileged(t *testing.T) {
 		t.Errorf("/proc/self/cgroup = %s, want the group", out)
 	}
 }
+
+// TestV2CloneIntoCgroup exercises the real v2 path where a cgroup2 mount
+// exists, even one without controllers (this machine's: its controllers
+// are bound to v1): the process is cloned into the group (clone3 with
+// CLONE_INTO_CGROUP), and cgroup.kill ends everything in it.
+func TestV2CloneIntoCgroup(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	mounts, err := readMounts("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mp, ok := mounts.v2()
+	if !ok {
+		t.Skip("no cgroup2 mount")
+	}
+	self, err := readSelfCgroup("/proc/self/cgroup")
+	if err != nil {
+		t.Fatal(err)
+	}
+	parent := filepath.Join(mp, self[""], "boxq-test-"+strconv.Itoa(os.Getpid()))
+	if err := os.Mkdir(parent, 0o755); err != nil {
+		t.Skipf("cgroup2 not writable here: %v", err)
+	}
+	t.Cleanup(func() { _ = os.Remove(parent) })
+	c := &Controller{mode: ModeV2, v2dir: parent, cfg: Config{
+		rmdir: os.Remove, mkdir: func(d string) error { return os.Mkdir(d, 0o755) },
+	}}
+	g, err := c.New("sb", Spec{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("bash", "-c", "cat /proc/self/cgroup; sleep 60 & sleep 60 & wait")
+	g.Wrap(cmd)
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("clone into the cgroup: %v", err)
+	}
+	line := make([]byte, 4096)
+	n, _ := stdout.Read(line)
+	want := "0::" + strings.TrimPrefix(filepath.Join(parent, "sb"), mp) + "\n"
+	if !strings.Contains(string(line[:n]), want) {
+		t.Errorf("/proc/self/cgroup = %q, want %q", line[:n], want)
+	}
+	waitProcs := time.Now().Add(10 * time.Second)
+	for len(g.Procs()) < 3 && time.Now().Before(waitProcs) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := len(g.Procs()); got != 3 {
+		t.Errorf("%d processes in the group, want bash and its two sleeps", got)
+	}
+	if err := g.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err == nil {
+		t.Error("bash survived Remove")
+	}
+}
