@@ -149,6 +149,9 @@ func TestNoImageSourceKeepsTheHostRoot(t *testing.T) {
 	if info.ImageApplied || info.Image != "python:3.11" || !strings.Contains(info.ImageNote, "no image source configured") || info.Limits == nil {
 		t.Errorf("listed as %+v, want the image recorded, not applied, and the limits said", info)
 	}
+	if r := g.do(t, "GET", "/v1/images", nil); r.status != http.StatusOK || string(r.body) != `{"images":[]}`+"\n" {
+		t.Errorf("GET /v1/images without a source: %d %q", r.status, r.body)
+	}
 }
 
 func TestImageDefault(t *testing.T) {
