@@ -23,6 +23,7 @@ import (
 type extractLimits struct {
 	maxFileBytes  int64
 	maxTotalBytes int64
+	owner         *Owner // every file's owner; nil: the layer's (as root)
 }
 
 // extractStats counts what extraction skipped, for the log.
@@ -41,7 +42,7 @@ func extract(r io.Reader, root string, lim extractLimits) (extractStats, error) 
 		return st, fmt.Errorf("open rootfs %s: %w", root, err)
 	}
 	defer unix.Close(rootFD)
-	x := &extractor{root: rootFD, lim: lim, st: &st, chown: os.Geteuid() == 0}
+	x := &extractor{root: rootFD, lim: lim, st: &st, chown: os.Geteuid() == 0 || lim.owner != nil}
 
 	// A hard link can come before its target: the flattened stream lists the
 	// top layer first, so a link in an upper layer to a file of a lower one
@@ -272,7 +273,11 @@ func (x *extractor) unlink(pfd int, base string) error {
 
 func (x *extractor) meta(pfd int, base string, hdr *tar.Header, mode uint32) error {
 	if x.chown {
-		if err := unix.Fchownat(pfd, base, hdr.Uid, hdr.Gid, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		uid, gid := hdr.Uid, hdr.Gid
+		if o := x.lim.owner; o != nil {
+			uid, gid = o.UID, o.GID
+		}
+		if err := unix.Fchownat(pfd, base, uid, gid, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 			return err
 		}
 	}

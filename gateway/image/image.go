@@ -48,6 +48,12 @@ type Config struct {
 	MaxFileBytes int64
 	// MaxImageBytes caps the files of one image (default 64 GiB).
 	MaxImageBytes int64
+	// Owner, when set, owns every file of an unpacked image: the user the
+	// sandboxes run as, so that, mapped to root in its user namespace, it
+	// owns the image's files in its overlay as root owns them in a
+	// container (apt-get, pip install). Nil: the owners the layers say.
+	// The cache keeps one tree per owner.
+	Owner *Owner
 	// Logger (default: discard).
 	Logger *slog.Logger
 }
@@ -70,6 +76,9 @@ func (c *Config) validate() error {
 	}
 	return nil
 }
+
+// Owner is a user and group on the host.
+type Owner struct{ UID, GID int }
 
 // Image is a resolved, unpacked image.
 type Image struct {
@@ -236,7 +245,11 @@ func (s *Store) find(ctx context.Context, ref name.Reference) (v1.Image, string,
 }
 
 func (s *Store) rootfsDir(digest string) string {
-	return filepath.Join(s.cfg.CacheDir, "rootfs", strings.ReplaceAll(digest, ":", "-"))
+	name := strings.ReplaceAll(digest, ":", "-")
+	if o := s.cfg.Owner; o != nil {
+		name += fmt.Sprintf("-u%d-g%d", o.UID, o.GID)
+	}
+	return filepath.Join(s.cfg.CacheDir, "rootfs", name)
 }
 
 func (s *Store) unpackOnce(ctx context.Context, digest string, img v1.Image, ref, source string) (Info, error) {
@@ -292,7 +305,7 @@ func (s *Store) unpackCached(digest string, img v1.Image, ref, source string) (I
 	s.mu.Unlock()
 	start := time.Now()
 	rc := mutate.Extract(img)
-	st, err := extract(rc, tmp, extractLimits{maxFileBytes: s.cfg.MaxFileBytes, maxTotalBytes: s.cfg.MaxImageBytes})
+	st, err := extract(rc, tmp, extractLimits{maxFileBytes: s.cfg.MaxFileBytes, maxTotalBytes: s.cfg.MaxImageBytes, owner: s.cfg.Owner})
 	rc.Close()
 	if err != nil {
 		if !environmental(err) {
@@ -302,6 +315,11 @@ func (s *Store) unpackCached(digest string, img v1.Image, ref, source string) (I
 	}
 	if err := os.Chmod(tmp, 0o755); err != nil {
 		return Info{}, fmt.Errorf("unpack: %w", err)
+	}
+	if o := s.cfg.Owner; o != nil {
+		if err := os.Lchown(tmp, o.UID, o.GID); err != nil {
+			return Info{}, fmt.Errorf("unpack: %w", err)
+		}
 	}
 	if err := os.Rename(tmp, final); err != nil && !errors.Is(err, os.ErrExist) && !errors.Is(err, unix.ENOTEMPTY) {
 		return Info{}, fmt.Errorf("unpack: %w", err)
@@ -368,10 +386,10 @@ func (s *Store) List() ([]Info, error) {
 		if !strings.HasSuffix(e.Name(), ".json") {
 			continue
 		}
-		digest := strings.Replace(strings.TrimSuffix(e.Name(), ".json"), "-", ":", 1)
-		info, err := s.readInfo(digest)
-		if err != nil {
-			continue
+		var info Info
+		b, err := os.ReadFile(filepath.Join(s.cfg.CacheDir, "rootfs", e.Name()))
+		if err != nil || json.Unmarshal(b, &info) != nil || s.infoPath(info.Digest) != filepath.Join(s.cfg.CacheDir, "rootfs", e.Name()) {
+			continue // unreadable, or another owner's tree
 		}
 		out = append(out, info)
 	}

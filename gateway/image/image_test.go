@@ -5,11 +5,13 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -459,4 +461,52 @@ func TestExtractRawSymlinkEscape(t *testing.T) {
 	}
 	mustNotExist(t, filepath.Join(outside, "pwned"))
 	mustNotExist(t, filepath.Join(root, "hl"))
+}
+
+// TestOwner: with an Owner, every file of the unpacked image is that
+// user's, in a tree of its own.
+func TestOwner(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("chown needs root")
+	}
+	dir := t.TempDir()
+	imagetest.WriteTarball(t, filepath.Join(dir, "a.tar"), map[string]v1.Image{"alpha:1": imagetest.Build(t, imagetest.Spec{Marker: "a"})})
+	cache := t.TempDir()
+	plain := newStore(t, Config{Dir: dir, CacheDir: cache})
+	owned := newStore(t, Config{Dir: dir, CacheDir: cache, Owner: &Owner{UID: 10001, GID: 10002}})
+	pi, err := plain.Resolve(context.Background(), "alpha:1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	oi, err := owned.Resolve(context.Background(), "alpha:1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pi.Rootfs == oi.Rootfs {
+		t.Fatalf("one tree for two owners: %s", pi.Rootfs)
+	}
+	for root, want := range map[string][2]uint32{pi.Rootfs: {0, 0}, oi.Rootfs: {10001, 10002}} {
+		err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+			if err != nil {
+				return err
+			}
+			var st syscall.Stat_t
+			if err := syscall.Lstat(p, &st); err != nil {
+				return err
+			}
+			if st.Uid != want[0] || st.Gid != want[1] {
+				t.Errorf("%s: owner %d:%d, want %d:%d", p, st.Uid, st.Gid, want[0], want[1])
+				return filepath.SkipAll
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, s := range []*Store{plain, owned} {
+		if l, err := s.List(); err != nil || len(l) != 1 {
+			t.Errorf("List = %+v, %v; want its one tree", l, err)
+		}
+	}
 }
