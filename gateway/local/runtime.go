@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -58,6 +59,10 @@ func (s *Server) setupResources() error {
 		if err != nil {
 			return fmt.Errorf("local: limits: %w", err)
 		}
+		var shimErr error
+		if c.Mode() == limits.ModeV1 && s.cfg.CgroupShim != "" {
+			shimErr = s.probeShim()
+		}
 		switch {
 		case c.Mode() == limits.ModeV1 && s.cfg.CgroupShim == "":
 			// v1 needs the shim, a binary that runs limits.RunShim: an
@@ -66,6 +71,10 @@ func (s *Server) setupResources() error {
 			s.log.Warn("limits: memoryMiB, cpu and pids not enforced: cgroup v1 needs the gateway binary's shim (run cmd/gateway)")
 		case c.Mode() == limits.ModeNone:
 			_ = c.Close()
+		case shimErr != nil:
+			_ = c.Close()
+			s.log.Warn("limits: memoryMiB, cpu and pids not enforced: the sandbox user cannot run the cgroup v1 shim (the gateway's binary): make it and its directories readable and executable by all",
+				"shim", s.cfg.CgroupShim, "error", shimErr)
 		default:
 			r.cgroups = c
 			h := c.Holds()
@@ -86,7 +95,13 @@ func (s *Server) setupResources() error {
 		if cache == "" {
 			cache = filepath.Join(s.stateDir, "images")
 		}
-		st, err := image.New(image.Config{Dir: s.cfg.ImagesDir, Pull: s.cfg.Pull, CacheDir: cache, Logger: s.log})
+		var own *image.Owner
+		if u := s.launcher.user; u != nil {
+			// The sandbox user owns the image's files, as root owns them
+			// in a container: it is root in its user namespace (imageRun).
+			own = &image.Owner{UID: u.uid, GID: u.gid}
+		}
+		st, err := image.New(image.Config{Dir: s.cfg.ImagesDir, Pull: s.cfg.Pull, CacheDir: cache, Logger: s.log, Owner: own})
 		if err != nil {
 			return fmt.Errorf("local: %w", err)
 		}
@@ -153,7 +168,8 @@ func (s *Server) prepareRuntime(id, dir string, req createSpec, img *image.Image
 	res := s.res
 	if img != nil || (req.diskMiB > 0 && res.canMount == nil) {
 		rt.disk = filepath.Join(dir, "disk")
-		if err := os.Mkdir(rt.disk, 0o700); err != nil {
+		// Traversable: bwrap, as the sandbox user, binds what is in it.
+		if err := os.Mkdir(rt.disk, 0o711); err != nil {
 			return rt, dirs, err
 		}
 		if req.diskMiB > 0 && res.canMount == nil {
@@ -168,10 +184,10 @@ func (s *Server) prepareRuntime(id, dir string, req createSpec, img *image.Image
 		fsDir, _ := fsLayout(dir)
 		onDisk := filepath.Join(rt.disk, "fs")
 		if rt.diskMiB > 0 {
-			if err := copyTree(fsDir, onDisk); err != nil {
+			if err := copyTree(fsDir, onDisk, s.launcher.user); err != nil {
 				return rt, dirs, fmt.Errorf("sandbox files onto its %d MiB disk: %w", rt.diskMiB, err)
 			}
-			if err := os.RemoveAll(fsDir); err != nil {
+			if err := removeTree(fsDir); err != nil {
 				return rt, dirs, err
 			}
 		} else if err := os.Rename(fsDir, onDisk); err != nil {
@@ -185,6 +201,13 @@ func (s *Server) prepareRuntime(id, dir string, req createSpec, img *image.Image
 		rt.rootfs = filepath.Join(dir, "rootfs")
 		for _, d := range []string{upper, work, rt.rootfs} {
 			if err := os.MkdirAll(d, 0o755); err != nil {
+				return rt, dirs, err
+			}
+		}
+		if u := s.launcher.user; u != nil {
+			// The overlay's root directory is its upper one's: the sandbox
+			// user's, like the rest of the image.
+			if err := os.Lchown(upper, u.uid, u.gid); err != nil {
 				return rt, dirs, err
 			}
 		}
@@ -202,7 +225,7 @@ func (s *Server) prepareRuntime(id, dir string, req createSpec, img *image.Image
 		if err != nil {
 			return rt, dirs, &apiError{status: http.StatusBadRequest, msg: fmt.Sprintf("image %q: %v", req.image, err)}
 		}
-		dirs.image = &imageRun{root: rt.rootfs, env: img.Env, uid: uid, gid: gid}
+		dirs.image = &imageRun{root: rt.rootfs, env: img.Env, uid: uid, gid: gid, mapUser: s.launcher.user != nil}
 	}
 	spec := limits.Spec{MemoryMiB: req.memoryMiB, CPU: req.cpu, Pids: s.cfg.MaxPids}
 	if res.cgroups != nil && (spec.MemoryMiB > 0 || spec.CPU > 0 || spec.Pids > 0) {
@@ -211,6 +234,12 @@ func (s *Server) prepareRuntime(id, dir string, req createSpec, img *image.Image
 			return rt, dirs, err
 		}
 		rt.group = g
+		if u := s.launcher.user; u != nil {
+			// The cgroup v1 shim runs as the sandbox user.
+			if err := g.Allow(u.uid, u.gid); err != nil {
+				return rt, dirs, err
+			}
+		}
 		h := g.Holds()
 		rt.holds.Memory, rt.holds.CPU, rt.holds.Pids = h.Memory, h.CPU, h.Pids
 		dirs.group = g
@@ -239,7 +268,7 @@ func (s *Server) releaseRuntime(sb *sandbox, keep bool) error {
 		onDisk := filepath.Join(rt.disk, "fs")
 		switch {
 		case rt.diskMiB > 0 && keep:
-			errs = append(errs, copyTree(onDisk, fsDir))
+			errs = append(errs, copyTree(onDisk, fsDir, s.launcher.user))
 		case rt.diskMiB == 0:
 			errs = append(errs, os.Rename(onDisk, fsDir))
 		}
@@ -302,6 +331,9 @@ type imageRun struct {
 	root     string
 	env      []string
 	uid, gid int
+	// mapUser: bwrap runs as the (unprivileged) sandbox user, who owns the
+	// image's files; inside, it is the image's user, root by default.
+	mapUser bool
 }
 
 // imageUser resolves an image's User ("", "name", "uid", "name:group",
@@ -377,7 +409,7 @@ func (r *imageRun) bwrapArgs() []string {
 			args = append(args, "--setenv", k, v)
 		}
 	}
-	if r.uid != 0 || r.gid != 0 {
+	if r.mapUser || r.uid != 0 || r.gid != 0 {
 		args = append(args, "--unshare-user", "--uid", strconv.Itoa(r.uid), "--gid", strconv.Itoa(r.gid))
 	}
 	return args
@@ -408,4 +440,18 @@ func copyOpaque(src, dst string) {
 		return
 	}
 	_ = unix.Lsetxattr(dst, attr, buf[:n], 0)
+}
+
+// probeShim runs `true` through the cgroup v1 shim as the execs run it (as
+// the sandbox user, when there is one), joining no cgroup.
+func (s *Server) probeShim() error {
+	cmd := exec.Command(s.cfg.CgroupShim, limits.ShimArg, "--", "true", "true")
+	if u := s.launcher.user; u != nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(u.uid), Gid: uint32(u.gid), Groups: []uint32{}}}
+	}
+	cmd.Env = []string{"PATH=" + sandboxPath}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("%w: %s", err, strings.TrimSpace(string(out)))
+	}
+	return nil
 }

@@ -94,7 +94,11 @@ func TestImageIsTheSandboxRoot(t *testing.T) {
 		t.Fatalf("GET /v1/images: %+v, want alpha and beta", imgs)
 	}
 	for _, im := range imgs.Images {
-		root := filepath.Join(g.srv.StateDir(), "images", "rootfs", strings.ReplaceAll(im.Digest, ":", "-"))
+		roots, _ := filepath.Glob(filepath.Join(g.srv.StateDir(), "images", "rootfs", strings.ReplaceAll(im.Digest, ":", "-")+"*[^n]"))
+		if len(roots) != 1 {
+			t.Fatalf("cached trees of %v: %q", im.Refs, roots)
+		}
+		root := roots[0]
 		if _, err := os.Stat(filepath.Join(root, "marker")); err != nil {
 			t.Errorf("cached rootfs of %v lost its marker: %v", im.Refs, err)
 		}
@@ -205,12 +209,8 @@ func TestImageConcurrentCreatesUnpackOnce(t *testing.T) {
 func limitedGateway(t *testing.T, cfg Config) *testGateway {
 	t.Helper()
 	requireRoot(t)
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
 	cfg.Isolation = IsolationBwrap
-	cfg.CgroupShim = exe // TestMain runs limits.RunShim
+	cfg.CgroupShim = shimCopy(t) // TestMain runs limits.RunShim
 	g := newGateway(t, cfg)
 	if g.srv.res.cgroups == nil {
 		t.Skipf("no usable cgroups here:\n%s", g.logs.String())
@@ -449,4 +449,29 @@ func TestLeftoverMountsOfACrashAreUnmounted(t *testing.T) {
 	if _, err := os.Stat(filepath.Dir(disk)); !os.IsNotExist(err) {
 		t.Errorf("the crashed sandbox's dir is still there: %v", err)
 	}
+}
+
+// shimCopy is a copy of this test binary that the sandbox user can run:
+// the cgroup v1 shim runs with the exec's credentials.
+func shimCopy(t *testing.T) string {
+	t.Helper()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	for _, d := range []string{dir, filepath.Dir(dir)} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b, err := os.ReadFile(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	shim := filepath.Join(dir, "shim")
+	if err := os.WriteFile(shim, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return shim
 }
