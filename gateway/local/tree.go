@@ -182,6 +182,7 @@ func copyDirAt(srcParent int, srcPath, name, dst string, own *owner) error {
 	if err := os.Mkdir(dst, 0o700); err != nil {
 		return err
 	}
+	copyOpaque(srcPath, dst)
 	names, err := readNames(fd, srcPath)
 	if err != nil {
 		return err
@@ -217,6 +218,17 @@ func copyEntryAt(dirfd int, srcPath, name, dst string, own *owner) error {
 		return copyDirAt(dirfd, srcPath, name, dst, own)
 	case unix.S_IFREG:
 		return copyFileAt(dirfd, srcPath, name, dst, &st, own)
+	case unix.S_IFCHR:
+		if st.Rdev != 0 {
+			return nil // a device: skipped
+		}
+		// A file of the image that the sandbox deleted (runtime.go).
+		if err := makeWhiteout(dst); err != nil {
+			return err
+		}
+		if own != nil {
+			return os.Lchown(dst, own.uid, own.gid)
+		}
 	case unix.S_IFLNK:
 		buf := make([]byte, unix.PathMax)
 		n, err := unix.Readlinkat(dirfd, name, buf)
