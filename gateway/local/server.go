@@ -548,6 +548,9 @@ func (s *Server) finishEnd(ctx context.Context, sb *sandbox, snapshot bool, reas
 			x.dropped = true
 			s.retainedCount--
 			s.retainedBytes -= x.size
+			// Its entry stays in the queue until its time is up, no
+			// longer counted: it must not keep the output alive.
+			x.e, x.sb = nil, nil
 		}
 	}
 	s.mu.Unlock()
