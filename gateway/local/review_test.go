@@ -44,3 +44,35 @@ func TestEndedSandboxFreesOutputs(t *testing.T) {
 		t.Errorf("after the sandbox ended: %d execs, %d bytes counted as retained, want none", count, bytes)
 	}
 }
+
+// deepTree is a command that makes, in the sandbox's home, a directory
+// path of 25 names of 200 bytes each (over PATH_MAX, 4096, in all) with
+// a file at its end; deepCat prints that file.
+const (
+	deepTree = `d=$(printf 'd%.0s' $(seq 200)); cd ~ && for i in $(seq 25); do mkdir $d && cd $d || exit 1; done; echo deep > f`
+	deepCat  = `d=$(printf 'd%.0s' $(seq 200)); cd ~ && for i in $(seq 25); do cd $d || exit 1; done; cat f`
+)
+
+// TestDeepTreeSnapshot checks that a sandbox whose files lie deeper than
+// PATH_MAX can be snapshotted, restored and removed: a copy by full paths
+// would fail on them, and every later create of the key with it.
+func TestDeepTreeSnapshot(t *testing.T) {
+	eachIsolation(t, func(t *testing.T, mode Isolation) {
+		g := newGateway(t, Config{Isolation: mode})
+		req := gateway.CreateRequest{PersistentFilesystem: true, LogicalKey: "deep-" + string(mode)}
+		sb := g.create(t, req, "")
+		g.mustRun(t, sb, deepTree+" && touch -d @1000000000 ~/old && chmod 4751 ~/old && mkdir ~/st && chmod 1770 ~/st")
+		decode(t, "terminate", g.do(t, "POST", "/v1/sandboxes/"+sb+"/terminate", gateway.TerminateRequest{SnapshotBeforeTerminate: true}), http.StatusOK, nil)
+		sb = g.create(t, req, "")
+		if got := g.mustRun(t, sb, deepCat); got != "deep\n" {
+			t.Errorf("restored deep file: got %q, want \"deep\\n\"", got)
+		}
+		// What the copy keeps: the mtime, the permission bits but setuid,
+		// the sticky bit of a directory, the sandbox user as owner.
+		want := g.mustRun(t, sb, "echo 1000000000 751 1770 $(id -u) $(id -u)")
+		if got := g.mustRun(t, sb, "echo $(stat -c '%Y %a' ~/old) $(stat -c %a ~/st) $(stat -c %u ~/old) $(stat -c %u ~/st)"); got != want {
+			t.Errorf("restored mtime, modes, owners: got %q, want %q", got, want)
+		}
+		decode(t, "terminate", g.do(t, "POST", "/v1/sandboxes/"+sb+"/terminate", gateway.TerminateRequest{}), http.StatusOK, nil)
+	})
+}
