@@ -76,3 +76,22 @@ func TestDeepTreeSnapshot(t *testing.T) {
 		decode(t, "terminate", g.do(t, "POST", "/v1/sandboxes/"+sb+"/terminate", gateway.TerminateRequest{}), http.StatusOK, nil)
 	})
 }
+
+// TestRestoreOpensHome checks that a sandbox whose command took its own
+// rights on its home and /tmp away (chmod 000) is restored usable: bash
+// could no longer start in /root, the default cwd, of any later sandbox
+// of the key, and the client's every exec would fail.
+func TestRestoreOpensHome(t *testing.T) {
+	eachIsolation(t, func(t *testing.T, mode Isolation) {
+		g := newGateway(t, Config{Isolation: mode})
+		req := gateway.CreateRequest{PersistentFilesystem: true, LogicalKey: "closed-" + string(mode)}
+		sb := g.create(t, req, "")
+		// ${TMPDIR:-/tmp}: without isolation /tmp is the host's own.
+		g.mustRun(t, sb, `echo kept > ~/f && chmod 000 ~ "${TMPDIR:-/tmp}"`)
+		decode(t, "terminate", g.do(t, "POST", "/v1/sandboxes/"+sb+"/terminate", gateway.TerminateRequest{SnapshotBeforeTerminate: true}), http.StatusOK, nil)
+		sb = g.create(t, req, "")
+		if got := g.mustRun(t, sb, `cat ~/f && touch "${TMPDIR:-/tmp}/t" && echo ok`); got != "kept\nok\n" {
+			t.Errorf("restored sandbox: got %q, want the kept file and a writable /tmp", got)
+		}
+	})
+}
