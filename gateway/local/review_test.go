@@ -2,7 +2,9 @@ package local
 
 import (
 	"net/http"
+	"os"
 	"runtime"
+	"strings"
 	"testing"
 	"weak"
 
@@ -96,4 +98,18 @@ func TestRestoreOpensHome(t *testing.T) {
 			t.Errorf("restored sandbox: got %q, want the kept file, home r-x", got)
 		}
 	})
+}
+
+// TestHostViewHidesStateDirRoot checks that a state dir that is itself
+// one of the host roots in the view (-state-dir /opt) is covered too, not
+// only one below a root: its sandboxes all run as one user, who could
+// read each other's files through it.
+func TestHostViewHidesStateDirRoot(t *testing.T) {
+	if fi, err := os.Lstat("/opt"); err != nil || !fi.IsDir() {
+		t.Skip("no /opt directory here")
+	}
+	joined := strings.Join(hostView("/opt", "/opt/sandboxes"), " ")
+	if !strings.Contains(joined, "--ro-bind /opt /opt") || !strings.Contains(joined, "--tmpfs /opt") {
+		t.Errorf("view %q: want /opt bound and covered", joined)
+	}
 }
