@@ -113,3 +113,23 @@ func TestHostViewHidesStateDirRoot(t *testing.T) {
 		t.Errorf("view %q: want /opt bound and covered", joined)
 	}
 }
+
+// TestSparseFileRestore checks that a sparse file stays sparse through a
+// snapshot and its restore: `truncate -s 10T ~/f` costs a command
+// nothing, and a restore that wrote its zeros out would fill the host's
+// disk and fail every later create of the key.
+func TestSparseFileRestore(t *testing.T) {
+	g := newGateway(t, Config{})
+	req := gateway.CreateRequest{PersistentFilesystem: true, LogicalKey: "sparse"}
+	sb := g.create(t, req, "")
+	// 64 MiB, a few bytes of data at the start, in the middle and at the end.
+	g.mustRun(t, sb, `cd ~ && truncate -s 64M f && printf head | dd of=f conv=notrunc status=none && printf mid | dd of=f bs=1 seek=33554432 conv=notrunc status=none && printf tail | dd of=f bs=1 seek=67108860 conv=notrunc status=none`)
+	before := g.mustRun(t, sb, "stat -c %b ~/f")
+	decode(t, "terminate", g.do(t, "POST", "/v1/sandboxes/"+sb+"/terminate", gateway.TerminateRequest{SnapshotBeforeTerminate: true}), http.StatusOK, nil)
+	sb = g.create(t, req, "")
+	out := g.mustRun(t, sb, `cd ~ && stat -c '%s %b' f && head -c 4 f && echo && dd if=f bs=1 skip=33554432 count=3 status=none && echo && tail -c 4 f && echo && sha256sum < f`)
+	want := g.mustRun(t, sb, `printf '67108864 %s\nhead\nmid\ntail\n' `+strings.TrimSpace(before)+` && { printf head; head -c 33554428 /dev/zero; printf mid; head -c 33554425 /dev/zero; printf tail; } | sha256sum`)
+	if out != want {
+		t.Errorf("restored sparse file (size, 512-byte blocks allocated, data, sum): got %q, want %q", out, want)
+	}
+}

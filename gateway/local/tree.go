@@ -275,7 +275,7 @@ func copyFileAt(dirfd int, srcPath, name string, dstDir int, dstPath string, st 
 		return &fs.PathError{Op: "open", Path: dstPath, Err: err}
 	}
 	out := os.NewFile(uintptr(ofd), dstPath)
-	if _, err := io.Copy(out, in); err != nil {
+	if err := copyData(out, in, fd, st.Size); err != nil {
 		out.Close()
 		return fmt.Errorf("copy %s: %w", srcPath, err)
 	}
@@ -298,4 +298,41 @@ func copyFileAt(dirfd int, srcPath, name string, dstDir int, dstPath string, st 
 		return &fs.PathError{Op: "chtimes", Path: dstPath, Err: err}
 	}
 	return nil
+}
+
+// copyData copies the size bytes of in (open at fd) to out, an empty
+// file, and only its data: its holes stay holes. A sparse file costs a
+// command nothing (truncate -s 10T), and a copy that wrote its zeros out
+// would fill the host's disk. Where the file system cannot say where the
+// data is, everything is copied.
+func copyData(out, in *os.File, fd int, size int64) error {
+	for off := int64(0); off < size; {
+		data, err := unix.Seek(fd, off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			break // nothing but a hole up to the end
+		}
+		hole := size
+		if err != nil {
+			data = off
+		} else if h, err := unix.Seek(fd, data, unix.SEEK_HOLE); err == nil {
+			hole = min(h, size)
+		}
+		if data >= hole {
+			break
+		}
+		if _, err := in.Seek(data, io.SeekStart); err != nil {
+			return err
+		}
+		if _, err := out.Seek(data, io.SeekStart); err != nil {
+			return err
+		}
+		// The file may have shrunk since its size was taken: what is
+		// there is copied.
+		if _, err := io.CopyN(out, in, hole-data); err != nil && !errors.Is(err, io.EOF) {
+			return err
+		}
+		off = hole
+	}
+	// A hole at the end has no data to write: the size makes it.
+	return out.Truncate(size)
 }
