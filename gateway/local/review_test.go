@@ -4,6 +4,7 @@ import (
 	"net/http"
 	"os"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 	"weak"
@@ -131,5 +132,27 @@ func TestSparseFileRestore(t *testing.T) {
 	want := g.mustRun(t, sb, `printf '67108864 %s\nhead\nmid\ntail\n' `+strings.TrimSpace(before)+` && { printf head; head -c 33554428 /dev/zero; printf mid; head -c 33554425 /dev/zero; printf tail; } | sha256sum`)
 	if out != want {
 		t.Errorf("restored sparse file (size, 512-byte blocks allocated, data, sum): got %q, want %q", out, want)
+	}
+}
+
+// TestHardLinksRestore checks that files hard-linked together stay one
+// file through a snapshot and its restore: a 1 GiB file and a thousand
+// links to it (what a pnpm store does on a small scale) cost a command
+// 1 GiB, and a restore that copied each link would write 1 TiB.
+func TestHardLinksRestore(t *testing.T) {
+	g := newGateway(t, Config{})
+	req := gateway.CreateRequest{PersistentFilesystem: true, LogicalKey: "links"}
+	sb := g.create(t, req, "")
+	g.mustRun(t, sb, `cd ~ && head -c 1048576 /dev/urandom > big && mkdir -p a/b && for i in $(seq 20); do ln big l$i; done && ln big a/b/deep && sha256sum < big > sum`)
+	decode(t, "terminate", g.do(t, "POST", "/v1/sandboxes/"+sb+"/terminate", gateway.TerminateRequest{SnapshotBeforeTerminate: true}), http.StatusOK, nil)
+	sb = g.create(t, req, "")
+	// 22 names of one inode, its data once: under 2 MiB for the whole home.
+	out := g.mustRun(t, sb, `cd ~ && stat -c %h big && test big -ef l20 && test big -ef a/b/deep && sha256sum < l7 | cmp - sum && du -sk . | cut -f1`)
+	lines := strings.Fields(out)
+	if len(lines) != 2 || lines[0] != "22" {
+		t.Fatalf("restored links: got %q, want 22 names of one file", out)
+	}
+	if kib, err := strconv.Atoi(lines[1]); err != nil || kib > 2048 {
+		t.Errorf("restored home uses %s KiB, want the file's data once (about 1024)", lines[1])
 	}
 }

@@ -165,12 +165,31 @@ func copyTree(src, dst string, own *owner) error {
 		return &fs.PathError{Op: "open", Path: filepath.Dir(dst), Err: err}
 	}
 	defer unix.Close(dstParent)
-	return copyDirAt(parent, src, filepath.Base(src), dstParent, dst, filepath.Base(dst), own)
+	c := &treeCopy{own: own, dstRoot: dst, rootFD: -1}
+	return c.dirAt(parent, src, filepath.Base(src), dstParent, dst, filepath.Base(dst))
 }
 
-// copyDirAt copies the directory name in srcParent (at srcPath) to
-// dstName in dstParent (at dstPath; the paths are for messages).
-func copyDirAt(srcParent int, srcPath, name string, dstParent int, dstPath, dstName string, own *owner) error {
+// treeCopy is the state of one copyTree.
+type treeCopy struct {
+	own     *owner
+	dstRoot string // the copy's path
+	rootFD  int    // the copy's directory, open while the copy runs
+	// links maps a file with more than one link, by device and inode, to
+	// the path of its copy from dstRoot: its other names in the source are
+	// linked to that copy, not copied again. A file and a thousand links
+	// to it cost a command its size once, and so does the copy.
+	links     map[[2]uint64]string
+	linkBytes int // the paths in links, bounded by maxLinkBytes
+}
+
+// maxLinkBytes bounds the memory links takes: beyond it, more links of a
+// file not yet seen are copied as files.
+const maxLinkBytes = 16 << 20
+
+// dirAt copies the directory name in srcParent (at srcPath) to dstName
+// in dstParent (at dstPath).
+func (c *treeCopy) dirAt(srcParent int, srcPath, name string, dstParent int, dstPath, dstName string) error {
+	own := c.own
 	var st unix.Stat_t
 	if err := unix.Fstatat(srcParent, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 		return &fs.PathError{Op: "stat", Path: srcPath, Err: err}
@@ -193,12 +212,15 @@ func copyDirAt(srcParent int, srcPath, name string, dstParent int, dstPath, dstN
 		return &fs.PathError{Op: "open", Path: dstPath, Err: err}
 	}
 	defer unix.Close(dfd)
+	if c.rootFD < 0 {
+		c.rootFD = dfd
+	}
 	names, err := readNames(fd, srcPath)
 	if err != nil {
 		return err
 	}
 	for _, n := range names {
-		if err := copyEntryAt(fd, filepath.Join(srcPath, n), n, dfd, filepath.Join(dstPath, n), own); err != nil {
+		if err := c.entryAt(fd, filepath.Join(srcPath, n), n, dfd, filepath.Join(dstPath, n)); err != nil {
 			return err
 		}
 	}
@@ -214,9 +236,10 @@ func copyDirAt(srcParent int, srcPath, name string, dstParent int, dstPath, dstN
 	return nil
 }
 
-// copyEntryAt copies the entry name of the directory dirfd to the same
-// name in dstDir.
-func copyEntryAt(dirfd int, srcPath, name string, dstDir int, dstPath string, own *owner) error {
+// entryAt copies the entry name of the directory dirfd to the same name
+// in dstDir.
+func (c *treeCopy) entryAt(dirfd int, srcPath, name string, dstDir int, dstPath string) error {
+	own := c.own
 	var st unix.Stat_t
 	if err := unix.Fstatat(dirfd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 		if errors.Is(err, unix.ENOENT) {
@@ -226,9 +249,9 @@ func copyEntryAt(dirfd int, srcPath, name string, dstDir int, dstPath string, ow
 	}
 	switch st.Mode & unix.S_IFMT {
 	case unix.S_IFDIR:
-		return copyDirAt(dirfd, srcPath, name, dstDir, dstPath, name, own)
+		return c.dirAt(dirfd, srcPath, name, dstDir, dstPath, name)
 	case unix.S_IFREG:
-		return copyFileAt(dirfd, srcPath, name, dstDir, dstPath, &st, own)
+		return c.fileAt(dirfd, srcPath, name, dstDir, dstPath, &st)
 	case unix.S_IFLNK:
 		buf := make([]byte, unix.PathMax)
 		n, err := unix.Readlinkat(dirfd, name, buf)
@@ -243,6 +266,34 @@ func copyEntryAt(dirfd int, srcPath, name string, dstDir int, dstPath string, ow
 				return &fs.PathError{Op: "chown", Path: dstPath, Err: err}
 			}
 		}
+	}
+	return nil
+}
+
+// fileAt copies the regular file name of dirfd to the same name in
+// dstDir, or links it to the copy of another of its names.
+func (c *treeCopy) fileAt(dirfd int, srcPath, name string, dstDir int, dstPath string, st *unix.Stat_t) error {
+	if st.Nlink < 2 || st.Size == 0 {
+		return copyFileAt(dirfd, srcPath, name, dstDir, dstPath, st, c.own)
+	}
+	key := [2]uint64{st.Dev, st.Ino}
+	if first, ok := c.links[key]; ok {
+		if unix.Linkat(c.rootFD, first, dstDir, name, 0) == nil {
+			return nil
+		}
+		// Its first copy is out of reach (a directory of the copy the
+		// gateway cannot search, a path too long): copy it again.
+	}
+	if err := copyFileAt(dirfd, srcPath, name, dstDir, dstPath, st, c.own); err != nil {
+		return err
+	}
+	rel, err := filepath.Rel(c.dstRoot, dstPath)
+	if _, seen := c.links[key]; err == nil && !seen && len(rel) < unix.PathMax && c.linkBytes+len(rel) <= maxLinkBytes {
+		if c.links == nil {
+			c.links = make(map[[2]uint64]string)
+		}
+		c.links[key] = rel
+		c.linkBytes += len(rel)
 	}
 	return nil
 }
