@@ -1,6 +1,7 @@
 package local
 
 import (
+	"fmt"
 	"net/http"
 	"os"
 	"runtime"
@@ -154,5 +155,34 @@ func TestHardLinksRestore(t *testing.T) {
 	}
 	if kib, err := strconv.Atoi(lines[1]); err != nil || kib > 2048 {
 		t.Errorf("restored home uses %s KiB, want the file's data once (about 1024)", lines[1])
+	}
+}
+
+// TestEndedIdemKeysBounded checks that the idempotency keys of ended
+// sandboxes, kept so that a retried create gets the same id, are bounded
+// in number: a loop of create and terminate, each with a new key of up to
+// 1 KiB, would otherwise grow the gateway's memory for ExecRetention
+// without limit. (Internal: ending maxEndedIdemKeys sandboxes for real
+// would take minutes.)
+func TestEndedIdemKeysBounded(t *testing.T) {
+	g := newGateway(t, Config{})
+	s := g.srv
+	now := s.cfg.Now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	last := ""
+	for i := range maxEndedIdemKeys + 10 {
+		sb := &sandbox{id: fmt.Sprintf("sb-%d", i), idemKey: fmt.Sprintf("key-%d", i)}
+		e := &idemEntry{done: make(chan struct{}), id: sb.id}
+		close(e.done)
+		s.idem[sb.idemKey] = e
+		s.retainIdemLocked(sb, now)
+		last = sb.idemKey
+	}
+	if len(s.idem) > maxEndedIdemKeys || len(s.idemFIFO) > maxEndedIdemKeys {
+		t.Errorf("after %d ended sandboxes: %d keys, %d queued; want at most %d", maxEndedIdemKeys+10, len(s.idem), len(s.idemFIFO), maxEndedIdemKeys)
+	}
+	if s.idem[last] == nil || s.idem["key-0"] != nil {
+		t.Errorf("want the newest keys kept and the oldest forgotten")
 	}
 }
