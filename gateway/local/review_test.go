@@ -1,6 +1,7 @@
 package local
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"os"
@@ -184,5 +185,35 @@ func TestEndedIdemKeysBounded(t *testing.T) {
 	}
 	if s.idem[last] == nil || s.idem["key-0"] != nil {
 		t.Errorf("want the newest keys kept and the oldest forgotten")
+	}
+}
+
+// TestCountEdges covers the edges of a count's reading: the JSON numbers a
+// client may send for a whole number, and what is refused, by message.
+func TestCountEdges(t *testing.T) {
+	for _, tt := range []struct {
+		raw     string
+		want    int64
+		wantErr string
+	}{
+		{"-0", 0, ""},
+		{"-0.0", 0, ""},
+		{"5120.0", 5120, ""},
+		{"5.12e3", 5120, ""},
+		{"9223372036854775807", 9223372036854775807, ""},
+		{"1e400", 0, "within ±1.8e308"},
+		{"99999999999999999999", 0, "out of range"},
+		{"1e19", 0, "out of range"},
+		{`"5120.0"`, 0, "is a string: want a number"},
+		{"5120.5", 0, "want a whole number"},
+		{"null", 0, ""},
+	} {
+		got, err := count("memoryMiB", json.RawMessage(tt.raw))
+		switch {
+		case tt.wantErr == "" && (err != nil || got != tt.want):
+			t.Errorf("count(%s): got %d, %v; want %d", tt.raw, got, err, tt.want)
+		case tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)):
+			t.Errorf("count(%s): got %d, %v; want an error with %q", tt.raw, got, err, tt.wantErr)
+		}
 	}
 }
