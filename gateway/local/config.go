@@ -86,7 +86,7 @@ type Config struct {
 
 	// MaxRunningExecs caps the execs running at once over all sandboxes, so
 	// that a flood of starts cannot exhaust the host's processes; a start
-	// beyond it gets 429. Default DefaultMaxRunningExecs (2048).
+	// beyond it gets 429. Default DefaultMaxRunningExecs (1024).
 	MaxRunningExecs int
 
 	// MaxSandboxRunningExecs caps the execs running at once in one

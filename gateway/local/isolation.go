@@ -270,7 +270,7 @@ func hostView(stateDir, sandboxesDir string) []string {
 	}
 	for _, h := range hide {
 		for _, b := range bound {
-			if strings.HasPrefix(h, b+"/") {
+			if h == b || strings.HasPrefix(h, b+"/") {
 				if fi, err := os.Stat(h); err == nil && fi.IsDir() {
 					args = append(args, "--tmpfs", h)
 				}

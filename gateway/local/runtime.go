@@ -420,26 +420,24 @@ func (r *imageRun) bwrapArgs() []string {
 // the image as opaque (an xattr). A snapshot of an image sandbox keeps its
 // upper layer, so copies of it (copyTree) keep both, or deleted files would
 // come back from the image.
-
+//
+// isWhiteout reports whether fi is such a whiteout.
 func isWhiteout(fi fs.FileInfo) bool {
 	st, ok := fi.Sys().(*syscall.Stat_t)
 	return ok && fi.Mode()&fs.ModeCharDevice != 0 && st.Rdev == 0
 }
 
-func makeWhiteout(p string) error {
-	return unix.Mknod(p, unix.S_IFCHR, 0) // mode 0, device 0:0, as overlayfs makes them
-}
-
-// copyOpaque copies the overlay's opaque mark of a directory, if any
-// (only root can read or write trusted.* attributes: otherwise nothing).
-func copyOpaque(src, dst string) {
+// copyOpaque copies the overlay's opaque mark of a directory, if any,
+// from the directory src to the directory dst (descriptors: only root can
+// read or write trusted.* attributes; otherwise nothing).
+func copyOpaque(src, dst int) {
 	const attr = "trusted.overlay.opaque"
 	buf := make([]byte, 8)
-	n, err := unix.Lgetxattr(src, attr, buf)
+	n, err := unix.Fgetxattr(src, attr, buf)
 	if err != nil || n <= 0 {
 		return
 	}
-	_ = unix.Lsetxattr(dst, attr, buf[:n], 0)
+	_ = unix.Fsetxattr(dst, attr, buf[:n], 0)
 }
 
 // probeShim runs `true` through the cgroup v1 shim as the execs run it (as

@@ -141,6 +141,18 @@ func (s *Server) makeSandboxDir(dir, snapshot string, log *slog.Logger) (dirs fs
 			if err := copyTree(src, d, own); err != nil {
 				return fsDirs{}, false, fmt.Errorf("restore snapshot: %w", err)
 			}
+			// A command may have taken its own rights on its home or /tmp
+			// away (chmod 000 ~): bubblewrap, unprivileged, could then not
+			// start bash in /root, the default cwd, ever again for the key.
+			// Its owner's r-x are what a cwd needs; a read-only home (the
+			// 555 of a chmod -R a-w) stays read-only.
+			fi, err = os.Lstat(d)
+			if err == nil {
+				err = os.Chmod(d, fi.Mode()&(fs.ModePerm|fs.ModeSticky)|0o500)
+			}
+			if err != nil {
+				return fsDirs{}, false, fmt.Errorf("restore snapshot: %w", err)
+			}
 		}
 	}
 	for _, d := range []string{dirs.home, dirs.tmp} {

@@ -471,7 +471,20 @@ func (s *Server) retainIdemLocked(sb *sandbox, now time.Time) {
 	if e := s.idem[sb.idemKey]; e != nil && e.id == sb.id {
 		s.idemFIFO = append(s.idemFIFO, expiring{until: now.Add(s.cfg.ExecRetention), key: sb.idemKey})
 	}
+	// Bounded in number too, the oldest forgotten first: a loop of create
+	// and terminate with a new key each would otherwise grow the memory
+	// without limit (up to 1 KiB a key) until the first ones expire.
+	for len(s.idemFIFO) > maxEndedIdemKeys {
+		delete(s.idem, s.idemFIFO[0].key)
+		s.idemFIFO[0] = expiring{}
+		s.idemFIFO = s.idemFIFO[1:]
+	}
 }
+
+// maxEndedIdemKeys bounds the idempotency keys of ended sandboxes kept:
+// some 20 MiB at most with keys of the largest size, and ended sandboxes
+// at 27 a second for the whole ExecRetention before a key goes early.
+const maxEndedIdemKeys = 16 << 10
 
 // retainLocked keeps e, which has just finished in sb, for polls, and
 // evicts the oldest finished execs while the caps are exceeded. s.mu must
@@ -568,6 +581,9 @@ func (s *Server) finishEnd(ctx context.Context, sb *sandbox, snapshot bool, reas
 			x.dropped = true
 			s.retainedCount--
 			s.retainedBytes -= x.size
+			// Its entry stays in the queue until its time is up, no
+			// longer counted: it must not keep the output alive.
+			x.e, x.sb = nil, nil
 		}
 	}
 	s.mu.Unlock()
