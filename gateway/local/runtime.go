@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"net/http"
 	"os"
 	"os/exec"
@@ -420,12 +419,6 @@ func (r *imageRun) bwrapArgs() []string {
 // the image as opaque (an xattr). A snapshot of an image sandbox keeps its
 // upper layer, so copies of it (copyTree) keep both, or deleted files would
 // come back from the image.
-//
-// isWhiteout reports whether fi is such a whiteout.
-func isWhiteout(fi fs.FileInfo) bool {
-	st, ok := fi.Sys().(*syscall.Stat_t)
-	return ok && fi.Mode()&fs.ModeCharDevice != 0 && st.Rdev == 0
-}
 
 // copyOpaque copies the overlay's opaque mark of a directory, if any,
 // from the directory src to the directory dst (descriptors: only root can
