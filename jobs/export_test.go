@@ -25,4 +25,6 @@ func RescueNoteFor(queue, jobID, taskID string) string {
 func TaskKey(queue, id string) string { return taskKey(queue, id) }
 
 // FireSchedule runs one tick of d as s's worker would.
-func FireSchedule(ctx context.Context, s *Scheduler, d Schedule, tick time.Time) { s.fire(ctx, d, tick) }
+func FireSchedule(ctx context.Context, s *Scheduler, d Schedule, tick time.Time) {
+	s.fire(ctx, d, tick)
+}
