@@ -4,11 +4,15 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 
 	"github.com/boxq/boxq/internal/app"
 )
@@ -41,5 +45,35 @@ func TestScheduleJobFileTakesFlags(t *testing.T) {
 	var ue *app.UsageError
 	if !errors.As(err, &ue) || !strings.Contains(err.Error(), "stdin-file") {
 		t.Errorf("run(%q) = %v, want a usage error about -stdin-file", args, err)
+	}
+}
+
+// redisLogRecorder records go-redis's own log lines.
+type redisLogRecorder struct {
+	mu    sync.Mutex
+	lines []string
+}
+
+func (r *redisLogRecorder) Printf(_ context.Context, format string, v ...any) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.lines = append(r.lines, fmt.Sprintf(format, v...))
+}
+
+// TestSchedulingRedisDownNoRawLogs: with Redis down, the scheduling modes
+// (-schedules here) say so in one message, without go-redis's raw
+// "pool.go" lines before it: those go through enqueue's logger.
+func TestSchedulingRedisDownNoRawLogs(t *testing.T) {
+	rec := &redisLogRecorder{}
+	redis.SetLogger(rec) // stands for go-redis's default logger, which writes to stderr
+	var out, errb bytes.Buffer
+	err := run(context.Background(), []string{"-redis", "redis://127.0.0.1:1/0", "-schedules"}, noenv, strings.NewReader(""), &out, &errb)
+	if err == nil || !strings.Contains(err.Error(), "cannot reach Redis") {
+		t.Errorf("err %v, want cannot reach Redis", err)
+	}
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	if len(rec.lines) > 0 {
+		t.Errorf("go-redis's raw log lines were not routed through enqueue's logger: %q", rec.lines)
 	}
 }

@@ -129,6 +129,7 @@ func runScheduling(ctx context.Context, o *options, x *schedOptions, stdin io.Re
 	if err != nil {
 		return app.Usagef("%v", err)
 	}
+	app.RouteRedisLogs(log)
 	rdb, err := app.ConnectRedis(ctx, o.redisURL, 0)
 	if err != nil {
 		return err
