@@ -81,10 +81,16 @@ func runFanOut(ctx context.Context, o *options, x *schedOptions, prod *jobs.Prod
 		w.Add(e)
 	}
 	var results []jobs.Result
+	// The collector warns when no live worker serves the jobs' queue and,
+	// interrupted, names the jobs without a result, as for a batch.
+	c := newCollector(prod, w, stderr, nil, "")
 	for w.Pending() > 0 {
-		r, err := w.Next(ctx)
+		r, err := c.next(ctx)
 		if err != nil {
-			return fmt.Errorf("waiting for %d of %d jobs: %w", w.Pending(), len(js), err)
+			if errors.Is(err, context.Canceled) {
+				err = errInterrupted
+			}
+			return c.interrupted(err)
 		}
 		if r.TaskID == "" {
 			r.TaskID = taskOf[r.ID]

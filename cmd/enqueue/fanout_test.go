@@ -17,6 +17,7 @@ import (
 	"github.com/boxq/boxq/gateway/local"
 	"github.com/boxq/boxq/internal/app"
 	"github.com/boxq/boxq/internal/redistest"
+	"github.com/boxq/boxq/internal/syncbuf"
 	"github.com/boxq/boxq/jobs"
 )
 
@@ -264,5 +265,38 @@ func TestSchedulingUsageErrors(t *testing.T) {
 		if !errors.As(err, &ue) || !strings.Contains(err.Error(), tt.want) {
 			t.Errorf("run(%q) = %v, want a usage error containing %q", tt.args, err, tt.want)
 		}
+	}
+}
+
+// TestFanOutWaitWarnsAndNamesOutstanding: a fan-out's -wait keeps the
+// user told, as a batch's does: it warns when no live worker serves the
+// jobs' queue, and, interrupted, names the jobs without a result.
+func TestFanOutWaitWarnsAndNamesOutstanding(t *testing.T) {
+	s := startLive(t)
+	s.runJobs(t, []jobs.Job{{TaskID: "fo/1", Command: "true"}, {TaskID: "fo/2", Command: "true"}})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var out, errb syncbuf.Buffer
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, []string{"-redis", s.redisURL, "-tasks", "fo/*", "-queue", "nobody", "-wait", "--", "true"}, noenv, strings.NewReader(""), &out, &errb)
+	}()
+	deadline := time.After(30 * time.Second)
+	for !strings.Contains(errb.String(), `no live worker serves queue "nobody"`) {
+		select {
+		case err := <-done:
+			t.Fatalf("fan-out ended: %v; stderr:\n%s", err, errb.String())
+		case <-deadline:
+			t.Fatalf("no warning that no worker serves queue nobody; stderr:\n%s", errb.String())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	cancel()
+	err := <-done
+	if err == nil || !strings.Contains(err.Error(), "2 jobs have no result yet") {
+		t.Errorf("interrupted: %v, want the count of jobs without a result", err)
+	}
+	if n := strings.Count(errb.String(), "\n"); n < 3 {
+		t.Errorf("interrupted: the outstanding ids are not named; stderr:\n%s", errb.String())
 	}
 }
