@@ -77,3 +77,16 @@ func TestSchedulingRedisDownNoRawLogs(t *testing.T) {
 		t.Errorf("go-redis's raw log lines were not routed through enqueue's logger: %q", rec.lines)
 	}
 }
+
+// TestSchedulingMissingStdinFileIsUsage: a missing -stdin-file is a usage
+// error (exit 2) in a schedule or a fan-out too, as for one job.
+func TestSchedulingMissingStdinFileIsUsage(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "nope")
+	var out, errb bytes.Buffer
+	args := []string{"-redis", "redis://127.0.0.1:1/0", "-schedule", "x", "-cron", "@daily", "-task", "t", "-stdin-file", missing, "--", "cat"}
+	err := run(context.Background(), args, noenv, strings.NewReader(""), &out, &errb)
+	var ue *app.UsageError
+	if !errors.As(err, &ue) || !strings.Contains(err.Error(), "-stdin-file") {
+		t.Errorf("run(%q) = %v, want a usage error about -stdin-file", args, err)
+	}
+}

@@ -227,17 +227,12 @@ func template(o *options, stdin io.Reader) (jobs.Job, error) {
 	secs := o.timeout.Seconds()
 	j.TimeoutS = &secs
 	if o.stdinFile != "" {
-		var b []byte
-		var err error
-		if o.stdinFile == "-" {
-			b, err = io.ReadAll(io.LimitReader(stdin, jobs.MaxStdinBytes+1))
-		} else {
-			b, err = readLimited(o.stdinFile, jobs.MaxStdinBytes+1)
-		}
+		// As for one job: a file that cannot be read is a usage error.
+		b, err := readStdin(o.stdinFile, stdin)
 		if err != nil {
-			return jobs.Job{}, fmt.Errorf("-stdin-file: %w", err)
+			return jobs.Job{}, err
 		}
-		j.Stdin = string(b)
+		j.Stdin = b
 	}
 	return j, nil
 }
