@@ -278,7 +278,11 @@ func terminateMany(ctx context.Context, o *options, prod *jobs.Producer, tasks [
 		}
 		ids[i] = id
 	}
-	wctx, cancel := context.WithTimeout(ctx, terminateWait)
+	// -wait: until every one is done, as -terminate -task -wait waits.
+	wctx, cancel := ctx, func() {}
+	if !o.wait {
+		wctx, cancel = context.WithTimeout(ctx, terminateWait)
+	}
 	defer cancel()
 	outs := make([]jobs.TerminateOutcome, len(tasks))
 	errs := make([]error, len(tasks))

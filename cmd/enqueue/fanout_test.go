@@ -300,3 +300,16 @@ func TestFanOutWaitWarnsAndNamesOutstanding(t *testing.T) {
 		t.Errorf("interrupted: the outstanding ids are not named; stderr:\n%s", errb.String())
 	}
 }
+
+// TestFanOutTerminateWait: -terminate -tasks -wait waits until every
+// terminate is done, as -terminate -task -wait does, not terminateWait.
+func TestFanOutTerminateWait(t *testing.T) {
+	s := startLive(t)
+	s.runJobs(t, []jobs.Job{{TaskID: "tw/1", Command: "true"}, {TaskID: "tw/2", Command: "true"}})
+	defer func(d time.Duration) { terminateWait = d }(terminateWait)
+	terminateWait = time.Nanosecond // what a wait without -wait would give up after
+	out, errb, code := s.enqueue(t, "-terminate", "-tasks", "tw/*", "-wait")
+	if code != 0 || out != "tw/1-2 (2 tasks): terminated\n" {
+		t.Errorf("-terminate -tasks -wait: exit %d, stdout %q, stderr %q; want both terminated", code, out, errb)
+	}
+}
