@@ -284,6 +284,19 @@ func terminateMany(ctx context.Context, o *options, prod *jobs.Producer, tasks [
 		wctx, cancel = context.WithTimeout(ctx, terminateWait)
 	}
 	defer cancel()
+	// Not done after a few seconds: say so when no worker is there to do
+	// it, as -terminate -task does, and go on waiting.
+	waited, checked := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(checked)
+		select {
+		case <-waited:
+		case <-time.After(workerCheckAfter):
+			if served, err := prod.QueuesServed(); err == nil && served[jobs.MaintenanceQueue] == 0 {
+				fmt.Fprintln(stderr, "enqueue: no live worker is running to do it; still waiting: start one (worker)")
+			}
+		}
+	}()
 	outs := make([]jobs.TerminateOutcome, len(tasks))
 	errs := make([]error, len(tasks))
 	var wg sync.WaitGroup
@@ -296,6 +309,8 @@ func terminateMany(ctx context.Context, o *options, prod *jobs.Producer, tasks [
 		})
 	}
 	wg.Wait()
+	close(waited)
+	<-checked
 	groups := map[string][]string{}
 	for i, task := range tasks {
 		status := outs[i].Status
