@@ -447,6 +447,7 @@ func (s *Scheduler) fire(ctx context.Context, d Schedule, tick time.Time) {
 		sj := ScheduleJob{ID: id, Queue: DefaultQueue, Task: task}
 		var err error
 		if d.Terminate {
+			sj.Queue = MaintenanceQueue
 			err = s.prod.terminateTick(ctx, task, d.IfIdle, id)
 		} else {
 			j := *d.Job
@@ -508,7 +509,9 @@ func TickJobID(name string, tick time.Time, task string, fanOut, terminate bool)
 // terminateTick is Terminate for a schedule's tick: with the tick's job
 // id, and nothing done when another worker has enqueued it already.
 func (p *Producer) terminateTick(ctx context.Context, taskID string, ifIdle bool, id string) error {
-	if n, err := p.rdb.Exists(ctx, taskKey(DefaultQueue, id)).Result(); err != nil {
+	// Looked up where terminate jobs go: another worker's enqueue of the
+	// tick must stop this one before its cancels of the task's jobs.
+	if n, err := p.rdb.Exists(ctx, taskKey(MaintenanceQueue, id)).Result(); err != nil {
 		return fmt.Errorf("jobs: look up %s: %w", id, err)
 	} else if n == 1 {
 		return nil

@@ -2,6 +2,7 @@ package jobs_test
 
 import (
 	"context"
+	"log/slog"
 	"slices"
 	"strings"
 	"testing"
@@ -10,6 +11,7 @@ import (
 	"github.com/hibiken/asynq"
 
 	"github.com/boxq/boxq/jobs"
+	"github.com/boxq/boxq/sandboxpool"
 )
 
 // TestScheduleTicksAnchoredToTheClock: @every ticks are multiples of the
@@ -214,5 +216,51 @@ func TestScheduleChangedAndRemovedWhileWorkersRun(t *testing.T) {
 	}
 	if err := s.prod.Unschedule(ctx, "chg"); err == nil {
 		t.Errorf("Unschedule of a removed schedule: no error")
+	}
+}
+
+// TestScheduleTerminateTickOnce: a terminate schedule's tick job lives in
+// the maintenance queue. A second worker firing the same tick finds it
+// there and does nothing: it does not cancel again the task's jobs
+// enqueued since, and the schedule's last run finds its job.
+func TestScheduleTerminateTickOnce(t *testing.T) {
+	s := newStack(t, stackOptions{}) // no worker: the jobs stay where they are
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	d := jobs.Schedule{Name: "term", Cron: "@every 1h", Task: "tt", Terminate: true}
+	if err := s.prod.SetSchedule(ctx, d); err != nil {
+		t.Fatal(err)
+	}
+	sch := jobs.NewScheduler(s.prod, sandboxpool.NewIndex(s.rdb, "boxq:"), time.Hour, time.Now, slog.New(slog.DiscardHandler))
+	tick := time.Now().Truncate(time.Hour)
+	jobs.FireSchedule(ctx, sch, d, tick)
+	// After the tick: the task's next jobs, the second waiting its turn.
+	var ids []string
+	for range 2 {
+		e, err := s.prod.Enqueue(ctx, jobs.Job{TaskID: "tt", Command: "true"}, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, e.ID)
+	}
+	jobs.FireSchedule(ctx, sch, d, tick) // another worker, the same tick
+	for _, id := range ids {
+		st, err := s.prod.Status(ctx, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.State == jobs.StateDone {
+			t.Errorf("job %s, enqueued after the tick, has a result: %+v (the tick ran twice)", id, st.Result)
+		}
+	}
+	sts, err := s.prod.Schedules(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(sts) != 1 || sts[0].Last == nil || len(sts[0].Last.Jobs) != 1 {
+		t.Fatalf("schedules: %+v, want term's last run with its job", sts)
+	}
+	if n := sts[0].Results["gone"]; n > 0 || len(sts[0].Results) != 1 {
+		t.Errorf("the last run's results: %v, want the terminate job's state (not gone)", sts[0].Results)
 	}
 }

@@ -267,6 +267,9 @@ func (p *Pool) forget(ctx context.Context, l *Lease) {
 	if err := deleteScript.Run(ctx, p.rdb, []string{p.indexKey, p.tasksKey, l.leaseKey, l.recordKey, p.tombKey(l.taskID)}, p.tombArg, l.tokenArg, l.taskID).Err(); err != nil {
 		p.log.Warn("sandboxpool: drop the record of a refused create", "task_id", l.taskID, "err", err)
 	}
+	// And its note as a pending create (create), which only Created drops
+	// otherwise, on a scrape of the metrics.
+	_ = p.rdb.SRem(ctx, p.pendingKey, l.taskID).Err()
 }
 
 // take takes the lease of taskID, waiting while it is busy, unless one of

@@ -1467,3 +1467,22 @@ func TestCreatedExcludesPendingCreates(t *testing.T) {
 		t.Error("the stale note of task made was not dropped")
 	}
 }
+
+// TestRefusedCreateLeavesNoPendingNote: a create refused for good drops
+// its record, and its note in the set of pending creates with it: without
+// a scrape of the metrics (Created), nothing else would ever drop it, and
+// every task whose create was refused would stay there.
+func TestRefusedCreateLeavesNoPendingNote(t *testing.T) {
+	ctx := context.Background()
+	gw := newFakeGateway()
+	p, rdb := newPool(t, gw, Config{AcquireWait: 100 * time.Millisecond})
+	gw.beforeCreate = func(string) error {
+		return &gateway.APIError{StatusCode: 400, Method: "POST", Path: "/v1/sandboxes", Message: "unknown image"}
+	}
+	if _, err := p.Acquire(ctx, "bad", Spec{}, ""); !errors.As(err, new(*gateway.APIError)) {
+		t.Fatalf("Acquire with a refused create: %v", err)
+	}
+	if ok, err := rdb.SIsMember(ctx, "boxq:creating", "bad").Result(); ok || err != nil {
+		t.Errorf("task bad is still noted as a pending create (%v, %v)", ok, err)
+	}
+}

@@ -81,10 +81,16 @@ func runFanOut(ctx context.Context, o *options, x *schedOptions, prod *jobs.Prod
 		w.Add(e)
 	}
 	var results []jobs.Result
+	// The collector warns when no live worker serves the jobs' queue and,
+	// interrupted, names the jobs without a result, as for a batch.
+	c := newCollector(prod, w, stderr, nil, "")
 	for w.Pending() > 0 {
-		r, err := w.Next(ctx)
+		r, err := c.next(ctx)
 		if err != nil {
-			return fmt.Errorf("waiting for %d of %d jobs: %w", w.Pending(), len(js), err)
+			if errors.Is(err, context.Canceled) {
+				err = errInterrupted
+			}
+			return c.interrupted(err)
 		}
 		if r.TaskID == "" {
 			r.TaskID = taskOf[r.ID]
@@ -272,8 +278,25 @@ func terminateMany(ctx context.Context, o *options, prod *jobs.Producer, tasks [
 		}
 		ids[i] = id
 	}
-	wctx, cancel := context.WithTimeout(ctx, terminateWait)
+	// -wait: until every one is done, as -terminate -task -wait waits.
+	wctx, cancel := ctx, func() {}
+	if !o.wait {
+		wctx, cancel = context.WithTimeout(ctx, terminateWait)
+	}
 	defer cancel()
+	// Not done after a few seconds: say so when no worker is there to do
+	// it, as -terminate -task does, and go on waiting.
+	waited, checked := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(checked)
+		select {
+		case <-waited:
+		case <-time.After(workerCheckAfter):
+			if served, err := prod.QueuesServed(); err == nil && served[jobs.MaintenanceQueue] == 0 {
+				fmt.Fprintln(stderr, "enqueue: no live worker is running to do it; still waiting: start one (worker)")
+			}
+		}
+	}()
 	outs := make([]jobs.TerminateOutcome, len(tasks))
 	errs := make([]error, len(tasks))
 	var wg sync.WaitGroup
@@ -286,6 +309,8 @@ func terminateMany(ctx context.Context, o *options, prod *jobs.Producer, tasks [
 		})
 	}
 	wg.Wait()
+	close(waited)
+	<-checked
 	groups := map[string][]string{}
 	for i, task := range tasks {
 		status := outs[i].Status

@@ -14,10 +14,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/boxq/boxq/gateway"
 	"github.com/boxq/boxq/gateway/local"
 	"github.com/boxq/boxq/internal/app"
 	"github.com/boxq/boxq/internal/redistest"
+	"github.com/boxq/boxq/internal/syncbuf"
 	"github.com/boxq/boxq/jobs"
+	"github.com/boxq/boxq/sandboxpool"
 )
 
 // liveStack is a real redis-server, the reference gateway and a worker,
@@ -265,4 +268,104 @@ func TestSchedulingUsageErrors(t *testing.T) {
 			t.Errorf("run(%q) = %v, want a usage error containing %q", tt.args, err, tt.want)
 		}
 	}
+}
+
+// TestFanOutWaitWarnsAndNamesOutstanding: a fan-out's -wait keeps the
+// user told, as a batch's does: it warns when no live worker serves the
+// jobs' queue, and, interrupted, names the jobs without a result.
+func TestFanOutWaitWarnsAndNamesOutstanding(t *testing.T) {
+	s := startLive(t)
+	s.runJobs(t, []jobs.Job{{TaskID: "fo/1", Command: "true"}, {TaskID: "fo/2", Command: "true"}})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var out, errb syncbuf.Buffer
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, []string{"-redis", s.redisURL, "-tasks", "fo/*", "-queue", "nobody", "-wait", "--", "true"}, noenv, strings.NewReader(""), &out, &errb)
+	}()
+	deadline := time.After(30 * time.Second)
+	for !strings.Contains(errb.String(), `no live worker serves queue "nobody"`) {
+		select {
+		case err := <-done:
+			t.Fatalf("fan-out ended: %v; stderr:\n%s", err, errb.String())
+		case <-deadline:
+			t.Fatalf("no warning that no worker serves queue nobody; stderr:\n%s", errb.String())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	cancel()
+	err := <-done
+	if err == nil || !strings.Contains(err.Error(), "2 jobs have no result yet") {
+		t.Errorf("interrupted: %v, want the count of jobs without a result", err)
+	}
+	if n := strings.Count(errb.String(), "\n"); n < 3 {
+		t.Errorf("interrupted: the outstanding ids are not named; stderr:\n%s", errb.String())
+	}
+}
+
+// TestFanOutTerminateWait: -terminate -tasks -wait waits until every
+// terminate is done, as -terminate -task -wait does, not terminateWait.
+func TestFanOutTerminateWait(t *testing.T) {
+	s := startLive(t)
+	s.runJobs(t, []jobs.Job{{TaskID: "tw/1", Command: "true"}, {TaskID: "tw/2", Command: "true"}})
+	defer func(d time.Duration) { terminateWait = d }(terminateWait)
+	terminateWait = time.Nanosecond // what a wait without -wait would give up after
+	out, errb, code := s.enqueue(t, "-terminate", "-tasks", "tw/*", "-wait")
+	if code != 0 || out != "tw/1-2 (2 tasks): terminated\n" {
+		t.Errorf("-terminate -tasks -wait: exit %d, stdout %q, stderr %q; want both terminated", code, out, errb)
+	}
+}
+
+// TestFanOutTerminateWarnsNoWorker: -terminate -tasks with no worker
+// running says so after a few seconds, as -terminate -task does, rather
+// than waiting silently.
+func TestFanOutTerminateWarnsNoWorker(t *testing.T) {
+	srv := redistest.StartServer(t)
+	rdb, url := srv.New(t)
+	gw, err := local.New(local.Config{Token: "fan-token", Isolation: local.IsolationNone})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := httptest.NewServer(gw.Handler())
+	t.Cleanup(func() {
+		hs.Close()
+		cctx, ccancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer ccancel()
+		_ = gw.Close(cctx)
+	})
+	client, err := gateway.New(gateway.Config{BaseURL: hs.URL, Token: "fan-token"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool, err := sandboxpool.New(rdb, client, sandboxpool.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	// A sandbox for task nw/1, and no worker.
+	l, err := pool.Acquire(ctx, "nw/1", sandboxpool.Spec{}, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := pool.Release(ctx, l, ""); err != nil {
+		t.Fatal(err)
+	}
+	var out, errb syncbuf.Buffer
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, []string{"-redis", url, "-terminate", "-tasks", "nw/*"}, noenv, strings.NewReader(""), &out, &errb)
+	}()
+	deadline := time.After(30 * time.Second)
+	for !strings.Contains(errb.String(), "no live worker") {
+		select {
+		case err := <-done:
+			t.Fatalf("ended: %v; stdout %q, stderr %q", err, out.String(), errb.String())
+		case <-deadline:
+			t.Fatalf("no warning that no worker runs; stderr %q", errb.String())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	cancel()
+	<-done
 }

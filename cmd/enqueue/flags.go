@@ -34,8 +34,9 @@ func (f durationFlag) Set(s string) error {
 }
 
 // The flags -cwd, -timeout, -queue, -image and -persistent, given
-// explicitly, are the defaults of the job lines of a batch (-f) or a
-// fan-out (-tasks) that lack the field: a field a line gives wins. Flags
+// explicitly, are the defaults of the job lines of a batch (-f), of a
+// schedule's job file (-schedule -f) or of a fan-out (-tasks) that lack
+// the field: a field a line gives wins. Flags
 // not given leave the lines alone (the job defaults apply). -task, -id and
 // -stdin-file name one job: rejectPerJob refuses them with such a mode.
 

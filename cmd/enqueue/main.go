@@ -226,8 +226,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 }
 
 // check validates the flag combination.
-// terminateWait bounds how long -terminate waits to say what a worker did.
-const terminateWait = time.Minute
+// terminateWait bounds how long -terminate waits to say what a worker did
+// (without -wait). A variable for the tests.
+var terminateWait = time.Minute
 
 func (o *options) check() error {
 	modes := 0

@@ -38,3 +38,27 @@ func TestProgressLine(t *testing.T) {
 		t.Errorf("bar %q: want the bar and the short wait counts", got)
 	}
 }
+
+// TestSummaryPercentiles: p50 and p90 are nearest-rank percentiles: the
+// smallest duration that at least that share of the commands did not
+// exceed.
+func TestSummaryPercentiles(t *testing.T) {
+	tests := []struct {
+		n        int
+		p50, p90 time.Duration
+	}{
+		{1, 1 * time.Second, 1 * time.Second},
+		{7, 4 * time.Second, 7 * time.Second}, // 6 of 7 is 86 %, short of 90
+		{10, 5 * time.Second, 9 * time.Second},
+		{20, 10 * time.Second, 18 * time.Second},
+	}
+	for _, tt := range tests {
+		sum := newSummary()
+		for i := tt.n; i >= 1; i-- {
+			sum.add(jobs.Result{Status: jobs.StatusCompleted, StartedAt: time.Unix(1, 0), DurationMs: int64(i) * 1000})
+		}
+		if p50, p90 := sum.percentile(.5), sum.percentile(.9); p50 != tt.p50 || p90 != tt.p90 {
+			t.Errorf("durations 1..%d s: p50 %v, p90 %v; want %v, %v", tt.n, p50, p90, tt.p50, tt.p90)
+		}
+	}
+}

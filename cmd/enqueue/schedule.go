@@ -129,6 +129,7 @@ func runScheduling(ctx context.Context, o *options, x *schedOptions, stdin io.Re
 	if err != nil {
 		return app.Usagef("%v", err)
 	}
+	app.RouteRedisLogs(log)
 	rdb, err := app.ConnectRedis(ctx, o.redisURL, 0)
 	if err != nil {
 		return err
@@ -180,6 +181,8 @@ func (x *schedOptions) check(o *options) error {
 		return app.Usagef("-in and -at delay one job; a schedule has -cron")
 	case x.schedule != "" && o.file != "" && len(o.command) > 0:
 		return app.Usagef("with -f the schedule's job comes from the file; drop the command %q", strings.Join(o.command, " "))
+	case x.schedule != "" && o.file != "" && o.stdinFile != "":
+		return app.Usagef(`with -f the job file gives its stdin (the "stdin" field); drop -stdin-file`)
 	case x.schedule != "" && o.terminate && (o.file != "" || len(o.command) > 0):
 		return app.Usagef("a -terminate schedule runs no command")
 	case (x.schedules || x.unschedule != "") && (len(o.command) > 0 || o.task != "" || x.tasks != ""):
@@ -216,23 +219,20 @@ func template(o *options, stdin io.Reader) (jobs.Job, error) {
 		if err := dec.Decode(&j); err != nil {
 			return jobs.Job{}, app.Usagef("-f %s: invalid job: %v", o.file, err)
 		}
+		// The file is a batch's line: the flags given fill what it lacks.
+		defaultsFrom(o).apply(&j)
 		return j, nil
 	}
 	j := jobs.Job{Command: strings.Join(o.command, " "), Cwd: o.cwd, Image: o.image, Queue: o.queue, Persistent: &o.persist}
 	secs := o.timeout.Seconds()
 	j.TimeoutS = &secs
 	if o.stdinFile != "" {
-		var b []byte
-		var err error
-		if o.stdinFile == "-" {
-			b, err = io.ReadAll(io.LimitReader(stdin, jobs.MaxStdinBytes+1))
-		} else {
-			b, err = readLimited(o.stdinFile, jobs.MaxStdinBytes+1)
-		}
+		// As for one job: a file that cannot be read is a usage error.
+		b, err := readStdin(o.stdinFile, stdin)
 		if err != nil {
-			return jobs.Job{}, fmt.Errorf("-stdin-file: %w", err)
+			return jobs.Job{}, err
 		}
-		j.Stdin = string(b)
+		j.Stdin = b
 	}
 	return j, nil
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"io"
+	"math"
 	"slices"
 	"strconv"
 	"strings"
@@ -87,14 +88,15 @@ func (s *summary) rcLine() string {
 }
 
 // percentile returns the p-th percentile (0..1) of the durations, nearest
-// rank.
+// rank: the ceil(p·n)-th smallest (less a hair, so that 0.9·10 is 9, not
+// 9.000000000000002 rounded up to 10).
 func (s *summary) percentile(p float64) time.Duration {
 	if len(s.durations) == 0 {
 		return 0
 	}
 	d := slices.Clone(s.durations)
 	slices.Sort(d)
-	i := int(p*float64(len(d))+0.5) - 1
+	i := int(math.Ceil(p*float64(len(d))-1e-9)) - 1
 	return d[min(max(i, 0), len(d)-1)]
 }
 

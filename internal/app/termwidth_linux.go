@@ -20,3 +20,11 @@ func TerminalWidth(w io.Writer) int {
 	}
 	return int(ws.Col)
 }
+
+// isTTY reports whether the character device f is a terminal: it answers
+// a terminal's ioctl, which /dev/null does not.
+func isTTY(f *os.File) bool {
+	var t syscall.Termios
+	_, _, errno := syscall.Syscall(syscall.SYS_IOCTL, f.Fd(), syscall.TCGETS, uintptr(unsafe.Pointer(&t)))
+	return errno == 0
+}
