@@ -63,6 +63,8 @@ type ExecHandler struct {
 	// lifetime is the timeoutMs asked of the gateway for new sandboxes
 	// (0: its default, 1 h).
 	lifetime time.Duration
+	// afterJoinDue: WorkerConfig's fault point.
+	afterJoinDue func(jobID string)
 }
 
 // ProcessTask implements asynq.Handler.
@@ -160,6 +162,9 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 		}
 		if wait {
 			log.Info("delayed job fell due behind other jobs of its task; it waits for its turn")
+			if h.afterJoinDue != nil {
+				h.afterJoinDue(jobID)
+			}
 			return &retryLater{err: errWaitsTurn, park: true, wait: WaitTurn}
 		}
 	}

@@ -22,3 +22,8 @@ func RescueNoteFor(queue, jobID, taskID string) string {
 
 // TaskKey is the key of job id's asynq task hash.
 func TaskKey(queue, id string) string { return taskKey(queue, id) }
+
+// SetAfterJoinDue installs a fault point in the worker cfg makes: f runs
+// when a delayed job has joined its task's sequence to wait, before asynq
+// puts it back (the job is still active).
+func SetAfterJoinDue(cfg *WorkerConfig, f func(jobID string)) { cfg.afterJoinDue = f }
