@@ -144,10 +144,24 @@ func (s *Schedule) Next(t time.Time) (time.Time, error) {
 func nextTick(cs cron.Schedule, loc *time.Location, t time.Time) time.Time {
 	if every, ok := cs.(cron.ConstantDelaySchedule); ok {
 		d := int64(every.Delay / time.Second) // robfig: whole seconds, at least 1
-		_, off := t.In(loc).Zone()
-		local := t.Unix() + int64(off)
-		next := (floorDiv(local, d)+1)*d - int64(off)
-		return time.Unix(next, 0).In(loc)
+		// Ticks are the instants whose wall clock in loc is a multiple of
+		// d, counted with the offset in effect at that instant. Counted
+		// with t's offset instead, a tick past a DST change would be off
+		// the new grid (@every 24h in Europe/Paris: 23:00 one day, then
+		// midnight an hour later).
+		at, after := t, t.Unix()
+		for n := 0; ; n++ {
+			z := at.In(loc)
+			_, off := z.Zone()
+			_, end := z.ZoneBounds()
+			next := (floorDiv(after+int64(off), d)+1)*d - int64(off)
+			if end.IsZero() || next < end.Unix() || n == 8 {
+				return time.Unix(next, 0).In(loc)
+			}
+			// The offset changes before next: from the change on, ticks
+			// count with the new one.
+			at, after = end, max(after, end.Unix()-1)
+		}
 	}
 	return cs.Next(t.In(loc))
 }

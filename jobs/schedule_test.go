@@ -58,6 +58,35 @@ func TestScheduleTicksAnchoredToTheClock(t *testing.T) {
 	}
 }
 
+// TestScheduleEveryInZoneAcrossDST: @every 24h in a zone with daylight
+// saving ticks at local midnight on both sides of each change, never at
+// 23:00 or 01:00 in between, whoever asks and from when.
+func TestScheduleEveryInZoneAcrossDST(t *testing.T) {
+	paris := mustZone(t, "Europe/Paris")
+	s := jobs.Schedule{Name: "midnight", Cron: "@every 24h", TZ: "Europe/Paris"}
+	for _, from := range []time.Time{
+		time.Date(2026, 10, 23, 12, 0, 0, 0, paris), // clocks go back on the 25th
+		time.Date(2027, 3, 26, 12, 0, 0, 0, paris),  // forward on the 28th
+	} {
+		for at, n := from, 0; n < 5; n++ {
+			next, err := s.Next(at)
+			if err != nil {
+				t.Fatal(err)
+			}
+			local := next.In(paris)
+			want := time.Date(from.Year(), from.Month(), from.Day()+n+1, 0, 0, 0, 0, paris)
+			if !next.Equal(want) {
+				t.Errorf("after %v: tick %v (%v), want %v", at.In(paris), next.UTC(), local, want)
+			}
+			// Asked from anywhere between two ticks, the same next tick.
+			if mid, err := s.Next(next.Add(-90 * time.Minute)); err != nil || !mid.Equal(next) {
+				t.Errorf("after %v: tick %v, want %v", next.Add(-90*time.Minute).In(paris), mid.In(paris), local)
+			}
+			at = next
+		}
+	}
+}
+
 func mustZone(t *testing.T, name string) *time.Location {
 	t.Helper()
 	loc, err := time.LoadLocation(name)
