@@ -175,13 +175,25 @@ func floorDiv(a, b int64) int64 {
 }
 
 // latestTick returns the last tick in (after, upTo], if any.
+//
+// It looks back from upTo over growing windows, and stops at the first
+// that holds a tick: a worker paused for long (@every 1s over a day)
+// fires the latest tick, not one of the first 100,000 after it stopped,
+// and walks a few ticks, not the whole gap.
 func latestTick(cs cron.Schedule, loc *time.Location, after, upTo time.Time) (time.Time, bool) {
-	var last time.Time
-	// Bounded: a worker paused for long fires one tick, the latest.
-	for t, n := nextTick(cs, loc, after), 0; !t.IsZero() && !t.After(upTo) && n < 100_000; t, n = nextTick(cs, loc, t), n+1 {
-		last = t
+	for w := time.Minute; ; w *= 4 {
+		from := upTo.Add(-w)
+		if !from.After(after) || w > 1<<20*time.Hour {
+			from = after
+		}
+		var last time.Time
+		for t, n := nextTick(cs, loc, from), 0; !t.IsZero() && !t.After(upTo) && n < 100_000; t, n = nextTick(cs, loc, t), n+1 {
+			last = t
+		}
+		if !last.IsZero() || from.Equal(after) {
+			return last, !last.IsZero()
+		}
 	}
-	return last, !last.IsZero()
 }
 
 // ScheduleRun is a schedule's last run.
