@@ -163,7 +163,73 @@ func nextTick(cs cron.Schedule, loc *time.Location, t time.Time) time.Time {
 			at, after = end, max(after, end.Unix()-1)
 		}
 	}
+	if ss, ok := cs.(*cron.SpecSchedule); ok && ss.Hour&cronStarBit == 0 {
+		return nextFixedTick(ss, loc, t)
+	}
 	return cs.Next(t.In(loc))
+}
+
+// cronStarBit marks a field of a robfig spec written "*" (its own
+// starBit, unexported): "0 * * * *" has it in its hour, "0 2 * * *" not.
+const cronStarBit = 1 << 63
+
+// nextFixedTick is the next tick of a spec with fixed hours ("30 2 * * *",
+// @daily), as cron runs such jobs across a DST change in their zone: a
+// wall time the change repeats runs once, at its first occurrence, and
+// one the change skips runs at the change. robfig's Next would run the
+// first twice and never the second: a nightly job twice one night a year,
+// and not at all another. (A spec with every hour, "0 * * * *", keeps
+// robfig's ticks: it runs by the hours that pass.)
+func nextFixedTick(ss *cron.SpecSchedule, loc *time.Location, t time.Time) time.Time {
+	for {
+		n := ss.Next(t.In(loc))
+		if n.IsZero() {
+			return n
+		}
+		if change, ok := skippedTick(ss, loc, t, n); ok {
+			return change
+		}
+		if !repeatedWallTime(loc, n) {
+			return n
+		}
+		t = n // its first occurrence was a tick already
+	}
+}
+
+// skippedTick reports the first change to a larger offset in (t, n] that
+// skips a wall time the spec names: the tick runs at the change.
+func skippedTick(ss *cron.SpecSchedule, loc *time.Location, t, n time.Time) (time.Time, bool) {
+	for at := t; ; {
+		z := at.In(loc)
+		_, end := z.ZoneBounds()
+		if end.IsZero() || end.After(n) {
+			return time.Time{}, false
+		}
+		_, oldOff := z.Zone()
+		_, newOff := end.In(loc).Zone()
+		if newOff > oldOff {
+			// The wall times the change skips, read with the old offset,
+			// are the instants [end, end+gap).
+			g := ss.Next(end.Add(-time.Second).In(time.FixedZone("", oldOff)))
+			if !g.IsZero() && g.Before(end.Add(time.Duration(newOff-oldOff)*time.Second)) {
+				return end.In(loc), true
+			}
+		}
+		at = end
+	}
+}
+
+// repeatedWallTime reports whether t is the second occurrence of its wall
+// time in loc: in the hour a change to a smaller offset repeats.
+func repeatedWallTime(loc *time.Location, t time.Time) bool {
+	z := t.In(loc)
+	start, _ := z.ZoneBounds()
+	if start.IsZero() {
+		return false
+	}
+	_, off := z.Zone()
+	_, prevOff := start.Add(-time.Second).In(loc).Zone()
+	return prevOff > off && t.Before(start.Add(time.Duration(prevOff-off)*time.Second))
 }
 
 func floorDiv(a, b int64) int64 {

@@ -87,6 +87,47 @@ func TestScheduleEveryInZoneAcrossDST(t *testing.T) {
 	}
 }
 
+// TestScheduleFixedTimeAcrossDST: a nightly spec in a zone runs once a
+// night across DST changes, as cron does: once in the night a wall time
+// repeats (its first occurrence), and at the change in the night it skips
+// that time. A spec with every hour keeps running by the hours that pass.
+func TestScheduleFixedTimeAcrossDST(t *testing.T) {
+	mustZone(t, "Europe/Paris")
+	mustZone(t, "America/New_York")
+	utc := func(y int, m time.Month, d, h, min int) time.Time { return time.Date(y, m, d, h, min, 0, 0, time.UTC) }
+	tests := []struct {
+		cron, tz string
+		from     time.Time
+		want     []time.Time
+	}{
+		// 02:00-03:00 repeats on 2026-10-25 in Paris: once, at 02:00 CEST.
+		{"0 2 * * *", "Europe/Paris", utc(2026, 10, 24, 12, 0), []time.Time{utc(2026, 10, 25, 0, 0), utc(2026, 10, 26, 1, 0)}},
+		// Asked from between the two 02:00s: the next night.
+		{"0 2 * * *", "Europe/Paris", utc(2026, 10, 25, 0, 30), []time.Time{utc(2026, 10, 26, 1, 0)}},
+		// 02:00-03:00 is skipped on 2027-03-28: at the change, 03:00 CEST.
+		{"30 2 * * *", "Europe/Paris", utc(2027, 3, 27, 12, 0), []time.Time{utc(2027, 3, 28, 1, 0), utc(2027, 3, 29, 0, 30)}},
+		{"30 1 * * *", "America/New_York", utc(2026, 10, 31, 12, 0), []time.Time{utc(2026, 11, 1, 5, 30), utc(2026, 11, 2, 6, 30)}},
+		{"30 2 * * *", "America/New_York", utc(2027, 3, 13, 12, 0), []time.Time{utc(2027, 3, 14, 7, 0), utc(2027, 3, 15, 6, 30)}},
+		// Every hour: both 02:00s, as hours pass.
+		{"0 * * * *", "Europe/Paris", utc(2026, 10, 24, 23, 30), []time.Time{utc(2026, 10, 25, 0, 0), utc(2026, 10, 25, 1, 0), utc(2026, 10, 25, 2, 0)}},
+	}
+	for _, tt := range tests {
+		s := jobs.Schedule{Name: "n", Cron: tt.cron, TZ: tt.tz}
+		at := tt.from
+		for _, want := range tt.want {
+			got, err := s.Next(at)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !got.Equal(want) {
+				t.Errorf("%q in %s after %v: %v, want %v", tt.cron, tt.tz, at.UTC(), got.UTC(), want)
+				break
+			}
+			at = got
+		}
+	}
+}
+
 func mustZone(t *testing.T, name string) *time.Location {
 	t.Helper()
 	loc, err := time.LoadLocation(name)
