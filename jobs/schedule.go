@@ -99,8 +99,14 @@ func (s *Schedule) Validate() error {
 	if !scheduleName.MatchString(s.Name) {
 		return bad("name %q: 1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit", shorten(s.Name, 120))
 	}
-	if _, _, err := ParseCron(s.Cron, s.TZ); err != nil {
+	cs, loc, err := ParseCron(s.Cron, s.TZ)
+	if err != nil {
 		return err
+	}
+	// robfig looks five years ahead: a spec with no tick in them (the 30th
+	// of February) never runs.
+	if cs.Next(time.Now().In(loc)).IsZero() {
+		return bad("cron spec %q never runs (no such day?)", s.Cron)
 	}
 	switch {
 	case (s.Task == "") == (s.Tasks == ""):
@@ -501,7 +507,9 @@ func (s *Scheduler) Run(ctx context.Context) error {
 			if tick, ok := latestTick(cs, locs[d.Name], from, t); ok {
 				s.fire(ctx, d, tick)
 			}
-			if n := nextTick(cs, locs[d.Name], t); n.Before(wake) {
+			// No next tick (zero) leaves the wake as it is: a zero wake
+			// would spin the loop.
+			if n := nextTick(cs, locs[d.Name], t); !n.IsZero() && n.Before(wake) {
 				wake = n
 			}
 		}

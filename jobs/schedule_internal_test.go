@@ -1,8 +1,16 @@
 package jobs
 
 import (
+	"context"
+	"encoding/json"
+	"log/slog"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/boxq/boxq/internal/redistest"
+	"github.com/boxq/boxq/sandboxpool"
 )
 
 // TestLatestTickAfterALongPause: a worker paused for two days over an
@@ -28,5 +36,38 @@ func TestLatestTickAfterALongPause(t *testing.T) {
 	got, ok = latestTick(daily, loc, upTo.Add(-10*24*time.Hour), upTo.Add(-time.Hour))
 	if want := time.Date(2026, 12, 2, 3, 0, 0, 0, time.UTC); !ok || !got.Equal(want) {
 		t.Errorf("latest daily tick: %v (%v), want %v", got.UTC(), ok, want)
+	}
+}
+
+// TestScheduleThatNeverRuns: a spec with no tick (the 30th of February) is
+// refused; one stored anyway (by an older boxq) leaves the workers' loop
+// asleep until the next reload, rather than waking it every millisecond.
+func TestScheduleThatNeverRuns(t *testing.T) {
+	s := Schedule{Name: "never", Cron: "0 0 30 2 *", Task: "t", Job: &Job{Command: "true"}}
+	if err := s.Validate(); err == nil || !strings.Contains(err.Error(), "never runs") {
+		t.Errorf("Validate(%q) = %v, want an error saying it never runs", s.Cron, err)
+	}
+
+	rdb, _ := redistest.New(t)
+	prod, err := NewProducer(rdb, ProducerConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := json.Marshal(s)
+	if err := rdb.HSet(context.Background(), prod.store.schedulesKey(), s.Name, b).Err(); err != nil {
+		t.Fatal(err)
+	}
+	var wakes atomic.Int64
+	now := func() time.Time { wakes.Add(1); return time.Now() }
+	sc := NewScheduler(prod, sandboxpool.NewIndex(rdb, ""), time.Hour, now, slog.New(slog.DiscardHandler))
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	if err := sc.Run(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// One pass reads the clock a few times; a loop woken every
+	// millisecond reads it hundreds of times in 300 ms.
+	if n := wakes.Load(); n > 50 {
+		t.Errorf("the scheduler read the clock %d times in 300 ms: it spins", n)
 	}
 }
