@@ -160,3 +160,27 @@ func TestDelayedJobTerminatedWhileJoiningIsNotStranded(t *testing.T) {
 		t.Errorf("result %+v, want cancelled", r)
 	}
 }
+
+// TestDelayedJobRunEarlySaysWhenItRuns: a delayed job run early from the
+// dashboard goes back until its time, and -result still says when it runs.
+func TestDelayedJobRunEarlySaysWhenItRuns(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.startWorker(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	runAt := time.Now().Add(time.Hour)
+	_, e := s.submit(t, ctx, jobs.Job{ID: "early", TaskID: "de", Command: "touch ~/ran", RunAt: &runAt})
+	if err := asynq.NewInspectorFromRedisClient(s.rdb).RunTask(jobs.DefaultQueue, e.ID); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 20*time.Second, "the early delivery to send the job back", func() bool {
+		return taskInfo(t, s.rdb, e.ID).State == asynq.TaskStateRetry
+	})
+	_, state, ok, err := s.prod.Lookup(ctx, e.ID)
+	if want := "scheduled: runs at " + runAt.UTC().Format(time.RFC3339Nano); err != nil || ok || state != want {
+		t.Errorf("Lookup after an early run: %q (ok %v, err %v), want %q", state, ok, err, want)
+	}
+	if err := s.prod.Cancel(ctx, e.ID); err != nil {
+		t.Fatal(err)
+	}
+}
