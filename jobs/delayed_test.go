@@ -4,8 +4,11 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/hibiken/asynq"
 
 	"github.com/boxq/boxq/jobs"
 )
@@ -119,5 +122,65 @@ func TestParseJobRunAt(t *testing.T) {
 		if _, err := jobs.ParseJob([]byte(line)); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("ParseJob(%s) = %v, want an error with %q", line, err, want)
 		}
+	}
+}
+
+// TestDelayedJobTerminatedWhileJoiningIsNotStranded: a delayed job that
+// falls due behind a running command joins its sequence to wait, and is
+// active in asynq until asynq puts it back, parked until 2200. A terminate
+// of its task in that moment gives it its result ("task terminated"): it
+// must still be acked (completed, its retention applies), not left parked
+// in the retry set until 2200. (A cancel in that moment is the same
+// settle, but its cancel message usually reaches the delivery first.)
+func TestDelayedJobTerminatedWhileJoiningIsNotStranded(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	const task, id = "dj-term", "d-term"
+	var once sync.Once
+	s.startWorker(t, func(c *jobs.WorkerConfig) {
+		jobs.SetAfterJoinDue(c, func(jobID string) {
+			if jobID != id {
+				return
+			}
+			once.Do(func() {
+				if _, err := s.prod.Terminate(ctx, task, false); err != nil {
+					t.Errorf("terminate while the delayed job joins: %v", err)
+				}
+			})
+		})
+	})
+	s.submit(t, ctx, jobs.Job{ID: "head-term", TaskID: task, Command: "sleep 4"})
+	runAt := time.Now().Add(time.Second)
+	s.submit(t, ctx, jobs.Job{ID: id, TaskID: task, Command: "touch ~/ran", RunAt: &runAt})
+	waitFor(t, 30*time.Second, "the terminated delayed job to be acked", func() bool {
+		return taskInfo(t, s.rdb, id).State == asynq.TaskStateCompleted
+	})
+	if r := decodeResult(t, taskInfo(t, s.rdb, id).Result); r.Status != jobs.StatusCancelled {
+		t.Errorf("result %+v, want cancelled", r)
+	}
+}
+
+// TestDelayedJobRunEarlySaysWhenItRuns: a delayed job run early from the
+// dashboard goes back until its time, and -result still says when it runs.
+func TestDelayedJobRunEarlySaysWhenItRuns(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.startWorker(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	runAt := time.Now().Add(time.Hour)
+	_, e := s.submit(t, ctx, jobs.Job{ID: "early", TaskID: "de", Command: "touch ~/ran", RunAt: &runAt})
+	if err := asynq.NewInspectorFromRedisClient(s.rdb).RunTask(jobs.DefaultQueue, e.ID); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 20*time.Second, "the early delivery to send the job back", func() bool {
+		return taskInfo(t, s.rdb, e.ID).State == asynq.TaskStateRetry
+	})
+	_, state, ok, err := s.prod.Lookup(ctx, e.ID)
+	if want := "scheduled: runs at " + runAt.UTC().Format(time.RFC3339Nano); err != nil || ok || state != want {
+		t.Errorf("Lookup after an early run: %q (ok %v, err %v), want %q", state, ok, err, want)
+	}
+	if err := s.prod.Cancel(ctx, e.ID); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -64,6 +64,8 @@ type ExecHandler struct {
 	// lifetime is the timeoutMs asked of the gateway for new sandboxes
 	// (0: its default, 1 h).
 	lifetime time.Duration
+	// afterJoinDue: WorkerConfig's fault point.
+	afterJoinDue func(jobID string)
 }
 
 // ProcessTask implements asynq.Handler.
@@ -160,6 +162,9 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 		}
 		if wait {
 			log.Info("delayed job fell due behind other jobs of its task; it waits for its turn")
+			if h.afterJoinDue != nil {
+				h.afterJoinDue(jobID)
+			}
 			return &retryLater{err: errWaitsTurn, park: true, wait: WaitTurn}
 		}
 	}
@@ -266,8 +271,12 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 		// The first delivery to get this far (the take stamps the job, so
 		// a later one has startedIn set): the queue wait is observed once
 		// per job, however many times it came back to wait for its turn or
-		// for capacity before.
-		h.metrics.observeQueueWait(execStart.Sub(res.QueuedAt))
+		// for capacity before. A delayed job waits from its time on.
+		since := res.QueuedAt
+		if p.RunAt != nil && p.RunAt.After(since) {
+			since = *p.RunAt
+		}
+		h.metrics.observeQueueWait(execStart.Sub(since))
 	}
 	st, err := h.gw.Run(runCtx, lease.SandboxID(), h.startRequest(&p, res.ExecID, cwd, marker, timeout))
 	if errors.Is(err, gateway.ErrSandboxGone) && startedIn != "" {

@@ -28,3 +28,8 @@ func TaskKey(queue, id string) string { return taskKey(queue, id) }
 func FireSchedule(ctx context.Context, s *Scheduler, d Schedule, tick time.Time) {
 	s.fire(ctx, d, tick)
 }
+
+// SetAfterJoinDue installs a fault point in the worker cfg makes: f runs
+// when a delayed job has joined its task's sequence to wait, before asynq
+// puts it back (the job is still active).
+func SetAfterJoinDue(cfg *WorkerConfig, f func(jobID string)) { cfg.afterJoinDue = f }

@@ -405,7 +405,10 @@ func (p *Producer) Lookup(ctx context.Context, jobID string) (res Result, state 
 	if len(info.Result) == 0 {
 		state := info.State.String()
 		pl, isExec := payloadOf(info)
-		if isExec && pl.JoinOnRun && pl.RunAt != nil && info.State == asynq.TaskStateScheduled {
+		// Not due yet: scheduled, or sent back until its time after an
+		// early delivery (the dashboard's "run now").
+		if isExec && pl.JoinOnRun && pl.RunAt != nil && (info.State == asynq.TaskStateScheduled ||
+			info.State == asynq.TaskStateRetry && time.Now().Before(*pl.RunAt)) {
 			state = "scheduled: runs at " + pl.RunAt.UTC().Format(time.RFC3339Nano)
 		}
 		if isExec && pl.Seq && (info.State == asynq.TaskStateScheduled || info.State == asynq.TaskStateRetry) {

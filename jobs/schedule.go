@@ -99,8 +99,14 @@ func (s *Schedule) Validate() error {
 	if !scheduleName.MatchString(s.Name) {
 		return bad("name %q: 1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit", shorten(s.Name, 120))
 	}
-	if _, _, err := ParseCron(s.Cron, s.TZ); err != nil {
+	cs, loc, err := ParseCron(s.Cron, s.TZ)
+	if err != nil {
 		return err
+	}
+	// robfig looks five years ahead: a spec with no tick in them (the 30th
+	// of February) never runs.
+	if cs.Next(time.Now().In(loc)).IsZero() {
+		return bad("cron spec %q never runs (no such day?)", s.Cron)
 	}
 	switch {
 	case (s.Task == "") == (s.Tasks == ""):
@@ -144,12 +150,92 @@ func (s *Schedule) Next(t time.Time) (time.Time, error) {
 func nextTick(cs cron.Schedule, loc *time.Location, t time.Time) time.Time {
 	if every, ok := cs.(cron.ConstantDelaySchedule); ok {
 		d := int64(every.Delay / time.Second) // robfig: whole seconds, at least 1
-		_, off := t.In(loc).Zone()
-		local := t.Unix() + int64(off)
-		next := (floorDiv(local, d)+1)*d - int64(off)
-		return time.Unix(next, 0).In(loc)
+		// Ticks are the instants whose wall clock in loc is a multiple of
+		// d, counted with the offset in effect at that instant. Counted
+		// with t's offset instead, a tick past a DST change would be off
+		// the new grid (@every 24h in Europe/Paris: 23:00 one day, then
+		// midnight an hour later).
+		at, after := t, t.Unix()
+		for n := 0; ; n++ {
+			z := at.In(loc)
+			_, off := z.Zone()
+			_, end := z.ZoneBounds()
+			next := (floorDiv(after+int64(off), d)+1)*d - int64(off)
+			if end.IsZero() || next < end.Unix() || n == 8 {
+				return time.Unix(next, 0).In(loc)
+			}
+			// The offset changes before next: from the change on, ticks
+			// count with the new one.
+			at, after = end, max(after, end.Unix()-1)
+		}
+	}
+	if ss, ok := cs.(*cron.SpecSchedule); ok && ss.Hour&cronStarBit == 0 {
+		return nextFixedTick(ss, loc, t)
 	}
 	return cs.Next(t.In(loc))
+}
+
+// cronStarBit marks a field of a robfig spec written "*" (its own
+// starBit, unexported): "0 * * * *" has it in its hour, "0 2 * * *" not.
+const cronStarBit = 1 << 63
+
+// nextFixedTick is the next tick of a spec with fixed hours ("30 2 * * *",
+// @daily), as cron runs such jobs across a DST change in their zone: a
+// wall time the change repeats runs once, at its first occurrence, and
+// one the change skips runs at the change. robfig's Next would run the
+// first twice and never the second: a nightly job twice one night a year,
+// and not at all another. (A spec with every hour, "0 * * * *", keeps
+// robfig's ticks: it runs by the hours that pass.)
+func nextFixedTick(ss *cron.SpecSchedule, loc *time.Location, t time.Time) time.Time {
+	for {
+		n := ss.Next(t.In(loc))
+		if n.IsZero() {
+			return n
+		}
+		if change, ok := skippedTick(ss, loc, t, n); ok {
+			return change
+		}
+		if !repeatedWallTime(loc, n) {
+			return n
+		}
+		t = n // its first occurrence was a tick already
+	}
+}
+
+// skippedTick reports the first change to a larger offset in (t, n] that
+// skips a wall time the spec names: the tick runs at the change.
+func skippedTick(ss *cron.SpecSchedule, loc *time.Location, t, n time.Time) (time.Time, bool) {
+	for at := t; ; {
+		z := at.In(loc)
+		_, end := z.ZoneBounds()
+		if end.IsZero() || end.After(n) {
+			return time.Time{}, false
+		}
+		_, oldOff := z.Zone()
+		_, newOff := end.In(loc).Zone()
+		if newOff > oldOff {
+			// The wall times the change skips, read with the old offset,
+			// are the instants [end, end+gap).
+			g := ss.Next(end.Add(-time.Second).In(time.FixedZone("", oldOff)))
+			if !g.IsZero() && g.Before(end.Add(time.Duration(newOff-oldOff)*time.Second)) {
+				return end.In(loc), true
+			}
+		}
+		at = end
+	}
+}
+
+// repeatedWallTime reports whether t is the second occurrence of its wall
+// time in loc: in the hour a change to a smaller offset repeats.
+func repeatedWallTime(loc *time.Location, t time.Time) bool {
+	z := t.In(loc)
+	start, _ := z.ZoneBounds()
+	if start.IsZero() {
+		return false
+	}
+	_, off := z.Zone()
+	_, prevOff := start.Add(-time.Second).In(loc).Zone()
+	return prevOff > off && t.Before(start.Add(time.Duration(prevOff-off)*time.Second))
 }
 
 func floorDiv(a, b int64) int64 {
@@ -161,13 +247,25 @@ func floorDiv(a, b int64) int64 {
 }
 
 // latestTick returns the last tick in (after, upTo], if any.
+//
+// It looks back from upTo over growing windows, and stops at the first
+// that holds a tick: a worker paused for long (@every 1s over a day)
+// fires the latest tick, not one of the first 100,000 after it stopped,
+// and walks a few ticks, not the whole gap.
 func latestTick(cs cron.Schedule, loc *time.Location, after, upTo time.Time) (time.Time, bool) {
-	var last time.Time
-	// Bounded: a worker paused for long fires one tick, the latest.
-	for t, n := nextTick(cs, loc, after), 0; !t.IsZero() && !t.After(upTo) && n < 100_000; t, n = nextTick(cs, loc, t), n+1 {
-		last = t
+	for w := time.Minute; ; w *= 4 {
+		from := upTo.Add(-w)
+		if !from.After(after) || w > 1<<20*time.Hour {
+			from = after
+		}
+		var last time.Time
+		for t, n := nextTick(cs, loc, from), 0; !t.IsZero() && !t.After(upTo) && n < 100_000; t, n = nextTick(cs, loc, t), n+1 {
+			last = t
+		}
+		if !last.IsZero() || from.Equal(after) {
+			return last, !last.IsZero()
+		}
 	}
-	return last, !last.IsZero()
 }
 
 // ScheduleRun is a schedule's last run.
@@ -409,7 +507,9 @@ func (s *Scheduler) Run(ctx context.Context) error {
 			if tick, ok := latestTick(cs, locs[d.Name], from, t); ok {
 				s.fire(ctx, d, tick)
 			}
-			if n := nextTick(cs, locs[d.Name], t); n.Before(wake) {
+			// No next tick (zero) leaves the wake as it is: a zero wake
+			// would spin the loop.
+			if n := nextTick(cs, locs[d.Name], t); !n.IsZero() && n.Before(wake) {
 				wake = n
 			}
 		}

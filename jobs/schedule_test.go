@@ -60,6 +60,76 @@ func TestScheduleTicksAnchoredToTheClock(t *testing.T) {
 	}
 }
 
+// TestScheduleEveryInZoneAcrossDST: @every 24h in a zone with daylight
+// saving ticks at local midnight on both sides of each change, never at
+// 23:00 or 01:00 in between, whoever asks and from when.
+func TestScheduleEveryInZoneAcrossDST(t *testing.T) {
+	paris := mustZone(t, "Europe/Paris")
+	s := jobs.Schedule{Name: "midnight", Cron: "@every 24h", TZ: "Europe/Paris"}
+	for _, from := range []time.Time{
+		time.Date(2026, 10, 23, 12, 0, 0, 0, paris), // clocks go back on the 25th
+		time.Date(2027, 3, 26, 12, 0, 0, 0, paris),  // forward on the 28th
+	} {
+		for at, n := from, 0; n < 5; n++ {
+			next, err := s.Next(at)
+			if err != nil {
+				t.Fatal(err)
+			}
+			local := next.In(paris)
+			want := time.Date(from.Year(), from.Month(), from.Day()+n+1, 0, 0, 0, 0, paris)
+			if !next.Equal(want) {
+				t.Errorf("after %v: tick %v (%v), want %v", at.In(paris), next.UTC(), local, want)
+			}
+			// Asked from anywhere between two ticks, the same next tick.
+			if mid, err := s.Next(next.Add(-90 * time.Minute)); err != nil || !mid.Equal(next) {
+				t.Errorf("after %v: tick %v, want %v", next.Add(-90*time.Minute).In(paris), mid.In(paris), local)
+			}
+			at = next
+		}
+	}
+}
+
+// TestScheduleFixedTimeAcrossDST: a nightly spec in a zone runs once a
+// night across DST changes, as cron does: once in the night a wall time
+// repeats (its first occurrence), and at the change in the night it skips
+// that time. A spec with every hour keeps running by the hours that pass.
+func TestScheduleFixedTimeAcrossDST(t *testing.T) {
+	mustZone(t, "Europe/Paris")
+	mustZone(t, "America/New_York")
+	utc := func(y int, m time.Month, d, h, min int) time.Time { return time.Date(y, m, d, h, min, 0, 0, time.UTC) }
+	tests := []struct {
+		cron, tz string
+		from     time.Time
+		want     []time.Time
+	}{
+		// 02:00-03:00 repeats on 2026-10-25 in Paris: once, at 02:00 CEST.
+		{"0 2 * * *", "Europe/Paris", utc(2026, 10, 24, 12, 0), []time.Time{utc(2026, 10, 25, 0, 0), utc(2026, 10, 26, 1, 0)}},
+		// Asked from between the two 02:00s: the next night.
+		{"0 2 * * *", "Europe/Paris", utc(2026, 10, 25, 0, 30), []time.Time{utc(2026, 10, 26, 1, 0)}},
+		// 02:00-03:00 is skipped on 2027-03-28: at the change, 03:00 CEST.
+		{"30 2 * * *", "Europe/Paris", utc(2027, 3, 27, 12, 0), []time.Time{utc(2027, 3, 28, 1, 0), utc(2027, 3, 29, 0, 30)}},
+		{"30 1 * * *", "America/New_York", utc(2026, 10, 31, 12, 0), []time.Time{utc(2026, 11, 1, 5, 30), utc(2026, 11, 2, 6, 30)}},
+		{"30 2 * * *", "America/New_York", utc(2027, 3, 13, 12, 0), []time.Time{utc(2027, 3, 14, 7, 0), utc(2027, 3, 15, 6, 30)}},
+		// Every hour: both 02:00s, as hours pass.
+		{"0 * * * *", "Europe/Paris", utc(2026, 10, 24, 23, 30), []time.Time{utc(2026, 10, 25, 0, 0), utc(2026, 10, 25, 1, 0), utc(2026, 10, 25, 2, 0)}},
+	}
+	for _, tt := range tests {
+		s := jobs.Schedule{Name: "n", Cron: tt.cron, TZ: tt.tz}
+		at := tt.from
+		for _, want := range tt.want {
+			got, err := s.Next(at)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !got.Equal(want) {
+				t.Errorf("%q in %s after %v: %v, want %v", tt.cron, tt.tz, at.UTC(), got.UTC(), want)
+				break
+			}
+			at = got
+		}
+	}
+}
+
 func mustZone(t *testing.T, name string) *time.Location {
 	t.Helper()
 	loc, err := time.LoadLocation(name)

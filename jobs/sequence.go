@@ -42,6 +42,10 @@ import (
 //	boxq:{Q}:seqheads zset   T → since, for the repair: heads to look at
 //	boxq:{Q}:seqlate  zset   T → when, heads handed the turn while being
 //	                         enqueued, for the workers' late-head loop
+//	boxq:{Q}:seqlate:ended
+//	                  zset   job id → when, waiting jobs given their result
+//	                         (cancel, terminate) while asynq had them
+//	                         active, for the same loop (settle)
 //
 // None of them expires: a sequence lives while it has jobs (runs last
 // days), and its keys are deleted when its last job ends.
@@ -69,6 +73,20 @@ const goneHeadGrace = 2 * slowEnqueue
 // its turn: a producer between join and enqueue takes milliseconds.
 const DefaultSeqRepairAfter = 30 * time.Second
 
+// promoteLua defines promote, which makes a parked (or put back: "retry")
+// job runnable, as asynq's forwarder does. It needs P (asynq's key prefix
+// of the queue) and NOWNS (now, ns).
+const promoteLua = `
+local function promote(id)
+	local tk = P .. 't:' .. id
+	local st = redis.call('HGET', tk, 'state')
+	if (st == 'scheduled' or st == 'retry') and redis.call('ZREM', P .. st, id) == 1 then
+		redis.call('LPUSH', P .. 'pending', id)
+		redis.call('HSET', tk, 'state', 'pending', 'pending_since', NOWNS)
+	end
+end
+`
+
 // seqLib is the start of every sequence script.
 //
 // Times in the sequence keys are Redis's own (TIME), so that producers and
@@ -84,14 +102,18 @@ local P, LATE, NOWNS, PARK, TASK = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]),
 local T = redis.call('TIME')
 local NOWMS = tonumber(T[1]) * 1000 + math.floor(tonumber(T[2]) / 1000)
 local SEQ, SEQW, HEADS = KEYS[1], KEYS[2], KEYS[3]
--- promote makes a parked (or put back: "retry") job runnable, as asynq's
--- forwarder does.
-local function promote(id)
-	local tk = P .. 't:' .. id
-	local st = redis.call('HGET', tk, 'state')
-	if (st == 'scheduled' or st == 'retry') and redis.call('ZREM', P .. st, id) == 1 then
-		redis.call('LPUSH', P .. 'pending', id)
-		redis.call('HSET', tk, 'state', 'pending', 'pending_since', NOWNS)
+` + promoteLua + `
+-- settle makes a job that has just been given its result while it waited
+-- runnable, so that a worker acks it. One that asynq has active (a delayed
+-- job between its join and its return to the retry set, delayed.go) would
+-- go back parked until 2200, its result unseen: it is noted in the ended
+-- set (P is ARGV[1], the ended set LATE .. ':ended'), and the workers'
+-- late-head loop promotes it once it is back (seqEndedScript).
+local function settle(id)
+	if redis.call('HGET', P .. 't:' .. id, 'state') == 'active' then
+		redis.call('ZADD', LATE .. ':ended', NOWMS, id)
+	else
+		promote(id)
 	end
 end
 -- handover gives the turn to the next waiting job that has not ended
@@ -188,7 +210,7 @@ if redis.call('HGET', SEQ, 'head') == ARGV[6] then return 2 end
 if redis.call('LREM', SEQW, 1, ARGV[6]) == 0 then return 3 end
 if redis.call('EXISTS', KEYS[4]) == 1 then
 	redis.call('HSET', KEYS[4], 'result', ARGV[7])
-	promote(ARGV[6])
+	settle(ARGV[6])
 end
 return 1
 `)
@@ -244,7 +266,7 @@ for i = 6, #ARGV - 1, 2 do
 		local tk = P .. 't:' .. id
 		if redis.call('EXISTS', tk) == 1 and redis.call('HEXISTS', tk, 'result') == 0 then
 			redis.call('HSET', tk, 'result', ARGV[i + 1])
-			promote(id)
+			settle(id)
 		end
 	end
 end
@@ -298,17 +320,45 @@ redis.call('ZREM', LATE, TASK)
 return 1
 `)
 
-// promoteLate runs seqLateScript over queue's late heads. Every worker runs
-// it twice a second: the set is empty but for the moment a job is being
-// enqueued as its predecessor ends, so it costs one read.
+// seqEndedScript promotes a job noted in the ended set (settle: given its
+// result while asynq had it active) once asynq has put it back, so that a
+// worker acks it: {1} done (promoted, or nothing left to do), {0} still
+// active (looked at again).
+//
+// KEYS: 1 the ended set. ARGV: 1 asynq's key prefix of the queue, 2 now
+// ns, 3 job id.
+var seqEndedScript = redis.NewScript(`
+local P, NOWNS = ARGV[1], ARGV[2]
+` + promoteLua + `
+if redis.call('HGET', P .. 't:' .. ARGV[3], 'state') == 'active' then return 0 end
+promote(ARGV[3])
+redis.call('ZREM', KEYS[1], ARGV[3])
+return 1
+`)
+
+// promoteLate runs seqLateScript over queue's late heads, and
+// seqEndedScript over its ended jobs. Every worker runs it twice a second:
+// the sets are empty but for the moment a job is being enqueued as its
+// predecessor ends, so it costs one round trip.
 func (s store) promoteLate(ctx context.Context, queue string) error {
 	// All of them: entries of producers that died mid-enqueue stay until
 	// the repair passes over them, and must not hold up the others.
-	tasks, err := s.rdb.ZRange(ctx, seqLateKey(s.prefix, queue), 0, -1).Result()
-	if err != nil || len(tasks) == 0 {
+	var lateCmd, endedCmd *redis.StringSliceCmd
+	if _, err := s.rdb.Pipelined(ctx, func(pipe redis.Pipeliner) error {
+		lateCmd = pipe.ZRange(ctx, seqLateKey(s.prefix, queue), 0, -1)
+		endedCmd = pipe.ZRange(ctx, seqEndedKey(s.prefix, queue), 0, -1)
+		return nil
+	}); err != nil {
 		return err
 	}
+	tasks, ended := lateCmd.Val(), endedCmd.Val()
 	var firstErr error
+	for _, id := range ended {
+		err := seqEndedScript.Run(ctx, s.rdb, []string{seqEndedKey(s.prefix, queue)}, "asynq:{"+queue+"}:", time.Now().UnixNano(), id).Err()
+		if err != nil && firstErr == nil {
+			firstErr = fmt.Errorf("jobs: settle ended job %s: %w", id, err)
+		}
+	}
 	for _, task := range tasks {
 		q := s.sequence(queue, task)
 		if err := seqLateScript.Run(ctx, s.rdb, q.keys(), q.args(time.Now())...).Err(); err != nil && firstErr == nil {
@@ -335,6 +385,12 @@ func seqHeadsKey(prefix, queue string) string {
 }
 func seqLateKey(prefix, queue string) string {
 	return prefix + "{" + queue + "}:seqlate"
+}
+
+// seqEndedKey is the ended set: seqLib's settle derives it from the
+// late-heads set's name.
+func seqEndedKey(prefix, queue string) string {
+	return seqLateKey(prefix, queue) + ":ended"
 }
 
 // keys and args are seqLib's KEYS and ARGV, with more of each after them.

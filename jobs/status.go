@@ -237,7 +237,9 @@ func waitKindOf(state, note string, parked bool) string {
 		return WaitSchedule
 	case "retry":
 		switch kind, _ := parseWaitNote(note); kind {
-		case WaitTurn, WaitCapacity:
+		case WaitTurn, WaitCapacity, WaitSchedule:
+			// WaitSchedule: a delayed job delivered before its run_at
+			// (errNotDue), back until then; as Status says.
 			return kind
 		}
 		return WaitRetry

@@ -84,6 +84,10 @@ type WorkerConfig struct {
 	Logger  *slog.Logger
 	Metrics *Metrics
 	Now     func() time.Time
+
+	// afterJoinDue is a fault point for tests: it runs when a delayed job
+	// has joined its sequence to wait, before asynq puts it back.
+	afterJoinDue func(jobID string)
 }
 
 func (c *WorkerConfig) withDefaults() {
@@ -226,7 +230,7 @@ func NewWorker(cfg WorkerConfig) (*Worker, error) {
 	exec := &ExecHandler{
 		pool: cfg.Pool, gw: cfg.Gateway, store: store{rdb: cfg.Redis, prefix: cfg.Prefix},
 		log: log, now: cfg.Now, stopping: w.stopping, cancels: w.cancels, maxOutput: cfg.MaxOutput, metrics: cfg.Metrics,
-		lifetime: cfg.SandboxLifetime,
+		lifetime: cfg.SandboxLifetime, afterJoinDue: cfg.afterJoinDue,
 	}
 	if cfg.ReapEvery > 0 {
 		exec.gatewayIdle = max(cfg.IdleTTL+2*cfg.ReapEvery+30*time.Second, 5*time.Minute)

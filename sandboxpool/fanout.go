@@ -139,6 +139,9 @@ func (g *Glob) Match(taskID string) bool {
 type Index struct {
 	rdb                              redis.UniversalClient
 	tasksKey, indexKey, recordPrefix string
+	// afterPage is a fault point for tests: it runs after each page of
+	// Backfill.
+	afterPage func()
 }
 
 // NewIndex returns the fan-out index of the pool whose keys start with
@@ -215,6 +218,11 @@ return n
 // record, a page at a time. Workers call it when they start; once it has
 // run to the end it leaves a mark (P tasks:backfilled), and later calls
 // cost one command. It returns how many tasks it added.
+//
+// It pages with ZSCAN, not by rank: the idle index is ordered by last use,
+// and every use while it runs moves a task to the end, which shifts the
+// ranks after it and would skip as many tasks at a page's edge. ZSCAN
+// returns every member present from start to end, whatever their scores.
 func (p *Index) Backfill(ctx context.Context) (int, error) {
 	mark := p.tasksKey + ":backfilled"
 	if n, err := p.rdb.Exists(ctx, mark).Result(); err != nil {
@@ -223,10 +231,15 @@ func (p *Index) Backfill(ctx context.Context) (int, error) {
 		return 0, nil
 	}
 	added := 0
-	for start := int64(0); ; start += matchPage {
-		ids, err := p.rdb.ZRange(ctx, p.indexKey, start, start+matchPage-1).Result()
+	for cursor := uint64(0); ; {
+		// ZSCAN replies member, score, member, score, …
+		pairs, next, err := p.rdb.ZScan(ctx, p.indexKey, cursor, "", matchPage).Result()
 		if err != nil {
 			return added, fmt.Errorf("sandboxpool: backfill the task index: %w", err)
+		}
+		ids := make([]string, 0, len(pairs)/2)
+		for i := 0; i+1 < len(pairs); i += 2 {
+			ids = append(ids, pairs[i])
 		}
 		if len(ids) > 0 {
 			keys := make([]string, 0, len(ids)+1)
@@ -242,7 +255,10 @@ func (p *Index) Backfill(ctx context.Context) (int, error) {
 			}
 			added += n
 		}
-		if len(ids) < matchPage {
+		if p.afterPage != nil {
+			p.afterPage()
+		}
+		if cursor = next; cursor == 0 {
 			break
 		}
 	}

@@ -186,3 +186,45 @@ func TestBackfillIndex(t *testing.T) {
 		t.Errorf("second Backfill = %d, %v; want 0 (done once)", n, err)
 	}
 }
+
+// TestBackfillWhileTasksAreUsed: tasks used while the backfill runs move
+// to the end of the idle index (ordered by last use); the backfill still
+// indexes every record, none skipped at a page's edge.
+func TestBackfillWhileTasksAreUsed(t *testing.T) {
+	ctx := context.Background()
+	p, rdb := newPool(t, &instantGateway{}, Config{})
+	const n = 2500
+	pipe := rdb.Pipeline()
+	for i := range n {
+		task := fmt.Sprintf("old/%04d", i)
+		pipe.HSet(ctx, p.recordKey(task), "sandbox_id", "sb-"+task, "gen", 1)
+		pipe.ZAdd(ctx, p.indexKey, redis.Z{Score: float64(1000 + i), Member: task})
+	}
+	if _, err := pipe.Exec(ctx); err != nil {
+		t.Fatal(err)
+	}
+	idx := p.Index()
+	used := false
+	idx.afterPage = func() {
+		if used {
+			return
+		}
+		used = true
+		// Jobs use 100 of the least recently used tasks meanwhile.
+		for i := range 100 {
+			rdb.ZAdd(ctx, p.indexKey, redis.Z{Score: float64(time.Now().UnixMilli()), Member: fmt.Sprintf("old/%04d", i)})
+		}
+	}
+	added, err := idx.Backfill(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, _ := CompileGlob("old/*")
+	got, err := idx.Match(ctx, g)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if added != n || len(got) != n {
+		t.Errorf("Backfill added %d, Match finds %d; want %d: tasks skipped", added, len(got), n)
+	}
+}
