@@ -1,0 +1,416 @@
+package jobs
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Hub serves any number of waits for results through one pub/sub
+// connection, for a long-running process (the HTTP API) where many clients
+// wait at once, for jobs that anyone enqueued. It listens on every queue's
+// done channel (resultScript publishes each job's id there as its result
+// is written), and a sweep every ProducerConfig.Sweep looks up the jobs
+// still awaited, in one pipelined round trip per queue, so that a lost
+// notification (a Redis restart) or a result written without one (a
+// waiting job cancelled out of its sequence) delays an answer but never
+// loses it. A thousand waits cost one connection and one sweep, not a
+// thousand.
+//
+// A Waiter, by contrast, belongs to one producer's batch and hears only
+// the jobs enqueued with its channel.
+type Hub struct {
+	p    *Producer
+	ps   *redis.PubSub
+	quit chan struct{}
+	done chan struct{}
+
+	mu sync.Mutex
+	// byID lists the watches that wait for each job id.
+	byID map[string]map[*Watch]struct{}
+}
+
+// NewHub subscribes to the done channels of every queue and returns a Hub
+// serving waits until Close.
+func (p *Producer) NewHub(ctx context.Context) (*Hub, error) {
+	ps := p.rdb.PSubscribe(ctx, doneChannel(p.cfg.Prefix, "*"))
+	// Wait for the subscription, or a result written right after a wait
+	// began could be missed (until the next sweep).
+	if _, err := ps.Receive(ctx); err != nil {
+		ps.Close()
+		return nil, fmt.Errorf("jobs: subscribe for results: %w", err)
+	}
+	h := &Hub{p: p, ps: ps, quit: make(chan struct{}), done: make(chan struct{}),
+		byID: make(map[string]map[*Watch]struct{})}
+	go h.run()
+	return h, nil
+}
+
+// Close stops listening. Watches still open get no more notifications.
+func (h *Hub) Close() error {
+	close(h.quit)
+	err := h.ps.Close()
+	<-h.done
+	return err
+}
+
+func (h *Hub) run() {
+	defer close(h.done)
+	msgs := h.ps.Channel(redis.WithChannelSize(4096))
+	prefix := doneChannel(h.p.cfg.Prefix, "")
+	sweep := time.NewTimer(h.p.cfg.Sweep)
+	defer sweep.Stop()
+	for {
+		select {
+		case <-h.quit:
+			return
+		case m, ok := <-msgs:
+			if !ok {
+				return
+			}
+			h.notify(strings.TrimPrefix(m.Channel, prefix), m.Payload)
+		case <-sweep.C:
+			n, err := h.sweep()
+			if err != nil {
+				h.p.cfg.Logger.Warn("cannot look awaited results up; retrying", "err", err)
+			}
+			// Spaced out as the jobs awaited grow, like a Waiter's sweep:
+			// about 2,000 jobs looked up per second at most.
+			sweep.Reset(max(h.p.cfg.Sweep, time.Duration(n/2000)*time.Second))
+		}
+	}
+}
+
+// notify tells the watches of job id (of queue) that it may have ended.
+func (h *Hub) notify(queue, id string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for w := range h.byID[id] {
+		w.ended(queue, id)
+	}
+}
+
+// sweep looks up every awaited job that no notification has marked yet,
+// and marks those that ended (a result, gone, or archived). It returns how
+// many it looked up.
+func (h *Hub) sweep() (int, error) {
+	byQueue := map[string][]string{}
+	n := 0
+	h.mu.Lock()
+	for id, ws := range h.byID {
+		for w := range ws {
+			if q, ok := w.unmarked(id); ok {
+				byQueue[q] = append(byQueue[q], id)
+				n++
+				break
+			}
+		}
+	}
+	h.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var errs error
+	for queue, ids := range byQueue {
+		states, err := h.p.store.ended(ctx, queue, ids)
+		if err != nil {
+			errs = errors.Join(errs, err)
+			continue
+		}
+		for i, ended := range states {
+			if ended {
+				h.notify(queue, ids[i])
+			}
+		}
+	}
+	return n, errs
+}
+
+func (h *Hub) register(w *Watch, id string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	ws := h.byID[id]
+	if ws == nil {
+		ws = make(map[*Watch]struct{}, 1)
+		h.byID[id] = ws
+	}
+	ws[w] = struct{}{}
+}
+
+func (h *Hub) unregister(w *Watch, ids ...string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, id := range ids {
+		if ws := h.byID[id]; ws != nil {
+			delete(ws, w)
+			if len(ws) == 0 {
+				delete(h.byID, id)
+			}
+		}
+	}
+}
+
+// Watch is one wait for the results of some jobs, served by a Hub. Add the
+// jobs (before enqueueing them, or call Check after: a job that ended
+// before its Add is otherwise found by the next sweep), then call Next
+// until Pending is 0. A Watch holds the ids it waits for and the result
+// it is about to return, never a backlog of results: a consumer that reads
+// slowly leaves the results in Redis.
+type Watch struct {
+	h    *Hub
+	wake chan struct{} // a job ended (capacity 1)
+
+	mu       sync.Mutex
+	pending  map[string]*watched
+	endedIDs []string // ids marked ended, to look up
+	closed   bool
+}
+
+type watched struct {
+	queue      string
+	marked     bool      // in endedIDs
+	archivedAt time.Time // when first seen archived without a result
+}
+
+// Watch returns an empty Watch. Close it when done.
+func (h *Hub) Watch() *Watch {
+	return &Watch{h: h, wake: make(chan struct{}, 1), pending: make(map[string]*watched)}
+}
+
+// Add waits for job e too.
+func (w *Watch) Add(e Enqueued) {
+	w.mu.Lock()
+	if w.closed {
+		w.mu.Unlock()
+		return
+	}
+	if _, ok := w.pending[e.ID]; !ok {
+		w.pending[e.ID] = &watched{queue: e.Queue}
+	}
+	w.mu.Unlock()
+	w.h.register(w, e.ID)
+}
+
+// Check makes the next Next look job id up at once: for a job added after
+// it may have ended.
+func (w *Watch) Check(id string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if pj, ok := w.pending[id]; ok {
+		w.markLocked(pj.queue, id)
+	}
+}
+
+// ended marks job id of queue as ended. Locks: the hub's, then a
+// watch's, never the other way round.
+func (w *Watch) ended(queue, id string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.markLocked(queue, id)
+}
+
+func (w *Watch) markLocked(queue, id string) {
+	pj, ok := w.pending[id]
+	if !ok || pj.marked || pj.queue != queue {
+		return
+	}
+	pj.marked = true
+	w.endedIDs = append(w.endedIDs, id)
+	select {
+	case w.wake <- struct{}{}:
+	default:
+	}
+}
+
+// unmarked returns job id's queue when w waits for it and no notification
+// has marked it.
+func (w *Watch) unmarked(id string) (string, bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	pj, ok := w.pending[id]
+	if !ok || pj.marked {
+		return "", false
+	}
+	return pj.queue, true
+}
+
+// Pending returns how many jobs have not been returned by Next yet.
+func (w *Watch) Pending() int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return len(w.pending)
+}
+
+// lookupBatch bounds how many ended jobs one Next looks up at once.
+const lookupBatch = 256
+
+// Next returns the result of the next job to end. A job that no longer
+// exists, or that asynq archived without a result, gets an "error"
+// result. It returns an error when ctx ends, when no job is left to wait
+// for, or when Redis fails.
+func (w *Watch) Next(ctx context.Context) (Result, error) {
+	for {
+		w.mu.Lock()
+		if len(w.pending) == 0 {
+			w.mu.Unlock()
+			return Result{}, errors.New("jobs: no job to wait for")
+		}
+		n := min(len(w.endedIDs), lookupBatch)
+		batch := w.endedIDs[:n:n]
+		w.endedIDs = w.endedIDs[n:]
+		w.mu.Unlock()
+		if len(batch) > 0 {
+			r, ok, err := w.lookUp(ctx, batch)
+			if err != nil || ok {
+				return r, err
+			}
+			continue
+		}
+		select {
+		case <-ctx.Done():
+			return Result{}, ctx.Err()
+		case <-w.wake:
+		}
+	}
+}
+
+// lookUp reads the jobs of batch and returns the first result found; the
+// other jobs of the batch that ended go back to be returned by the next
+// calls, those that have not to waiting.
+func (w *Watch) lookUp(ctx context.Context, batch []string) (Result, bool, error) {
+	w.mu.Lock()
+	byQueue := map[string][]string{}
+	for _, id := range batch {
+		if pj, ok := w.pending[id]; ok {
+			byQueue[pj.queue] = append(byQueue[pj.queue], id)
+		}
+	}
+	w.mu.Unlock()
+	var (
+		out   Result
+		found bool
+		errs  error
+		back  []string // ended, to return later
+		wait  []string // not ended after all
+	)
+	for queue, ids := range byQueue {
+		var states []taskState
+		var err error
+		if !found {
+			states, err = w.h.p.store.lookup(ctx, queue, ids)
+		}
+		if found || err != nil {
+			errs = errors.Join(errs, err)
+			back = append(back, ids...)
+			continue
+		}
+		for i, st := range states {
+			id := ids[i]
+			r, ok := w.resultOf(queue, id, st)
+			switch {
+			case !ok:
+				wait = append(wait, id)
+			case found:
+				back = append(back, id)
+			default:
+				out, found = r, true
+			}
+		}
+	}
+	w.mu.Lock()
+	for _, id := range wait {
+		if pj, ok := w.pending[id]; ok {
+			pj.marked = false
+		}
+	}
+	// The ids to return later go first, so that a job is not starved by
+	// later ones.
+	w.endedIDs = append(back, w.endedIDs...)
+	if found {
+		delete(w.pending, out.ID)
+	}
+	w.mu.Unlock()
+	if found {
+		w.h.unregister(w, out.ID)
+		return out, true, nil
+	}
+	if errs != nil && ctx.Err() == nil {
+		return Result{}, false, errs
+	}
+	return Result{}, false, ctx.Err()
+}
+
+// resultOf turns a looked-up job into its result: ok is false while it
+// has none and may still get one.
+func (w *Watch) resultOf(queue, id string, st taskState) (Result, bool) {
+	switch {
+	case st.result != nil:
+		var r Result
+		if err := json.Unmarshal(st.result, &r); err != nil {
+			r = Result{ID: id, Status: StatusError, ReturnCode: 1, Error: "unreadable result: " + err.Error()}
+		}
+		return r, true
+	case !st.exists:
+		return Result{ID: id, Status: StatusError, ReturnCode: 1,
+			Error: "job no longer exists and left no result (deleted, or its result expired)"}, true
+	case st.state == "archived":
+		w.mu.Lock()
+		pj := w.pending[id]
+		if pj != nil && pj.archivedAt.IsZero() {
+			pj.archivedAt = time.Now()
+		}
+		young := pj != nil && time.Since(pj.archivedAt) < archivedGrace
+		w.mu.Unlock()
+		if young {
+			// asynq archives a job whose deadline passed without waiting
+			// for its handler, which may still be writing its result.
+			return Result{}, false
+		}
+		msg := "job failed without a result"
+		if info, err := w.h.p.insp.GetTaskInfo(queue, id); err == nil && info.LastErr != "" {
+			msg += ": " + info.LastErr
+		}
+		return Result{ID: id, Status: StatusError, ReturnCode: 1, Error: msg}, true
+	}
+	return Result{}, false
+}
+
+// Close ends the wait.
+func (w *Watch) Close() {
+	w.mu.Lock()
+	ids := make([]string, 0, len(w.pending))
+	for id := range w.pending {
+		ids = append(ids, id)
+	}
+	w.pending = map[string]*watched{}
+	w.closed = true
+	w.mu.Unlock()
+	w.h.unregister(w, ids...)
+}
+
+// ended reports, for each job of ids, whether it has ended: it has a
+// result, no longer exists, or was archived. Unlike lookup it does not
+// read the results.
+func (s store) ended(ctx context.Context, queue string, ids []string) ([]bool, error) {
+	pipe := s.rdb.Pipeline()
+	states := make([]*redis.StringCmd, len(ids))
+	results := make([]*redis.BoolCmd, len(ids))
+	for i, id := range ids {
+		states[i] = pipe.HGet(ctx, taskKey(queue, id), "state")
+		results[i] = pipe.HExists(ctx, taskKey(queue, id), "result")
+	}
+	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
+		return nil, fmt.Errorf("jobs: look up %d jobs: %w", len(ids), err)
+	}
+	out := make([]bool, len(ids))
+	for i := range ids {
+		st, err := states[i].Result()
+		out[i] = errors.Is(err, redis.Nil) || st == "archived" || results[i].Val()
+	}
+	return out, nil
+}
