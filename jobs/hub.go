@@ -239,6 +239,22 @@ func (w *Watch) unmarked(id string) (string, bool) {
 	return pj.queue, true
 }
 
+// Remove stops waiting for job id (one that could not be enqueued).
+func (w *Watch) Remove(id string) {
+	w.mu.Lock()
+	delete(w.pending, id)
+	w.mu.Unlock()
+	w.h.unregister(w, id)
+}
+
+// Ready reports whether a job has ended that Next has not returned yet:
+// Next will not wait for it.
+func (w *Watch) Ready() bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return len(w.endedIDs) > 0
+}
+
 // Pending returns how many jobs have not been returned by Next yet.
 func (w *Watch) Pending() int {
 	w.mu.Lock()
