@@ -131,6 +131,13 @@ func (h *Hub) sweep() (int, error) {
 	return n, errs
 }
 
+// Awaited returns how many jobs the hub's watches wait for.
+func (h *Hub) Awaited() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.byID)
+}
+
 func (h *Hub) register(w *Watch, id string) {
 	h.mu.Lock()
 	defer h.mu.Unlock()

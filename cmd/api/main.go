@@ -18,6 +18,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
 	"github.com/boxq/boxq/gateway"
 	"github.com/boxq/boxq/gateway/local"
 	"github.com/boxq/boxq/internal/app"
@@ -133,25 +135,16 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		o.redisURL = stack.RedisURL
 	}
 
-	rdb, err := app.ConnectRedis(ctx, o.redisURL, 0)
+	rdb, err := connectRedis(ctx, o.redisURL)
 	if err != nil {
 		return err
 	}
 	defer rdb.Close()
-	prod, err := jobs.NewProducer(rdb, jobs.ProducerConfig{Retention: o.retention, MaxRetry: o.maxRetry, Logger: log})
+	s, err := newServer(ctx, rdb, jobs.ProducerConfig{Retention: o.retention, MaxRetry: o.maxRetry, Logger: log}, o.token, o.maxBatchBytes)
 	if err != nil {
 		return err
 	}
-	hub, err := prod.NewHub(ctx)
-	if err != nil {
-		return err
-	}
-	defer hub.Close()
-	pool, err := sandboxpool.New(rdb, readOnlyGateway{}, sandboxpool.Config{})
-	if err != nil {
-		return err
-	}
-	s := &server{rdb: rdb, prod: prod, hub: hub, pool: pool, token: o.token, maxBatchBytes: o.maxBatchBytes, log: log}
+	defer s.hub.Close()
 
 	// Requests' contexts end with ctx, so that long polls answer at once
 	// on shutdown instead of holding it up.
@@ -175,6 +168,51 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		err = errors.Join(err, serr)
 	}
 	return err
+}
+
+// redisPoolSize bounds the API's Redis connections, whatever the number
+// of cores and of clients: a request holds a connection only for its short
+// lookups, and every wait shares the hub's one subscriber.
+const redisPoolSize = 32
+
+// connectRedis opens the API's Redis client: at most redisPoolSize
+// connections (go-redis otherwise opens more than PoolSize under load),
+// plus its pipeline pool and the hub's subscriber.
+func connectRedis(ctx context.Context, url string) (*redis.Client, error) {
+	opt, err := redis.ParseURL(url)
+	if err != nil {
+		return nil, app.Usagef("redis URL %q: %v (want redis://host:port/db)", app.RedactURL(url), err)
+	}
+	opt.PoolSize, opt.MaxActiveConns = redisPoolSize, redisPoolSize
+	rdb := redis.NewClient(opt)
+	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := rdb.Ping(pctx).Err(); err != nil {
+		rdb.Close()
+		return nil, fmt.Errorf("cannot reach Redis at %s: %w (is redis-server running? set -redis or REDIS_URL)", opt.Addr, err)
+	}
+	return rdb, nil
+}
+
+// newServer returns the API's server on rdb. Close its hub when done.
+func newServer(ctx context.Context, rdb *redis.Client, cfg jobs.ProducerConfig, token string, maxBatchBytes int64) (*server, error) {
+	prod, err := jobs.NewProducer(rdb, cfg)
+	if err != nil {
+		return nil, err
+	}
+	pool, err := sandboxpool.New(rdb, readOnlyGateway{}, sandboxpool.Config{})
+	if err != nil {
+		return nil, err
+	}
+	hub, err := prod.NewHub(ctx)
+	if err != nil {
+		return nil, err
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &server{rdb: rdb, prod: prod, hub: hub, pool: pool, token: token, maxBatchBytes: maxBatchBytes, log: log}, nil
 }
 
 func isLoopback(a net.Addr) bool {
