@@ -68,7 +68,7 @@ def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30)
 
 
 class Stack:
-    def __init__(self, bindir: pathlib.Path, start_wait: str | None, isolation: str) -> None:
+    def __init__(self, bindir: pathlib.Path, start_wait: str | None, isolation: str, gateway_args: tuple = ()) -> None:
         self.dir = tempfile.mkdtemp(prefix="boxq-bench-")
         self.procs: list[subprocess.Popen] = []
         rport, gport, aport = free_port(), free_port(), free_port()
@@ -82,17 +82,19 @@ class Stack:
               "-isolation", isolation, "-log-level", "warn", "-log-format", "json"]
         if start_wait is not None:
             gw += ["-start-wait", start_wait]
+        gw += list(gateway_args)
         self._start(gw, env, gport, "gateway")
         w = subprocess.Popen([str(bindir / "worker"), "-redis", redis_url, "-gateway", self.gateway,
                               "-log-level", "warn", "-log-format", "json"], env=env, stderr=subprocess.DEVNULL)
         self.procs.append(w)
-        self._start([str(bindir / "api"), "-addr", "127.0.0.1:%d" % aport, "-redis", redis_url,
+        self.api_proc = self._start([str(bindir / "api"), "-addr", "127.0.0.1:%d" % aport, "-redis", redis_url,
                      "-log-level", "warn", "-log-format", "json"], env, aport, "api")
 
     def _start(self, argv, env, port, what):
         p = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append(p)
         wait_port(port, p, what)
+        return p
 
     def close(self) -> None:
         for p in reversed(self.procs):
