@@ -109,14 +109,15 @@ func writeError(w http.ResponseWriter, status int, msg string) {
 	writeJSON(w, status, map[string]string{"error": msg})
 }
 
-// fail answers an error of the producer: 404 for an unknown job, 503 when
-// Redis does not answer, 500 otherwise.
+// fail answers an error of the producer: 404 for an unknown job, 503
+// otherwise (Redis does not answer, or the API is shutting down; a client
+// that left reads nothing, which costs nothing).
 func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	switch {
 	case errors.Is(err, jobs.ErrJobNotFound):
 		writeError(w, http.StatusNotFound, err.Error())
 	case r.Context().Err() != nil:
-		// The client left; nobody reads the answer.
+		writeError(w, http.StatusServiceUnavailable, "the request ended before its answer (the API is shutting down, or the client left)")
 	default:
 		s.log.Error("request failed", "method", r.Method, "path", r.URL.Path, "err", err)
 		writeError(w, http.StatusServiceUnavailable, err.Error())
@@ -217,7 +218,8 @@ type enqueuedJSON struct {
 }
 
 // answer waits up to wait for job id's result on watch: 200 with it, or
-// 202 with the job's status.
+// 202 with the job's status when the wait ends first (or the API shuts
+// down: the job goes on, and the client can ask again).
 func (s *server) answer(w http.ResponseWriter, r *http.Request, id string, watch *jobs.Watch, wait time.Duration) {
 	ctx, cancel := context.WithTimeout(r.Context(), wait)
 	defer cancel()
@@ -226,28 +228,21 @@ func (s *server) answer(w http.ResponseWriter, r *http.Request, id string, watch
 		writeJSON(w, http.StatusOK, res)
 		return
 	}
-	if r.Context().Err() != nil {
-		return
-	}
-	if !errors.Is(err, context.DeadlineExceeded) {
+	if ctx.Err() == nil {
 		s.fail(w, r, err)
 		return
 	}
-	s.status(w, r, id)
-}
-
-// status answers a job's result (200), or its status (202).
-func (s *server) status(w http.ResponseWriter, r *http.Request, id string) {
-	st, err := s.prod.Status(r.Context(), id)
-	if err != nil {
+	sctx, scancel := context.WithTimeout(context.WithoutCancel(r.Context()), 5*time.Second)
+	defer scancel()
+	st, err := s.prod.Status(sctx, id)
+	switch {
+	case err != nil:
 		s.fail(w, r, err)
-		return
-	}
-	if st.Result != nil {
+	case st.Result != nil:
 		writeJSON(w, http.StatusOK, st.Result)
-		return
+	default:
+		writeJSON(w, http.StatusAccepted, st)
 	}
-	writeJSON(w, http.StatusAccepted, st)
 }
 
 // getJob answers a job's result or status; with ?wait= it waits for the
