@@ -10,7 +10,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Union
 
 __all__ = [
     "Client",
@@ -315,7 +315,3 @@ class Client:
             return self._json("GET", "/healthz")[0] == 200
         except BoxqError:
             return False
-
-    def batch_list(self, jobs: Iterable[JobLike], **kw: Any) -> List[Result]:
-        """``list(batch(jobs))``: for small batches."""
-        return list(self.batch(jobs, **kw))

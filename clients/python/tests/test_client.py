@@ -90,7 +90,9 @@ def test_errors_carry_the_servers_words(client, api_url, task_id):
         Client(api_url, "").submit(task_id, "true")
 
 
-def test_openapi_document_is_served(api_url):
+def test_openapi_document_is_served(api_url, client):
+    assert client.healthy()
+    assert not Client("http://127.0.0.1:9", "t").healthy()
     with urllib.request.urlopen(api_url + "/v1/openapi.json") as resp:
         doc = json.load(resp)
     assert doc["openapi"].startswith("3.") and "/v1/jobs/{id}" in doc["paths"]
