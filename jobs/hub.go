@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -32,8 +33,9 @@ type Hub struct {
 	done chan struct{}
 
 	mu sync.Mutex
-	// byID lists the watches that wait for each job id.
-	byID map[string]map[*Watch]struct{}
+	// byID lists the watches that wait for each job id: mostly one, so a
+	// slice, not a set (a batch of 100,000 jobs holds 100,000 of them).
+	byID map[string][]*Watch
 }
 
 // NewHub subscribes to the done channels of every queue and returns a Hub
@@ -47,7 +49,7 @@ func (p *Producer) NewHub(ctx context.Context) (*Hub, error) {
 		return nil, fmt.Errorf("jobs: subscribe for results: %w", err)
 	}
 	h := &Hub{p: p, ps: ps, quit: make(chan struct{}), done: make(chan struct{}),
-		byID: make(map[string]map[*Watch]struct{})}
+		byID: make(map[string][]*Watch)}
 	go h.run()
 	return h, nil
 }
@@ -91,7 +93,7 @@ func (h *Hub) run() {
 func (h *Hub) notify(queue, id string) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	for w := range h.byID[id] {
+	for _, w := range h.byID[id] {
 		w.ended(queue, id)
 	}
 }
@@ -104,7 +106,7 @@ func (h *Hub) sweep() (int, error) {
 	n := 0
 	h.mu.Lock()
 	for id, ws := range h.byID {
-		for w := range ws {
+		for _, w := range ws {
 			if q, ok := w.unmarked(id); ok {
 				byQueue[q] = append(byQueue[q], id)
 				n++
@@ -141,23 +143,20 @@ func (h *Hub) Awaited() int {
 func (h *Hub) register(w *Watch, id string) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	ws := h.byID[id]
-	if ws == nil {
-		ws = make(map[*Watch]struct{}, 1)
-		h.byID[id] = ws
+	if !slices.Contains(h.byID[id], w) {
+		h.byID[id] = append(h.byID[id], w)
 	}
-	ws[w] = struct{}{}
 }
 
 func (h *Hub) unregister(w *Watch, ids ...string) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for _, id := range ids {
-		if ws := h.byID[id]; ws != nil {
-			delete(ws, w)
-			if len(ws) == 0 {
-				delete(h.byID, id)
-			}
+		ws := slices.DeleteFunc(h.byID[id], func(o *Watch) bool { return o == w })
+		if len(ws) == 0 {
+			delete(h.byID, id)
+		} else {
+			h.byID[id] = ws
 		}
 	}
 }
@@ -173,8 +172,8 @@ type Watch struct {
 	wake chan struct{} // a job ended (capacity 1)
 
 	mu       sync.Mutex
-	pending  map[string]*watched
-	endedIDs []string // ids marked ended, to look up
+	pending  map[string]watched // by value: one allocation less per job
+	endedIDs []string           // ids marked ended, to look up
 	closed   bool
 }
 
@@ -186,7 +185,7 @@ type watched struct {
 
 // Watch returns an empty Watch. Close it when done.
 func (h *Hub) Watch() *Watch {
-	return &Watch{h: h, wake: make(chan struct{}, 1), pending: make(map[string]*watched)}
+	return &Watch{h: h, wake: make(chan struct{}, 1), pending: make(map[string]watched)}
 }
 
 // Add waits for job e too.
@@ -197,7 +196,7 @@ func (w *Watch) Add(e Enqueued) {
 		return
 	}
 	if _, ok := w.pending[e.ID]; !ok {
-		w.pending[e.ID] = &watched{queue: e.Queue}
+		w.pending[e.ID] = watched{queue: e.Queue}
 	}
 	w.mu.Unlock()
 	w.h.register(w, e.ID)
@@ -227,6 +226,7 @@ func (w *Watch) markLocked(queue, id string) {
 		return
 	}
 	pj.marked = true
+	w.pending[id] = pj
 	w.endedIDs = append(w.endedIDs, id)
 	select {
 	case w.wake <- struct{}{}:
@@ -349,6 +349,7 @@ func (w *Watch) lookUp(ctx context.Context, batch []string) (Result, bool, error
 	for _, id := range wait {
 		if pj, ok := w.pending[id]; ok {
 			pj.marked = false
+			w.pending[id] = pj
 		}
 	}
 	// The ids to return later go first, so that a job is not starved by
@@ -383,11 +384,12 @@ func (w *Watch) resultOf(queue, id string, st taskState) (Result, bool) {
 			Error: "job no longer exists and left no result (deleted, or its result expired)"}, true
 	case st.state == "archived":
 		w.mu.Lock()
-		pj := w.pending[id]
-		if pj != nil && pj.archivedAt.IsZero() {
+		pj, ok := w.pending[id]
+		if ok && pj.archivedAt.IsZero() {
 			pj.archivedAt = time.Now()
+			w.pending[id] = pj
 		}
-		young := pj != nil && time.Since(pj.archivedAt) < archivedGrace
+		young := ok && time.Since(pj.archivedAt) < archivedGrace
 		w.mu.Unlock()
 		if young {
 			// asynq archives a job whose deadline passed without waiting
@@ -410,7 +412,7 @@ func (w *Watch) Close() {
 	for id := range w.pending {
 		ids = append(ids, id)
 	}
-	w.pending = map[string]*watched{}
+	w.pending = map[string]watched{}
 	w.closed = true
 	w.mu.Unlock()
 	w.h.unregister(w, ids...)
@@ -420,6 +422,20 @@ func (w *Watch) Close() {
 // result, no longer exists, or was archived. Unlike lookup it does not
 // read the results.
 func (s store) ended(ctx context.Context, queue string, ids []string) ([]bool, error) {
+	// In slices: a pipeline of 100,000 lookups would hold 200,000 commands
+	// and their replies at once.
+	out := make([]bool, 0, len(ids))
+	for chunk := range slices.Chunk(ids, 1000) {
+		e, err := s.endedChunk(ctx, queue, chunk)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, e...)
+	}
+	return out, nil
+}
+
+func (s store) endedChunk(ctx context.Context, queue string, ids []string) ([]bool, error) {
 	pipe := s.rdb.Pipeline()
 	states := make([]*redis.StringCmd, len(ids))
 	results := make([]*redis.BoolCmd, len(ids))
