@@ -91,9 +91,10 @@ func newEnv(ctx context.Context, o *options, progress io.Writer) (*env, error) {
 		// Room for every sandbox of every measurement (the pipeline's,
 		// the direct client's and the worker-memory run's thousand) and
 		// for the thousand execs in flight.
-		MaxSandboxes:    4 * o.inflight,
-		MaxRunningExecs: 2 * o.inflight,
-		Logger:          slog.New(slog.DiscardHandler),
+		MaxSandboxes:           4 * o.inflight,
+		MaxRunningExecs:        2 * o.inflight,
+		MaxSandboxRunningExecs: 2 * o.inflight,
+		Logger:                 slog.New(slog.DiscardHandler),
 	}
 	cfg.MaxSandboxes = max(cfg.MaxSandboxes, 4096)
 	cfg.MaxRunningExecs = max(cfg.MaxRunningExecs, local.DefaultMaxRunningExecs)
@@ -101,7 +102,8 @@ func newEnv(ctx context.Context, o *options, progress io.Writer) (*env, error) {
 		e.close()
 		return nil, err
 	}
-	cfg.StartWait = -1
+	// What -start-wait 0 gives cmd/gateway: every start answered at once.
+	cfg.StartWait = local.StartWaitFlag(0)
 	if e.gwNoWait, err = startGateway(cfg); err != nil {
 		e.close()
 		return nil, err

@@ -87,6 +87,7 @@ Examples:
   go run ./cmd/bench              # the table
   go run ./cmd/bench -json        # one JSON object
   go run ./cmd/bench -quick -phases latency,overhead
+  go build -o /tmp/gw ./cmd/gateway && go run ./cmd/bench -gateway-rss /tmp/gw
 `
 
 // options are the bench's settings.
@@ -117,6 +118,7 @@ type options struct {
 	idleIntervals    []time.Duration
 	phases           map[string]bool
 	cpuProfile       string
+	gatewayRSS       string
 }
 
 var allPhases = []string{"latency", "fixedpoll", "throughput", "overhead", "chain", "waiting", "reap", "rss", "idle"}
@@ -147,6 +149,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			return err
 		}
 		defer pprof.StopCPUProfile()
+	}
+	if o.gatewayRSS != "" {
+		finished, running := 2000, 1000
+		if o.quick {
+			finished, running = 200, 100
+		}
+		return measureGatewayRSS(ctx, o.gatewayRSS, finished, running, stdout, stderr)
 	}
 	e, err := newEnv(ctx, o, stderr)
 	if err != nil {
@@ -204,6 +213,7 @@ func parseFlags(args []string, stdout io.Writer) (*options, error) {
 	fs.DurationVar(&o.idleWindow, "idle-window", 2*time.Second, "how long idle Redis load is counted per interval (-quick: 300ms)")
 	idle := fs.String("idle-intervals", "1s,10ms,5ms", "comma-separated task check `intervals` of the idle-load measurement")
 	phases := fs.String("phases", strings.Join(allPhases, ","), "comma-separated `list` of measurements to run")
+	fs.StringVar(&o.gatewayRSS, "gateway-rss", "", "measure only the reference gateway's memory: run the gateway `binary` (go build -o /tmp/gw ./cmd/gateway; an older build to compare) with 2,000 finished 1 MiB execs, then 1,000 running (-quick: 200, 100), and print its VmRSS")
 	fs.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of the bench process (in-process workers included) to `file`")
 	if err := app.ParseFlags(fs, args, stdout, helpHead, helpTail); err != nil {
 		return nil, err

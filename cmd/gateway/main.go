@@ -52,8 +52,15 @@ Usage:
   gateway [flags]
 
 Each sandbox is a directory tree of its own under -state-dir; each exec runs
-bash -c in it, under bubblewrap (fresh namespaces, no network, host root
-read-only) or, with -isolation none, as a plain process: no isolation at all.
+bash -c in it, under bubblewrap (fresh namespaces, no network, no capabilities,
+only /usr, /bin, /lib*, /etc minus its secrets and /opt of the host, read-only;
+as root, commands run as -sandbox-uid) or, with -isolation none, as a plain
+process: no isolation at all.
+
+Memory is bounded: at most -max-running-execs execs run (-max-sandbox-running-execs
+per sandbox), each keeping -output-limit bytes of output; finished ones are kept
+for polls within -exec-retention, -max-retained-execs and -max-retained-bytes,
+the oldest dropped first (a poll then gets 404 "expired"; the id never runs again).
 
 Environment:
   GATEWAY_TOKEN    the bearer token clients must send, when -token is not given
@@ -77,6 +84,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		isolation    = fs.String("isolation", string(local.IsolationAuto), "auto, bwrap or none: bwrap runs each exec in fresh namespaces; none is no isolation at all; auto is bwrap where it works")
 		maxSandboxes = fs.Int("max-sandboxes", local.DefaultMaxSandboxes, "live sandboxes at most; a create beyond gets 429")
 		outputLimit  = fs.Int("output-limit", local.DefaultOutputLimit, "output `bytes` kept per exec: the head and the tail, with what was cut in between")
+		startWait    = fs.Duration("start-wait", local.DefaultStartWait, "how long a start waits for its exec to end before it answers running; 0: always answer running at once, as a hosted gateway does")
+		maxRunning   = fs.Int("max-running-execs", local.DefaultMaxRunningExecs, "execs running at once over all sandboxes; a start beyond gets 429")
+		maxSbRunning = fs.Int("max-sandbox-running-execs", local.DefaultMaxSandboxRunningExecs, "execs running at once in one sandbox; a start beyond gets 429")
+		retention    = fs.Duration("exec-retention", local.DefaultExecRetention, "how long a finished exec's result is kept for polls, at most")
+		maxRetained  = fs.Int("max-retained-execs", local.DefaultMaxRetainedExecs, "finished execs kept for polls; beyond, the oldest is dropped and a poll of it gets 404 expired")
+		maxRetBytes  = fs.Int64("max-retained-bytes", local.DefaultMaxRetainedBytes, "`bytes` of finished execs' answers kept for polls; beyond, the oldest is dropped")
+		sandboxUID   = fs.Int("sandbox-uid", local.DefaultSandboxUID, "as root under bwrap: the `uid` commands run as (no /etc/passwd entry needed; not 0); bwrap runs as it, unprivileged, so the host must allow unprivileged user namespaces")
+		sandboxGID   = fs.Int("sandbox-gid", local.DefaultSandboxGID, "as root under bwrap: the `gid` commands run as (not 0)")
 		logFormat    = fs.String("log-format", "auto", "auto, text or json: auto is coloured text on a terminal, JSON otherwise")
 		logLevel     = fs.String("log-level", "info", "debug, info, warn or error")
 	)
@@ -104,6 +119,22 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if *outputLimit < 1 {
 		return app.Usagef("-output-limit %d: want at least 1 byte", *outputLimit)
 	}
+	switch {
+	case *startWait < 0:
+		return app.Usagef("-start-wait %v: want 0 or more", *startWait)
+	case *maxRunning < 1:
+		return app.Usagef("-max-running-execs %d: want at least 1", *maxRunning)
+	case *maxSbRunning < 1:
+		return app.Usagef("-max-sandbox-running-execs %d: want at least 1", *maxSbRunning)
+	case *retention <= 0:
+		return app.Usagef("-exec-retention %v: want more than 0", *retention)
+	case *maxRetained < 1:
+		return app.Usagef("-max-retained-execs %d: want at least 1", *maxRetained)
+	case *maxRetBytes < 1:
+		return app.Usagef("-max-retained-bytes %d: want at least 1", *maxRetBytes)
+	case *sandboxUID < 1 || *sandboxGID < 1:
+		return app.Usagef("-sandbox-uid %d, -sandbox-gid %d: want ids above 0: commands must not run as root", *sandboxUID, *sandboxGID)
+	}
 	logger, err := app.NewLogger(stderr, *logFormat, *logLevel)
 	if err != nil {
 		return app.Usagef("%v", err)
@@ -115,7 +146,16 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		Isolation:    mode,
 		MaxSandboxes: *maxSandboxes,
 		OutputLimit:  *outputLimit,
-		Logger:       logger,
+		// The flag's 0 is "no wait"; the config's is "the default".
+		StartWait:              local.StartWaitFlag(*startWait),
+		MaxRunningExecs:        *maxRunning,
+		MaxSandboxRunningExecs: *maxSbRunning,
+		ExecRetention:          *retention,
+		MaxRetainedExecs:       *maxRetained,
+		MaxRetainedBytes:       *maxRetBytes,
+		SandboxUID:             *sandboxUID,
+		SandboxGID:             *sandboxGID,
+		Logger:                 logger,
 	})
 	if err != nil {
 		return err

@@ -25,6 +25,12 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	if os.Getenv(childEnv) != "" {
+		// A test started this binary as the gateway itself, to run it as
+		// another user (see startChild).
+		main()
+		return
+	}
 	goleak.VerifyTestMain(m)
 }
 
@@ -42,7 +48,8 @@ func TestHelp(t *testing.T) {
 	for _, want := range []string{
 		"gateway — serve", "Usage:", "-addr", "127.0.0.1:8085", "-token", "GATEWAY_TOKEN", "-state-dir",
 		"-isolation", "-max-sandboxes", "(default 64)", "-output-limit", "(default 1048576)", "-log-format",
-		"-log-level", "Examples:",
+		"-log-level", "Examples:", "-start-wait", "(default 50ms)", "0: always answer running", "-max-running-execs",
+		"-max-sandbox-running-execs", "-exec-retention", "-max-retained-execs", "-max-retained-bytes", "-sandbox-uid", "-sandbox-gid",
 	} {
 		if !strings.Contains(stdout.String(), want) {
 			t.Errorf("usage: want %q in it; got:\n%s", want, stdout.String())
@@ -68,6 +75,10 @@ func TestUsageErrors(t *testing.T) {
 		{"bad isolation", []string{"-isolation", "docker"}, withToken, `-isolation "docker"`},
 		{"zero max sandboxes", []string{"-max-sandboxes", "0"}, withToken, "-max-sandboxes 0"},
 		{"zero output limit", []string{"-output-limit", "0"}, withToken, "-output-limit 0"},
+		{"negative start wait", []string{"-start-wait", "-1s"}, withToken, "-start-wait -1s"},
+		{"zero running execs", []string{"-max-running-execs", "0"}, withToken, "-max-running-execs 0"},
+		{"zero retained execs", []string{"-max-retained-execs", "0"}, withToken, "-max-retained-execs 0"},
+		{"root sandbox uid", []string{"-sandbox-uid", "0"}, withToken, "must not run as root"},
 		{"bad log format", []string{"-log-format", "xml"}, withToken, `-log-format "xml"`},
 		{"bad log level", []string{"-log-level", "loud"}, withToken, `-log-level "loud"`},
 		{"arguments", []string{"serve"}, withToken, "unexpected arguments"},

@@ -5,11 +5,9 @@ import (
 	"context"
 	"fmt"
 	"net/http"
-	"os"
 	"path"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
 
@@ -111,8 +109,8 @@ func (s *Server) handleCreate(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, badRequest("x-idempotency-key is %d bytes long, over the maximum of %d", len(key), maxKeyLen))
 		return
 	}
-	var req gateway.CreateRequest
-	if err := decodeBody(w, r, &req, false); err != nil {
+	req, err := readCreate(w, r)
+	if err != nil {
 		s.writeError(w, r, err)
 		return
 	}
@@ -185,7 +183,7 @@ func (s *Server) create(ctx context.Context, key string, spec createSpec) (strin
 	}
 	s.mu.Unlock()
 	if orphan {
-		_ = os.RemoveAll(sb.dir)
+		_ = removeTree(sb.dir)
 	}
 	return id, err
 }
@@ -206,16 +204,19 @@ func (s *Server) retryAfterLocked() time.Duration {
 // of its logical key when it is persistent and one exists.
 func (s *Server) newSandbox(idemKey string, spec createSpec) (*sandbox, error) {
 	id := newID()
-	dir := filepath.Join(s.stateDir, "sandboxes", id)
+	dir := filepath.Join(s.sandboxesDir, id)
 	snapshot := ""
 	if spec.persistent && spec.logicalKey != "" {
 		unlock := s.snapLocks.lock(spec.logicalKey)
 		defer unlock()
 		snapshot = s.snapshotDir(spec.logicalKey)
 	}
-	dirs, restored, err := makeSandboxDir(dir, snapshot)
+	log := s.log.With("sandbox_id", id)
+	dirs, restored, err := s.makeSandboxDir(dir, snapshot, log)
 	if err != nil {
-		_ = os.RemoveAll(dir)
+		if rmErr := removeTree(dir); rmErr != nil {
+			log.Warn("cannot remove the files of a failed create", "error", rmErr)
+		}
 		return nil, fmt.Errorf("create sandbox: %w", err)
 	}
 	now := s.cfg.Now()
@@ -230,7 +231,7 @@ func (s *Server) newSandbox(idemKey string, spec createSpec) (*sandbox, error) {
 		createdAt:  now,
 		lifetime:   spec.lifetime,
 		idle:       spec.idle,
-		log:        s.log.With("sandbox_id", id),
+		log:        log,
 		execs:      make(map[string]*execution),
 		lastActive: now,
 	}
@@ -255,8 +256,8 @@ func (s *Server) handleStart(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	var req gateway.StartRequest
-	if err := decodeBody(w, r, &req, false); err != nil {
+	req, err := readStart(w, r)
+	if err != nil {
 		s.writeError(w, r, err)
 		return
 	}
@@ -290,7 +291,7 @@ func (s *Server) handleStart(w http.ResponseWriter, r *http.Request) {
 	if !existed && s.cfg.StartWait > 0 {
 		s.await(r.Context(), e, s.cfg.StartWait)
 	}
-	writeJSON(w, http.StatusOK, e.state())
+	e.writeState(w)
 }
 
 // startExec starts exec id in sb, or returns the exec that already has
@@ -304,6 +305,18 @@ func (s *Server) startExec(sb *sandbox, id string, spec execSpec) (e *execution,
 	if e := sb.execs[id]; e != nil {
 		sb.mu.Unlock()
 		return e, true, nil
+	}
+	if _, gone := sb.tombs[tombKeyOf(id)]; gone {
+		sb.mu.Unlock()
+		return nil, false, &apiError{status: http.StatusConflict, msg: fmt.Sprintf("exec %s already ran and its result has expired: an execId never runs twice", id)}
+	}
+	if sb.running >= s.cfg.MaxSandboxRunningExecs {
+		sb.mu.Unlock()
+		return nil, false, &apiError{
+			status:     http.StatusTooManyRequests,
+			msg:        fmt.Sprintf("too many running execs in sandbox %s: %d, the maximum per sandbox; retry later", sb.id, s.cfg.MaxSandboxRunningExecs),
+			retryAfter: time.Second,
+		}
 	}
 	if s.running.Add(1) > int64(s.cfg.MaxRunningExecs) {
 		s.running.Add(-1)
@@ -321,20 +334,20 @@ func (s *Server) startExec(sb *sandbox, id string, spec execSpec) (e *execution,
 	sb.mu.Unlock()
 
 	e.log.Debug("exec starting", "cwd", spec.cwd, "timeout", spec.timeout, "stdin_bytes", len(spec.stdin))
-	s.launch(e, spec, func(at time.Time) { s.execEnded(sb, e.id, at) })
+	s.launch(e, spec, func(at time.Time) { s.execEnded(sb, e, at) })
 	return e, false, nil
 }
 
-// execEnded books the end, at at, of exec id in sb and queues the exec to
-// be forgotten.
-func (s *Server) execEnded(sb *sandbox, id string, at time.Time) {
+// execEnded books the end, at at, of e in sb and keeps it for polls
+// within the retention caps.
+func (s *Server) execEnded(sb *sandbox, e *execution, at time.Time) {
 	s.running.Add(-1)
 	sb.mu.Lock()
 	sb.running--
 	sb.lastActive = at
 	sb.mu.Unlock()
 	s.mu.Lock()
-	s.execFIFO = append(s.execFIFO, expiring{until: at.Add(s.cfg.ExecRetention), sb: sb, key: id})
+	s.retainLocked(sb, e, at)
 	s.mu.Unlock()
 }
 
@@ -362,6 +375,9 @@ func (s *Server) execOf(sbID, id string) (*execution, error) {
 	if e := sb.execs[id]; e != nil {
 		return e, nil
 	}
+	if _, gone := sb.tombs[tombKeyOf(id)]; gone {
+		return nil, &apiError{status: http.StatusNotFound, msg: fmt.Sprintf("exec %s expired: the gateway no longer keeps its result (see -exec-retention, -max-retained-execs, -max-retained-bytes)", id)}
+	}
 	return nil, execNotFound(id)
 }
 
@@ -371,19 +387,16 @@ func (s *Server) handlePoll(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	var wait time.Duration
-	if v := r.URL.Query().Get(gateway.WaitParam); v != "" {
-		ms, err := strconv.ParseInt(v, 10, 64)
-		if err != nil || ms < 0 {
-			s.writeError(w, r, badRequest("%s=%q: want a number of milliseconds, 0 to %d", gateway.WaitParam, v, gateway.MaxWaitMs))
-			return
-		}
-		wait = time.Duration(min(ms, gateway.MaxWaitMs)) * time.Millisecond
+	ms, err := waitParam(r.URL.Query().Get(gateway.WaitParam))
+	if err != nil {
+		s.writeError(w, r, err)
+		return
 	}
+	wait := time.Duration(ms) * time.Millisecond
 	if wait > 0 && !e.ended() {
 		s.await(r.Context(), e, wait)
 	}
-	writeJSON(w, http.StatusOK, e.state())
+	e.writeState(w)
 }
 
 func (s *Server) handleCancel(w http.ResponseWriter, r *http.Request) {
@@ -400,8 +413,8 @@ func (s *Server) handleCancel(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) handleTerminate(w http.ResponseWriter, r *http.Request) {
-	var req gateway.TerminateRequest
-	if err := decodeBody(w, r, &req, true); err != nil {
+	req, err := readTerminate(w, r)
+	if err != nil {
 		s.writeError(w, r, err)
 		return
 	}

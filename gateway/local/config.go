@@ -28,11 +28,18 @@ const (
 // Defaults of Config. A zero field means its default.
 const (
 	DefaultMaxSandboxes    = 64
-	DefaultMaxRunningExecs = 2048
-	DefaultOutputLimit     = 1 << 20 // 1 MiB
-	DefaultStartWait       = 50 * time.Millisecond
-	DefaultExecRetention   = 10 * time.Minute
-	DefaultJanitorInterval = time.Second
+	DefaultMaxRunningExecs = 1024
+	// A sandbox is one task's: a few execs at once is its normal load.
+	DefaultMaxSandboxRunningExecs = 64
+	DefaultMaxRetainedExecs       = 4096
+	DefaultMaxRetainedBytes       = 256 << 20 // 256 MiB
+	DefaultMaxTombstones          = 256 << 10
+	DefaultOutputLimit            = 1 << 20 // 1 MiB
+	DefaultStartWait              = 50 * time.Millisecond
+	DefaultExecRetention          = 10 * time.Minute
+	DefaultJanitorInterval        = time.Second
+	DefaultSandboxUID             = 65534
+	DefaultSandboxGID             = 65534
 )
 
 // Limits of the API, not configurable: they bound what one request can ask.
@@ -61,6 +68,15 @@ type Config struct {
 	// when bubblewrap does not work) or IsolationNone.
 	Isolation Isolation
 
+	// SandboxUID and SandboxGID are who commands run as under bubblewrap
+	// when the gateway runs as root: bubblewrap is started as that user,
+	// unprivileged, and the sandboxes' files are theirs. Any ids will do,
+	// with or without an /etc/passwd entry; not 0. Default
+	// DefaultSandboxUID and DefaultSandboxGID (65534, nobody). A gateway
+	// that is not root runs commands as itself.
+	SandboxUID int
+	SandboxGID int
+
 	// BwrapPath is the bubblewrap binary. Default: "bwrap", looked up in PATH.
 	BwrapPath string
 
@@ -73,9 +89,30 @@ type Config struct {
 	// beyond it gets 429. Default DefaultMaxRunningExecs (2048).
 	MaxRunningExecs int
 
+	// MaxSandboxRunningExecs caps the execs running at once in one
+	// sandbox; a start beyond it gets 429. Default
+	// DefaultMaxSandboxRunningExecs (64).
+	MaxSandboxRunningExecs int
+
+	// MaxRetainedExecs and MaxRetainedBytes cap the finished execs kept
+	// for polls, over all sandboxes, by number and by the size of their
+	// encoded answers: beyond either, the oldest is forgotten before its
+	// ExecRetention is up, and a poll of it gets 404 "expired". Defaults
+	// DefaultMaxRetainedExecs (4096) and DefaultMaxRetainedBytes (256 MiB).
+	MaxRetainedExecs int
+	MaxRetainedBytes int64
+
+	// MaxTombstones caps the ids of forgotten execs kept so that none of
+	// them runs again (a start with one gets 409) while its sandbox
+	// lives: 16 bytes and a map entry each. Beyond it the oldest go.
+	// Default DefaultMaxTombstones (256 Ki, some 16 MiB when full).
+	MaxTombstones int
+
 	// OutputLimit caps the output kept per exec, in bytes: the first and
 	// the last half are kept and a line in between says how many bytes were
-	// cut. Default DefaultOutputLimit (1 MiB).
+	// cut. While the exec runs, what it keeps beyond 64 KiB waits in an
+	// unlinked file in StateDir/run, not in memory. Default
+	// DefaultOutputLimit (1 MiB).
 	OutputLimit int
 
 	// StartWait is how long a start waits for its exec to end before it
@@ -83,12 +120,15 @@ type Config struct {
 	// start itself, which saves the client a poll round trip; a longer one
 	// costs the client nothing, since its first poll would have waited for
 	// the same end. Default DefaultStartWait (50 ms); negative: answer at
-	// once.
+	// once, "running", as a hosted gateway does (see StartWaitFlag for
+	// the flag's reading, where 0 means that).
 	StartWait time.Duration
 
-	// ExecRetention is how long a finished exec stays pollable (and its
-	// execId stays taken, so a repeated start cannot run it again).
-	// Default DefaultExecRetention (10 min).
+	// ExecRetention is how long a finished exec stays pollable, at most
+	// (see MaxRetainedExecs). Its execId stays taken after that, as a
+	// tombstone, for as long as its sandbox lives (see MaxTombstones), so a
+	// repeated start cannot run it again. Default DefaultExecRetention
+	// (10 min).
 	ExecRetention time.Duration
 
 	// JanitorInterval is how often idle timeouts, lifetimes and retention
@@ -103,6 +143,16 @@ type Config struct {
 	Now func() time.Time
 }
 
+// StartWaitFlag turns the value of a -start-wait flag, where 0 means "answer
+// every start at once" (no wait), into Config.StartWait, where 0 means the
+// default and a negative value means no wait.
+func StartWaitFlag(d time.Duration) time.Duration {
+	if d <= 0 {
+		return -1
+	}
+	return d
+}
+
 // withDefaults returns c with every zero field set to its default.
 func (c Config) withDefaults() Config {
 	if c.Isolation == "" {
@@ -111,11 +161,29 @@ func (c Config) withDefaults() Config {
 	if c.BwrapPath == "" {
 		c.BwrapPath = "bwrap"
 	}
+	if c.SandboxUID == 0 {
+		c.SandboxUID = DefaultSandboxUID
+	}
+	if c.SandboxGID == 0 {
+		c.SandboxGID = DefaultSandboxGID
+	}
 	if c.MaxSandboxes == 0 {
 		c.MaxSandboxes = DefaultMaxSandboxes
 	}
 	if c.MaxRunningExecs == 0 {
 		c.MaxRunningExecs = DefaultMaxRunningExecs
+	}
+	if c.MaxSandboxRunningExecs == 0 {
+		c.MaxSandboxRunningExecs = DefaultMaxSandboxRunningExecs
+	}
+	if c.MaxRetainedExecs == 0 {
+		c.MaxRetainedExecs = DefaultMaxRetainedExecs
+	}
+	if c.MaxRetainedBytes == 0 {
+		c.MaxRetainedBytes = DefaultMaxRetainedBytes
+	}
+	if c.MaxTombstones == 0 {
+		c.MaxTombstones = DefaultMaxTombstones
 	}
 	if c.OutputLimit == 0 {
 		c.OutputLimit = DefaultOutputLimit
@@ -149,11 +217,26 @@ func (c Config) validate() error {
 	default:
 		errs = append(errs, fmt.Errorf("isolation %q: want %q, %q or %q", c.Isolation, IsolationAuto, IsolationBwrap, IsolationNone))
 	}
+	if c.SandboxUID < 0 || c.SandboxGID < 0 {
+		errs = append(errs, fmt.Errorf("sandbox uid %d, gid %d: want positive ids", c.SandboxUID, c.SandboxGID))
+	}
 	if c.MaxSandboxes < 0 {
 		errs = append(errs, fmt.Errorf("max sandboxes %d is negative", c.MaxSandboxes))
 	}
 	if c.MaxRunningExecs < 0 {
 		errs = append(errs, fmt.Errorf("max running execs %d is negative", c.MaxRunningExecs))
+	}
+	if c.MaxSandboxRunningExecs < 0 {
+		errs = append(errs, fmt.Errorf("max running execs per sandbox %d is negative", c.MaxSandboxRunningExecs))
+	}
+	if c.MaxRetainedExecs < 0 {
+		errs = append(errs, fmt.Errorf("max retained execs %d is negative", c.MaxRetainedExecs))
+	}
+	if c.MaxRetainedBytes < 0 {
+		errs = append(errs, fmt.Errorf("max retained bytes %d is negative", c.MaxRetainedBytes))
+	}
+	if c.MaxTombstones < 0 {
+		errs = append(errs, fmt.Errorf("max tombstones %d is negative", c.MaxTombstones))
 	}
 	if c.OutputLimit < 0 {
 		errs = append(errs, fmt.Errorf("output limit %d is negative", c.OutputLimit))

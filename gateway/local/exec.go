@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"os"
 	"os/exec"
 	"strings"
@@ -32,11 +33,14 @@ type execution struct {
 	log  *slog.Logger
 	done chan struct{} // closed when the exec has ended
 
-	// Set before done is closed, read-only after.
+	// Set before done is closed, read-only after. The terminal state is
+	// kept only as its JSON, encoded once: a poll writes these bytes as
+	// they are, however often it comes, and they are what the retention
+	// caps count.
 	status  string
-	rc      int
-	output  string
-	omitted int64 // bytes cut from output
+	encoded []byte
+
+	retained *retainedExec // its entry in the retention FIFO; guarded by Server.mu
 
 	mu         sync.Mutex
 	pgid       int    // the process group; 0 until the process started
@@ -48,16 +52,19 @@ func newExecution(id string, log *slog.Logger) *execution {
 	return &execution{id: id, log: log, done: make(chan struct{})}
 }
 
-// state is the exec's answer to a start or a poll.
-func (e *execution) state() gateway.ExecState {
+// writeState answers a start or a poll with the exec's state.
+func (e *execution) writeState(w http.ResponseWriter) {
 	select {
 	case <-e.done:
-		rc, omitted := e.rc, e.omitted
-		return gateway.ExecState{ExecID: e.id, Status: e.status, Output: e.output, ReturnCode: &rc, OutputOmitted: &omitted}
+		writeRawJSON(w, http.StatusOK, e.encoded)
 	default:
-		return gateway.ExecState{ExecID: e.id, Status: gateway.StatusRunning}
+		writeJSON(w, http.StatusOK, gateway.ExecState{ExecID: e.id, Status: gateway.StatusRunning})
 	}
 }
+
+// retainedSize is what a finished exec costs while it is kept: its
+// encoded state and a rough allowance for the structures around it.
+func (e *execution) retainedSize() int64 { return int64(len(e.encoded)) + 512 }
 
 // ended reports whether the exec has ended.
 func (e *execution) ended() bool {
@@ -85,10 +92,14 @@ func (e *execution) kill(reason string) {
 	}
 }
 
-// finish records the exec's end and wakes every waiter.
-func (e *execution) finish(status string, rc int, output string, omitted int64) {
+// finish records the exec's end, calls ended, and wakes every waiter.
+// ended comes between, so that it sees the encoded state (for its size)
+// and so that whoever sees e ended also sees what ended did.
+func (e *execution) finish(status string, rc int, output string, omitted int64, ended func()) {
 	e.log.Debug("exec ended", "status", status, "returncode", rc, "output_bytes", len(output), "omitted_bytes", omitted)
-	e.status, e.rc, e.output, e.omitted = status, rc, output, omitted
+	e.status = status
+	e.encoded = encodeJSON(gateway.ExecState{ExecID: e.id, Status: status, Output: output, ReturnCode: &rc, OutputOmitted: &omitted})
+	ended()
 	close(e.done)
 }
 
@@ -102,15 +113,14 @@ type execSpec struct {
 }
 
 // launch starts the process of e and returns once it runs or has failed
-// to start; a goroutine then supervises it to its end, calls ended and
-// finishes e. ended comes first, so that whoever sees e ended also sees
-// it no longer counted as running. A process that cannot start ends e as
-// failed.
+// to start; a goroutine then supervises it to its end and finishes e,
+// which calls ended before it wakes the waiters, so that whoever sees e
+// ended also sees it no longer counted as running. A process that cannot
+// start ends e as failed.
 func (s *Server) launch(e *execution, spec execSpec, ended func(at time.Time)) {
 	fail := func(rc int, msg string) {
 		e.log.Warn("exec could not start", "error", msg)
-		ended(s.cfg.Now())
-		e.finish(gateway.StatusFailed, rc, msg+"\n", 0)
+		e.finish(gateway.StatusFailed, rc, msg+"\n", 0, func() { ended(s.cfg.Now()) })
 	}
 	if s.launcher.mode == IsolationNone {
 		// bwrap says itself when it cannot chdir; without it, the start
@@ -120,6 +130,10 @@ func (s *Server) launch(e *execution, spec execSpec, ended func(at time.Time)) {
 			fail(1, fmt.Sprintf("gateway: can't chdir to %s: no such directory", spec.cwd))
 			return
 		}
+	}
+	if err := checkTopLevel(spec.dirs); err != nil {
+		fail(126, "gateway: sandbox: "+err.Error())
+		return
 	}
 	if strings.IndexByte(spec.command, 0) >= 0 {
 		// bash -c could not be given one; the loader would drop it.
@@ -178,7 +192,7 @@ func (s *Server) launch(e *execution, spec execSpec, ended func(at time.Time)) {
 		timer = time.AfterFunc(spec.timeout, func() { e.kill(gateway.StatusTimeout) })
 	}
 
-	out := newCapBuffer(s.cfg.OutputLimit)
+	out := newCapBuffer(s.cfg.OutputLimit, s.runDir)
 	readDone := make(chan struct{})
 	go func() {
 		defer close(readDone)
@@ -222,9 +236,8 @@ func (s *Server) launch(e *execution, spec execSpec, ended func(at time.Time)) {
 		}
 		pr.Close()
 		status, rc := outcome(cmd.ProcessState, waitErr, reason)
-		ended(s.cfg.Now())
 		output, omitted := out.Result()
-		e.finish(status, rc, output, omitted)
+		e.finish(status, rc, output, omitted, func() { ended(s.cfg.Now()) })
 	}()
 }
 

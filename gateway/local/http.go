@@ -42,9 +42,29 @@ var errClosing = &apiError{status: http.StatusServiceUnavailable, msg: "gateway 
 
 // writeJSON answers with v as JSON.
 func writeJSON(w http.ResponseWriter, status int, v any) {
+	writeRawJSON(w, status, encodeJSON(v))
+}
+
+// writeRawJSON answers with data, a JSON document.
+func writeRawJSON(w http.ResponseWriter, status int, data []byte) {
 	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(data)))
 	w.WriteHeader(status)
-	_ = json.NewEncoder(w).Encode(v)
+	_, _ = w.Write(data)
+}
+
+// encodeJSON is v as JSON with a final newline, as json.Encoder writes
+// it. The server's answers are all plain structs: encoding cannot fail.
+func encodeJSON(v any) []byte {
+	data, err := json.Marshal(v)
+	if err != nil {
+		panic(fmt.Sprintf("encode %T: %v", v, err))
+	}
+	// Exactly sized: a retained exec keeps these bytes, and only these.
+	out := make([]byte, len(data)+1)
+	copy(out, data)
+	out[len(data)] = '\n'
+	return out
 }
 
 // writeError answers with err: an *apiError as it says, anything else as

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -59,9 +60,14 @@ const _ = uint(16777216 - MaxBodyBytes)
 
 // launcher builds the process of one exec for an isolation mode.
 type launcher struct {
-	mode     Isolation // IsolationBwrap or IsolationNone, never auto
-	bwrap    string    // the bubblewrap binary
-	stateDir string    // hidden from commands under bubblewrap
+	mode  Isolation // IsolationBwrap or IsolationNone, never auto
+	bwrap string    // the bubblewrap binary
+	// user, when not nil, is who bubblewrap and so every command runs as:
+	// set when the gateway runs as root, which must not reach a command.
+	user *owner
+	// view is the bubblewrap arguments of the host's files a command sees
+	// (see hostView), worked out once.
+	view []string
 }
 
 // fsDirs are a sandbox's writable directories on the host.
@@ -98,7 +104,13 @@ func (l launcher) command(dirs fsDirs, cwd string, script *os.File) *exec.Cmd {
 	cmd.ExtraFiles = []*os.File{script}
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Setpgid:   true,
-		Pdeathsig: syscall.SIGKILL,
+		Pdeathsig: syscall.SIGKILL, // Go sets it after the credentials, which would clear it
+	}
+	if l.mode == IsolationBwrap && l.user != nil {
+		// bwrap starts as the sandbox user, unprivileged: its user
+		// namespace maps that user alone, so no command gets root on
+		// anything of the host's, not even through a file owned by root.
+		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: uint32(l.user.uid), Gid: uint32(l.user.gid), Groups: []uint32{}}
 	}
 	return cmd
 }
@@ -147,26 +159,26 @@ func (l launcher) bwrapArgs(dirs fsDirs, cwd, arg string) []string {
 	args := []string{
 		// Fresh user, IPC, PID, network, UTS and cgroup namespaces: the
 		// command sees only its own processes and only a loopback device
-		// of its own, so neither the gateway's port nor the network.
+		// of its own, so neither the gateway's port nor the network. The
+		// user namespace is asked for, not tried: it is what makes the
+		// command unprivileged, and --disable-userns stops it from making
+		// a nested one to get capabilities back.
 		"--unshare-all",
+		"--unshare-user",
+		"--disable-userns",
+		// No capability survives, whoever started bwrap.
+		"--cap-drop", "ALL",
 		// When bwrap dies (a kill of the exec's group, or of the gateway),
 		// everything in the sandbox dies with it.
 		"--die-with-parent",
 		// A new session: the command cannot push input into a terminal.
 		"--new-session",
-		"--ro-bind", "/", "/",
-		// The state dir holds every sandbox's files and the snapshots: with
-		// / bound read-only it would be readable, so cover it.
-		"--tmpfs", l.stateDir,
 	}
-	for _, d := range hiddenHostDirs() {
-		args = append(args, "--tmpfs", d)
-	}
+	args = append(args, l.view...)
 	args = append(args,
 		"--dev", "/dev",
 		"--proc", "/proc",
-		// The sandbox's own home and temporary directory; these also hide
-		// the host's /root and /tmp.
+		// The sandbox's own home and temporary directory.
 		"--bind", dirs.home, sandboxHome,
 		"--bind", dirs.tmp, sandboxTmp,
 		"--hostname", "sandbox",
@@ -182,26 +194,92 @@ func (l launcher) bwrapArgs(dirs fsDirs, cwd, arg string) []string {
 	return args
 }
 
-// hiddenHostDirs are the host directories covered with an empty tmpfs
-// under bubblewrap, those that exist: /run, which holds the host daemons'
-// Unix sockets (docker, dbus, ...) that a read-only mount does not stop
-// anyone from connecting to; /home and the gateway user's own home, which
-// hold people's files (the host's /root is covered by the sandbox's home).
-func hiddenHostDirs() []string {
-	dirs := []string{"/run", "/home"}
+// hostRoots are the host directories a command sees, read-only, where
+// they exist: what a shell and the usual tools need, and no more. Not /run
+// or /var (the host daemons' Unix sockets, which a read-only mount does
+// not stop anyone from connecting to), not /home, /root, /tmp or /srv
+// (people's and services' files), not /sys, /boot or /mnt. A symlink
+// among them (/bin -> usr/bin on a merged /usr) is made as a symlink.
+var hostRoots = []string{"/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt"}
+
+// etcSecrets are the files and directories of /etc covered with an empty
+// one: password hashes, sudo rules, host keys, TLS private keys, stored
+// credentials. Most are readable by root alone, and commands never run as
+// root under bubblewrap; the cover is for a host where one is not.
+var etcSecrets = []string{
+	"/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-",
+	"/etc/sudoers", "/etc/sudoers.d", "/etc/security/opasswd",
+	"/etc/ssh/ssh_host_*key", "/etc/ssl/private", "/etc/pki/tls/private",
+	"/etc/letsencrypt", "/etc/credstore", "/etc/credstore.encrypted",
+	"/etc/NetworkManager/system-connections", "/etc/wireguard",
+	"/etc/ipsec.secrets", "/etc/krb5.keytab", "/etc/docker",
+}
+
+// hostView returns the bubblewrap arguments of the host's files a command
+// sees: hostRoots read-only, etcSecrets covered, and the state dir, the
+// sandboxes' dir and the gateway user's home covered too should they be
+// under one of the roots.
+func hostView(stateDir, sandboxesDir string) []string {
+	var args, bound []string
+	for _, d := range hostRoots {
+		fi, err := os.Lstat(d)
+		switch {
+		case err != nil:
+		case fi.Mode()&fs.ModeSymlink != 0:
+			if target, err := os.Readlink(d); err == nil {
+				args = append(args, "--symlink", target, d)
+			}
+		case fi.IsDir():
+			args = append(args, "--ro-bind", d, d)
+			bound = append(bound, d)
+		}
+	}
+	for _, pattern := range etcSecrets {
+		matches, _ := filepath.Glob(pattern)
+		for _, p := range matches {
+			fi, err := os.Lstat(p)
+			switch {
+			case err != nil, fi.Mode()&fs.ModeSymlink != 0:
+				// A symlink points into a root that is covered, or out of
+				// the view.
+			case fi.IsDir():
+				args = append(args, "--tmpfs", p)
+			default:
+				args = append(args, "--ro-bind", "/dev/null", p)
+			}
+		}
+	}
+	hide := []string{stateDir, sandboxesDir}
 	if h, err := os.UserHomeDir(); err == nil && filepath.IsAbs(h) {
-		h = filepath.Clean(h)
-		if h != "/" && h != sandboxHome && !strings.HasPrefix(h, "/home/") && !strings.HasPrefix(h, "/run/") {
-			dirs = append(dirs, h)
+		hide = append(hide, filepath.Clean(h))
+	}
+	for _, h := range hide {
+		for _, b := range bound {
+			if strings.HasPrefix(h, b+"/") {
+				if fi, err := os.Stat(h); err == nil && fi.IsDir() {
+					args = append(args, "--tmpfs", h)
+				}
+				break
+			}
 		}
 	}
-	out := dirs[:0]
-	for _, d := range dirs {
-		if fi, err := os.Stat(d); err == nil && fi.IsDir() {
-			out = append(out, d)
+	return args
+}
+
+// checkTopLevel refuses a sandbox tree whose own directories are not
+// directories: bubblewrap's --bind follows a symlink, which would give a
+// command whatever it points to on the host.
+func checkTopLevel(dirs fsDirs) error {
+	for _, d := range []string{dirs.home, dirs.tmp} {
+		fi, err := os.Lstat(d)
+		if err != nil {
+			return err
+		}
+		if !fi.IsDir() {
+			return fmt.Errorf("%s is not a directory (%s): refused", d, fi.Mode().Type())
 		}
 	}
-	return out
+	return nil
 }
 
 // hostPath maps a sandbox path to the host without isolation: /root and
@@ -221,8 +299,9 @@ func hostPath(dirs fsDirs, p string) string {
 }
 
 // probeBwrap runs `true` under the same bubblewrap arguments an exec gets,
-// in a scratch sandbox under stateDir, and says why it failed, if it did.
-func probeBwrap(ctx context.Context, bwrap, stateDir string) error {
+// as user (nil: the gateway's), in a scratch sandbox under stateDir, and
+// says why it failed, if it did.
+func probeBwrap(ctx context.Context, bwrap, stateDir string, user *owner) error {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	path, err := exec.LookPath(bwrap)
@@ -233,14 +312,20 @@ func probeBwrap(ctx context.Context, bwrap, stateDir string) error {
 	if err != nil {
 		return fmt.Errorf("probe: %w", err)
 	}
-	defer os.RemoveAll(scratch)
+	defer removeTree(scratch) //nolint:errcheck // a leftover goes at the next start
+	if err := user.traversable(scratch); err != nil {
+		return fmt.Errorf("probe: %w", err)
+	}
 	dirs := fsDirs{home: filepath.Join(scratch, "root"), tmp: filepath.Join(scratch, "tmp")}
 	for _, d := range []string{dirs.home, dirs.tmp} {
 		if err := os.Mkdir(d, 0o700); err != nil {
 			return fmt.Errorf("probe: %w", err)
 		}
+		if err := user.give(d); err != nil {
+			return fmt.Errorf("probe: %w", err)
+		}
 	}
-	l := launcher{mode: IsolationBwrap, bwrap: path, stateDir: stateDir}
+	l := launcher{mode: IsolationBwrap, bwrap: path, user: user, view: hostView(stateDir, stateDir)}
 	script, err := newScriptPipe()
 	if err != nil {
 		return fmt.Errorf("probe: %w", err)
@@ -266,6 +351,9 @@ func probeBwrap(ctx context.Context, bwrap, stateDir string) error {
 	}
 	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 		err = fmt.Errorf("timed out: %w", err)
+	}
+	if user != nil {
+		err = fmt.Errorf("%w (bwrap runs as uid %d, gid %d: every directory above the state dir must let it search)", err, user.uid, user.gid)
 	}
 	return fmt.Errorf("probe %s: %w", path, err)
 }

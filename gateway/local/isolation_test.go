@@ -1,9 +1,13 @@
 package local
 
 import (
+	"context"
 	"fmt"
+	"net"
+	"net/http"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -39,7 +43,7 @@ func TestIsolation(t *testing.T) {
 	eachIsolation(t, func(t *testing.T, mode Isolation) {
 		// Under /tmp the sandbox's own /tmp would hide the state dir
 		// anyway: put it elsewhere, so that its own cover is what is tested.
-		stateDir := t.TempDir()
+		stateDir := newStateDir(t)
 		if d, err := os.MkdirTemp("/var/tmp", "boxq-isolation-"); err == nil {
 			stateDir = d
 			t.Cleanup(func() { os.RemoveAll(d) })
@@ -55,6 +59,28 @@ func TestIsolation(t *testing.T) {
 		g.srv.mu.Lock()
 		otherHome := g.srv.sandboxes[other].dirs.home
 		g.srv.mu.Unlock()
+		// A Unix socket listening in a host directory that is not the
+		// gateway's: a read-only view of it would not stop a connect.
+		sockDir, err := os.MkdirTemp("/var/tmp", "boxq-sock-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(sockDir) })
+		if err := os.Chmod(sockDir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		sockPath := filepath.Join(sockDir, "s")
+		ln, err := net.Listen("unix", sockPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		if err := os.Chmod(sockPath, 0o777); err != nil {
+			t.Fatal(err)
+		}
+		_, noPython := exec.LookPath("/usr/bin/python3")
+		asRoot := map[bool]string{true: control}[os.Geteuid() == 0]
+
 		marker := newMarker()
 		g.start(t, other, gateway.StartRequest{Command: markerCommand(marker), TimeoutMs: 60_000})
 		waitMarker(t, marker, true, 10*time.Second)
@@ -119,6 +145,53 @@ func TestIsolation(t *testing.T) {
 				without: control,
 			},
 			{
+				name:    "unmounting a mount",
+				command: "umount /tmp 2>&1 && echo unmounted",
+				leaked:  func(out string) bool { return strings.Contains(out, "unmounted") },
+			},
+			{
+				name:    "another sandbox's files past an unmount",
+				command: fmt.Sprintf("umount -l %s 2>/dev/null; umount -l /run 2>/dev/null; cat %s/secret 2>&1", g.srv.stateDir, otherHome),
+				leaked:  func(out string) bool { return strings.Contains(out, "other-secret") },
+			},
+			{
+				name:    "/etc/shadow",
+				command: "cat /etc/shadow 2>&1",
+				leaked:  func(out string) bool { return strings.Contains(out, "root:") },
+				without: asRoot,
+			},
+			{
+				name:    "running as root",
+				command: "id -u",
+				leaked:  func(out string) bool { return strings.TrimSpace(out) == "0" },
+				without: asRoot,
+			},
+			{
+				name:    "capabilities",
+				command: "grep CapEff /proc/self/status",
+				leaked:  func(out string) bool { return !strings.Contains(out, "0000000000000000") },
+				without: asRoot,
+			},
+			{
+				name:    "a host Unix socket",
+				skip:    map[bool]string{true: "no /usr/bin/python3 to connect with"}[noPython != nil],
+				command: fmt.Sprintf(`/usr/bin/python3 -c 'import socket; s = socket.socket(socket.AF_UNIX); s.connect("%s"); print("connected")' 2>&1`, sockPath),
+				leaked:  func(out string) bool { return strings.Contains(out, "connected") },
+				without: control,
+			},
+			{
+				name:    "/sys",
+				command: "ls /sys/kernel 2>&1 | head -3; test -d /sys/kernel && echo mounted",
+				leaked:  func(out string) bool { return strings.Contains(out, "mounted") },
+				without: control,
+			},
+			{
+				name:    "the host's /var and /srv",
+				command: fmt.Sprintf("ls -d %s /srv 2>&1", sockDir),
+				leaked:  func(out string) bool { return strings.Contains(out, sockDir) && !strings.Contains(out, "No such file") },
+				without: control,
+			},
+			{
 				name: "another sandbox's processes",
 				// argv[0] of every process in sight; the marker is not in
 				// this command, so only the other sandbox can show it.
@@ -147,4 +220,126 @@ func TestIsolation(t *testing.T) {
 			})
 		}
 	})
+}
+
+// TestSymlinkedTreeRefused checks that a sandbox whose own directory is a
+// symlink (which only someone with the gateway's rights can make) runs
+// nothing, rather than bind the symlink's target in.
+func TestSymlinkedTreeRefused(t *testing.T) {
+	eachIsolation(t, func(t *testing.T, mode Isolation) {
+		g := newGateway(t, Config{Isolation: mode})
+		sb := g.newSandbox(t)
+		target, err := os.MkdirTemp("/var/tmp", "boxq-target-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(target) })
+		g.srv.mu.Lock()
+		home := g.srv.sandboxes[sb].dirs.home
+		g.srv.mu.Unlock()
+		if err := os.RemoveAll(home); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(target, home); err != nil {
+			t.Fatal(err)
+		}
+		st := g.run(t, sb, "touch /root/pwned ~/pwned; echo ran")
+		if _, err := os.Stat(filepath.Join(target, "pwned")); err == nil {
+			t.Errorf("a command wrote through the symlinked home into %s", target)
+		}
+		if st.Status == gateway.StatusCompleted || !strings.Contains(st.Output, "not a directory") {
+			t.Errorf("got %s/%d %q, want the exec refused: not a directory", st.Status, st.RC(), st.Output)
+		}
+	})
+}
+
+// TestSnapshotFromNoneUntrusted checks that a snapshot made without
+// isolation, where a command can do anything the gateway can (here: turn
+// its home into a symlink to a host directory, and leave a fifo and a
+// setuid file), is restored under bubblewrap as a plain tree: the symlink
+// replaced by an empty directory, the fifo dropped, the setuid bit gone.
+func TestSnapshotFromNoneUntrusted(t *testing.T) {
+	requireBwrap(t)
+	stateDir := newStateDir(t)
+	target, err := os.MkdirTemp("/var/tmp", "boxq-target-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(target) })
+	token := "tok-" + uuid.NewString()
+	req := gateway.CreateRequest{PersistentFilesystem: true, LogicalKey: "untrusted"}
+
+	none := newGateway(t, Config{Isolation: IsolationNone, StateDir: stateDir, Token: token})
+	sb := none.create(t, req, "")
+	none.mustRun(t, sb, `mkfifo "$TMPDIR/fifo" && cp /bin/true "$TMPDIR/suid" && chmod 4755 "$TMPDIR/suid" && cd / && rm -rf "$HOME" && ln -s `+target+` "$HOME"`)
+	decode(t, "terminate", none.do(t, "POST", "/v1/sandboxes/"+sb+"/terminate", gateway.TerminateRequest{SnapshotBeforeTerminate: true}), http.StatusOK, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := none.srv.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	g := newGateway(t, Config{Isolation: IsolationBwrap, StateDir: stateDir, Token: token})
+	sb = g.create(t, req, "")
+	out := g.mustRun(t, sb, "touch /root/pwned && ls -A /root; ls /tmp; stat -c %A /tmp/suid")
+	if _, err := os.Stat(filepath.Join(target, "pwned")); err == nil {
+		t.Errorf("a command under bwrap wrote through the snapshot's symlink into %s", target)
+	}
+	if want := "pwned\nsuid\n-rwxr-xr-x\n"; out != want {
+		t.Errorf("restored tree: got %q, want %q (a fresh home, no fifo, no setuid bit)", out, want)
+	}
+	if !strings.Contains(g.logs.String(), "snapshot made under another isolation") {
+		t.Errorf("want the restore of a snapshot made under none logged")
+	}
+}
+
+// TestStateDirOutOfReach checks a state dir the sandbox user cannot reach
+// (under a private directory, as t.TempDir() or /root would be): as root,
+// the sandboxes' working files go elsewhere, and snapshots, on another
+// file system when /dev/shm is one, still work.
+func TestStateDirOutOfReach(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("only root runs commands as another user")
+	}
+	requireBwrap(t)
+	parent := t.TempDir() // private: 0700
+	if d, err := os.MkdirTemp("/dev/shm", "boxq-private-"); err == nil {
+		parent = d
+		t.Cleanup(func() { os.RemoveAll(d) })
+	}
+	stateDir := filepath.Join(parent, "state")
+	// What a gateway killed before its Close left, for a state dir gone
+	// since: this start removes it.
+	orphan, err := os.MkdirTemp("", "boxq-sandboxes-orphan")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(orphan) })
+	if err := os.WriteFile(filepath.Join(orphan, stateDirRecord), []byte(filepath.Join(parent, "gone")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	req := gateway.CreateRequest{PersistentFilesystem: true, LogicalKey: "far"}
+	g := newGateway(t, Config{Isolation: IsolationBwrap, StateDir: stateDir})
+	if strings.HasPrefix(g.srv.sandboxesDir, stateDir) {
+		t.Fatalf("sandboxes dir %s: want it out of the unreachable state dir", g.srv.sandboxesDir)
+	}
+	sb := g.create(t, req, "")
+	g.mustRun(t, sb, "echo kept > ~/f")
+	decode(t, "terminate", g.do(t, "POST", "/v1/sandboxes/"+sb+"/terminate", gateway.TerminateRequest{SnapshotBeforeTerminate: true}), http.StatusOK, nil)
+	sb = g.create(t, req, "")
+	if out := g.mustRun(t, sb, "cat ~/f; id -u"); out != fmt.Sprintf("kept\n%d\n", DefaultSandboxUID) {
+		t.Errorf("restored: got %q", out)
+	}
+	if _, err := os.Lstat(orphan); err == nil {
+		t.Errorf("the orphan sandboxes dir %s is still there", orphan)
+	}
+	dir := g.srv.sandboxesDir
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := g.srv.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(dir); err == nil {
+		t.Errorf("Close left %s", dir)
+	}
 }

@@ -35,7 +35,14 @@ var bwrapProbe = sync.OnceValue(func() error {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	return probeBwrap(context.Background(), "bwrap", dir)
+	var user *owner
+	if os.Geteuid() == 0 {
+		user = &owner{uid: DefaultSandboxUID, gid: DefaultSandboxGID}
+		if err := user.traversable(dir); err != nil {
+			return err
+		}
+	}
+	return probeBwrap(context.Background(), "bwrap", dir, user)
 })
 
 // eachIsolation runs f as a subtest per isolation mode; the bwrap one is
@@ -59,6 +66,24 @@ func requireBwrap(t testing.TB) {
 	}
 }
 
+// newStateDir returns a new directory for a state dir, removed at the end
+// of the test. Not t.TempDir(): as root, bubblewrap runs as the sandbox
+// user, who must be able to search every directory above the state dir,
+// and t.TempDir()'s parent is private.
+func newStateDir(t testing.TB) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "boxq-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := removeTree(dir); err != nil {
+			t.Errorf("remove state dir: %v", err)
+		}
+	})
+	return dir
+}
+
 // testGateway is a Server behind a real HTTP server.
 type testGateway struct {
 	srv    *Server
@@ -77,7 +102,7 @@ func newGateway(t testing.TB, cfg Config) *testGateway {
 		cfg.Token = "tok-" + uuid.NewString()
 	}
 	if cfg.StateDir == "" {
-		cfg.StateDir = t.TempDir()
+		cfg.StateDir = newStateDir(t)
 	}
 	if cfg.JanitorInterval == 0 {
 		cfg.JanitorInterval = 10 * time.Millisecond

@@ -1,17 +1,18 @@
 package local
 
 import (
+	"cmp"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/google/uuid"
@@ -33,6 +34,7 @@ type sandbox struct {
 
 	mu         sync.Mutex
 	execs      map[string]*execution
+	tombs      map[tombKey]struct{} // execs evicted: their ids never run again
 	running    int
 	lastActive time.Time // the last exec start or end, or the create
 	ending     bool      // terminate has begun: no new execs
@@ -64,51 +66,159 @@ func (sb *sandbox) nextExpiry() time.Time {
 	return t
 }
 
+// tombKey stands for an evicted exec's id: a hash of fixed size, so that
+// a tombstone costs the same whatever the id's length.
+type tombKey [16]byte
+
+func tombKeyOf(execID string) tombKey {
+	sum := sha256.Sum256([]byte(execID))
+	return tombKey(sum[:16])
+}
+
 // fsLayout is where a sandbox's files are: dir/fs is what a snapshot keeps.
 func fsLayout(dir string) (fsDir string, dirs fsDirs) {
 	fsDir = filepath.Join(dir, "fs")
 	return fsDir, fsDirs{home: filepath.Join(fsDir, "root"), tmp: filepath.Join(fsDir, "tmp")}
 }
 
+// isolationMark is the file, next to root and tmp in a sandbox's fs dir
+// (so out of its commands' reach under bubblewrap), that names the
+// isolation its files were made under; a snapshot keeps it.
+const isolationMark = "isolation"
+
 // makeSandboxDir creates the directory tree of a new sandbox, starting
 // from a copy of snapshot when it is not "" and exists; restored says
 // whether it did. The snapshot stays as it is, so that a sandbox ended
 // without one leaves the key's earlier state in place.
-func makeSandboxDir(dir, snapshot string) (dirs fsDirs, restored bool, err error) {
+//
+// A snapshot is never trusted: only its root and tmp directories are
+// copied, by copyTree (no symlink followed, no special file, no setuid
+// bit, everything owned by the sandbox user), and one that is not a
+// directory (a symlink to the host, say, left by a command without
+// isolation) is replaced by an empty one. A snapshot made under another
+// isolation than the server's is logged.
+func (s *Server) makeSandboxDir(dir, snapshot string, log *slog.Logger) (dirs fsDirs, restored bool, err error) {
+	own := s.launcher.user
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		return fsDirs{}, false, err
 	}
 	fsDir, dirs := fsLayout(dir)
+	if err := os.Mkdir(fsDir, 0o700); err != nil {
+		return fsDirs{}, false, err
+	}
+	for _, d := range []string{dir, fsDir} {
+		if err := own.traversable(d); err != nil {
+			return fsDirs{}, false, err
+		}
+	}
 	if snapshot != "" {
 		switch _, err := os.Stat(snapshot); {
 		case err == nil:
-			if err := copyTree(snapshot, fsDir); err != nil {
-				return fsDirs{}, false, fmt.Errorf("restore snapshot: %w", err)
-			}
 			restored = true
 		case !errors.Is(err, fs.ErrNotExist):
 			return fsDirs{}, false, fmt.Errorf("restore snapshot: %w", err)
 		}
 	}
-	if !restored {
-		if err := os.Mkdir(fsDir, 0o700); err != nil {
-			return fsDirs{}, false, err
+	if restored {
+		mark, _ := os.ReadFile(filepath.Join(snapshot, isolationMark))
+		if made := Isolation(strings.TrimSpace(string(mark))); made != s.launcher.mode {
+			log.Warn("restoring a snapshot made under another isolation: its files are copied as untrusted", "made_under", cmp.Or(string(made), "unknown"), "isolation", s.launcher.mode)
+		}
+		for _, d := range []string{dirs.home, dirs.tmp} {
+			src := filepath.Join(snapshot, filepath.Base(d))
+			fi, err := os.Lstat(src)
+			switch {
+			case errors.Is(err, fs.ErrNotExist):
+				continue // made below
+			case err != nil:
+				return fsDirs{}, false, fmt.Errorf("restore snapshot: %w", err)
+			case !fi.IsDir():
+				log.Warn("snapshot entry is not a directory: replaced by an empty one", "path", src, "mode", fi.Mode().String())
+				continue
+			}
+			if err := copyTree(src, d, own); err != nil {
+				return fsDirs{}, false, fmt.Errorf("restore snapshot: %w", err)
+			}
 		}
 	}
-	// A snapshot may lack either (someone removed it by hand): make sure.
-	if err := os.MkdirAll(dirs.home, 0o700); err != nil {
-		return fsDirs{}, false, err
-	}
-	if err := os.MkdirAll(dirs.tmp, 0o700); err != nil {
-		return fsDirs{}, false, err
-	}
-	if !restored {
-		// A /tmp as the commands expect it; Mkdir's mode is cut by umask.
-		if err := os.Chmod(dirs.tmp, 0o1777); err != nil {
+	for _, d := range []string{dirs.home, dirs.tmp} {
+		switch err := os.Mkdir(d, 0o700); {
+		case errors.Is(err, fs.ErrExist):
+			continue // restored
+		case err != nil:
 			return fsDirs{}, false, err
 		}
+		if err := own.give(d); err != nil {
+			return fsDirs{}, false, err
+		}
+		if d == dirs.tmp {
+			// A /tmp as the commands expect it; Mkdir's mode is cut by umask.
+			if err := os.Chmod(dirs.tmp, 0o1777); err != nil {
+				return fsDirs{}, false, err
+			}
+		}
+	}
+	if err := os.WriteFile(filepath.Join(fsDir, isolationMark), []byte(s.launcher.mode+"\n"), 0o600); err != nil {
+		return fsDirs{}, false, err
 	}
 	return dirs, restored, nil
+}
+
+// traversable gives dir to the sandbox user's group, search only (0710),
+// so that bubblewrap, run as that user, can reach the sandbox's own dirs
+// under it and list nothing. A nil owner does nothing.
+func (o *owner) traversable(dir string) error {
+	if o == nil {
+		return nil
+	}
+	if err := os.Lchown(dir, -1, o.gid); err != nil {
+		return err
+	}
+	return os.Chmod(dir, 0o710)
+}
+
+// canSearchAbove reports whether o may search every directory above dir
+// (by its permission bits; ACLs are not looked at).
+func (o *owner) canSearchAbove(dir string) bool {
+	for p := filepath.Dir(dir); ; p = filepath.Dir(p) {
+		fi, err := os.Stat(p)
+		if err != nil {
+			return false
+		}
+		st, ok := fi.Sys().(*syscall.Stat_t)
+		if !ok {
+			return false
+		}
+		var bit fs.FileMode = 0o001
+		switch {
+		case int(st.Uid) == o.uid:
+			bit = 0o100
+		case int(st.Gid) == o.gid:
+			bit = 0o010
+		}
+		if fi.Mode().Perm()&bit == 0 {
+			return false
+		}
+		if p == "/" {
+			return true
+		}
+	}
+}
+
+// uidOr is o's uid, or def when o is nil.
+func (o *owner) uidOr(def int) int {
+	if o == nil {
+		return def
+	}
+	return o.uid
+}
+
+// give makes dir the sandbox user's. A nil owner does nothing.
+func (o *owner) give(dir string) error {
+	if o == nil {
+		return nil
+	}
+	return os.Lchown(dir, o.uid, o.gid)
 }
 
 // safeName turns a logical key into a directory name: the key's harmless
@@ -129,85 +239,6 @@ func safeName(key string) string {
 	}
 	sum := sha256.Sum256([]byte(key))
 	return b.String() + "-" + hex.EncodeToString(sum[:8])
-}
-
-// copyTree copies the directory src to dst (which must not exist):
-// directories, regular files and symbolic links, with their modes and
-// the files' modification times. Other kinds of files (sockets, fifos,
-// devices) are skipped: they do not survive a snapshot.
-func copyTree(src, dst string) error {
-	type dirMode struct {
-		path string
-		mode fs.FileMode
-	}
-	var dirs []dirMode
-	err := filepath.WalkDir(src, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, err := filepath.Rel(src, path)
-		if err != nil {
-			return err
-		}
-		target := filepath.Join(dst, rel)
-		info, err := d.Info()
-		if err != nil {
-			return err
-		}
-		switch mode := info.Mode(); {
-		case mode.IsDir():
-			// Writable until its contents are in; its own mode comes last.
-			if err := os.Mkdir(target, 0o700); err != nil {
-				return err
-			}
-			dirs = append(dirs, dirMode{target, mode.Perm() | mode&(fs.ModeSticky|fs.ModeSetgid|fs.ModeSetuid)})
-		case mode.IsRegular():
-			if err := copyFile(path, target, info); err != nil {
-				return err
-			}
-		case mode&fs.ModeSymlink != 0:
-			link, err := os.Readlink(path)
-			if err != nil {
-				return err
-			}
-			if err := os.Symlink(link, target); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		return err
-	}
-	for i := len(dirs) - 1; i >= 0; i-- {
-		if err := os.Chmod(dirs[i].path, dirs[i].mode); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func copyFile(src, dst string, info fs.FileInfo) error {
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	if err := out.Close(); err != nil {
-		return err
-	}
-	if err := os.Chmod(dst, info.Mode().Perm()|info.Mode()&(fs.ModeSticky|fs.ModeSetgid|fs.ModeSetuid)); err != nil {
-		return err
-	}
-	return os.Chtimes(dst, info.ModTime(), info.ModTime())
 }
 
 // keyedMutex is a mutex per key, held by the snapshot operations of one

@@ -105,8 +105,19 @@ func TestExecRetention(t *testing.T) {
 	clock.advance(31 * time.Second)
 	waitFor(t, 5*time.Second, "exec forgotten", func() bool {
 		r := g.poll(t, sb, st.ExecID, 0)
-		return r.status == http.StatusNotFound && r.errorMessage() == "exec "+st.ExecID+" not found"
+		return r.status == http.StatusNotFound && strings.Contains(r.errorMessage(), "exec "+st.ExecID+" expired")
 	})
+	// Forgotten, its id still never runs again.
+	r := g.do(t, "POST", "/v1/sandboxes/"+sb+"/execs", gateway.StartRequest{ExecID: st.ExecID, Command: "echo ran again > ~/again"})
+	if r.status != http.StatusConflict || !strings.Contains(r.errorMessage(), "expired") {
+		t.Errorf("start with an expired execId: got %d %s, want 409 expired", r.status, r.body)
+	}
+	if out := g.mustRun(t, sb, "cat ~/again 2>/dev/null; true"); out != "" {
+		t.Errorf("the expired exec ran again: %q", out)
+	}
+	if r := g.poll(t, sb, "never-was", 0); r.status != http.StatusNotFound || r.errorMessage() != "exec never-was not found" {
+		t.Errorf("poll of an unknown exec: got %d %s, want 404 not found", r.status, r.body)
+	}
 }
 
 func TestPersistence(t *testing.T) {
@@ -196,7 +207,7 @@ func TestPersistence(t *testing.T) {
 }
 
 func TestRestartKeepsSnapshots(t *testing.T) {
-	dir := t.TempDir()
+	dir := newStateDir(t)
 	token := "tok-" + uuid.NewString()
 	first, err := New(Config{Token: token, StateDir: dir, Isolation: IsolationNone})
 	if err != nil {

@@ -19,7 +19,7 @@ func TestThousandRunningExecs(t *testing.T) {
 		t.Skip("starts 1,000 processes")
 	}
 	const n = 1000
-	g := newGateway(t, Config{StartWait: -1})
+	g := newGateway(t, Config{StartWait: -1, MaxSandboxRunningExecs: n})
 	sandboxes := []string{g.newSandbox(t), g.newSandbox(t), g.newSandbox(t), g.newSandbox(t)}
 
 	var before, after runtime.MemStats

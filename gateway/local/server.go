@@ -35,6 +35,8 @@ package local
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -56,11 +58,14 @@ type Server struct {
 	launcher     launcher
 	stateDir     string
 	ownsStateDir bool // made by New: Close removes it
-	runDir       string
-	trashDir     string
-	lockFile     *os.File
-	handler      http.Handler
-	snapLocks    keyedMutex
+	// sandboxesDir is outside the state dir, made by New: Close removes it.
+	ownsSandboxesDir bool
+	runDir           string
+	sandboxesDir     string // StateDir/sandboxes, or a dir of its own (see openSandboxesDir)
+	trashDir         string
+	lockFile         *os.File
+	handler          http.Handler
+	snapLocks        keyedMutex
 
 	running atomic.Int64 // execs running over all sandboxes
 
@@ -76,7 +81,31 @@ type Server struct {
 	creating  int                   // creates under way, counted against MaxSandboxes
 	idem      map[string]*idemEntry // x-idempotency-key → its create
 	idemFIFO  []expiring            // keys of ended sandboxes, the oldest first
-	execFIFO  []expiring            // finished execs, the oldest first
+
+	// Finished execs, kept for polls: the oldest first, bounded by
+	// ExecRetention, MaxRetainedExecs and MaxRetainedBytes together.
+	execFIFO      []*retainedExec
+	retainedCount int
+	retainedBytes int64
+	// The ids of execs no longer kept, so that none runs again: the
+	// oldest first, bounded by MaxTombstones. The ids themselves are in
+	// their sandbox's tombs.
+	tombFIFO []tombRef
+}
+
+// retainedExec is a finished exec kept for polls.
+type retainedExec struct {
+	until   time.Time
+	sb      *sandbox
+	e       *execution
+	size    int64
+	dropped bool // evicted, or gone with its sandbox: no longer counted
+}
+
+// tombRef is a tombstone in the FIFO: the sandbox whose tombs hold it.
+type tombRef struct {
+	sb  *sandbox
+	key tombKey
 }
 
 // idemEntry is the create of one idempotency key: concurrent creates with
@@ -87,13 +116,13 @@ type idemEntry struct {
 	err  error
 }
 
-// expiring is a finished thing to forget at until. Retention is the same
-// for all, so the order of ending is the order of expiry: a queue suffices
-// and each sweep costs what expires, not what is kept.
+// expiring is an idempotency key to forget at until. Retention is the
+// same for all, so the order of ending is the order of expiry: a queue
+// suffices and each sweep costs what expires, not what is kept. The same
+// holds for retainedExec.
 type expiring struct {
 	until time.Time
-	sb    *sandbox // for an exec
-	key   string   // the exec id, or the idempotency key
+	key   string
 }
 
 // New checks cfg, prepares the state dir, picks the isolation and starts
@@ -114,12 +143,26 @@ func New(cfg Config) (*Server, error) {
 		s.releaseStateDir()
 		return nil, err
 	}
-	mode, err := s.chooseIsolation()
+	// As root, bubblewrap runs as the sandbox user, who must reach the
+	// sandboxes' own dirs.
+	s.sandboxesDir = filepath.Join(s.stateDir, "sandboxes")
+	var user *owner
+	if os.Geteuid() == 0 && cfg.Isolation != IsolationNone {
+		user = &owner{uid: cfg.SandboxUID, gid: cfg.SandboxGID}
+		if err := s.openSandboxesDir(user); err != nil {
+			s.releaseStateDir()
+			return nil, fmt.Errorf("local: state dir: %w", err)
+		}
+	}
+	mode, err := s.chooseIsolation(user)
 	if err != nil {
 		s.releaseStateDir()
 		return nil, err
 	}
-	s.launcher = launcher{mode: mode, bwrap: cfg.BwrapPath, stateDir: s.stateDir}
+	if mode == IsolationNone {
+		user = nil
+	}
+	s.launcher = launcher{mode: mode, bwrap: cfg.BwrapPath, user: user, view: hostView(s.stateDir, s.sandboxesDir)}
 	s.handler = s.routes()
 
 	ctx, cancel := context.WithCancel(context.Background())
@@ -219,8 +262,10 @@ func (s *Server) openStateDir() error {
 	s.runDir = filepath.Join(dir, "run")
 	s.trashDir = filepath.Join(dir, "trash")
 	for _, d := range []string{"sandboxes", "run", "trash"} {
-		if err := os.RemoveAll(filepath.Join(dir, d)); err != nil {
-			return fmt.Errorf("local: state dir: %w", err)
+		// What cannot go does not stop the gateway: the new sandboxes'
+		// ids are new, and the next start tries again.
+		if err := removeTree(filepath.Join(dir, d)); err != nil {
+			s.log.Error("state dir: cannot remove what an earlier run left; starting anyway", "path", filepath.Join(dir, d), "error", err)
 		}
 	}
 	for _, d := range []string{"sandboxes", "snapshots", "run", "trash"} {
@@ -231,37 +276,115 @@ func (s *Server) openStateDir() error {
 	return nil
 }
 
+// openSandboxesDir makes the sandboxes' dir reachable by user, who runs
+// bubblewrap: search permission (0710, user's group) on the state dir and
+// on the sandboxes' dir, whose listings stay private. When a directory
+// above the state dir does not let user search (a state dir under /root,
+// or under a test's private temporary dir), the sandboxes' working files
+// go to a directory of their own in os.TempDir() instead, named after the
+// state dir, emptied at start and removed by Close; snapshots stay in the
+// state dir.
+func (s *Server) openSandboxesDir(user *owner) error {
+	if user.canSearchAbove(s.stateDir) {
+		for _, d := range []string{s.stateDir, s.sandboxesDir} {
+			if err := user.traversable(d); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	sum := sha256.Sum256([]byte(s.stateDir))
+	dir := filepath.Join(os.TempDir(), "boxq-sandboxes-"+hex.EncodeToString(sum[:8]))
+	if !user.canSearchAbove(dir) {
+		return fmt.Errorf("uid %d cannot reach %s nor %s: bubblewrap, run as that user, could not reach the sandboxes", user.uid, s.stateDir, dir)
+	}
+	// What is there is an earlier run's, or someone else's: it goes (a
+	// symlink is removed, not followed), and Mkdir makes a new one or fails.
+	if err := removeTree(dir); err != nil {
+		return err
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return err
+	}
+	s.sandboxesDir, s.ownsSandboxesDir = dir, true
+	s.log.Info("the sandbox user cannot reach the state dir: sandboxes' working files go elsewhere", "state_dir", s.stateDir, "sandboxes_dir", dir, "sandbox_uid", user.uid)
+	if err := os.WriteFile(filepath.Join(dir, stateDirRecord), []byte(s.stateDir), 0o600); err != nil {
+		return err
+	}
+	s.removeOrphanSandboxesDirs(dir)
+	return user.traversable(dir)
+}
+
+// stateDirRecord names, in a sandboxes' dir of its own, the file that
+// holds the path of its state dir.
+const stateDirRecord = "state-dir"
+
+// removeOrphanSandboxesDirs removes the sandboxes' dirs of their own (but
+// mine) that a gateway killed before its Close left in os.TempDir() for a
+// state dir that is gone since (a test's temporary one, typically): no
+// start will ever empty them.
+func (s *Server) removeOrphanSandboxesDirs(mine string) {
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), "boxq-sandboxes-*"))
+	for _, d := range dirs {
+		fi, err := os.Lstat(d)
+		if d == mine || err != nil || !fi.IsDir() {
+			continue
+		}
+		if st, ok := fi.Sys().(*syscall.Stat_t); !ok || int(st.Uid) != os.Geteuid() {
+			continue // not a gateway's of this user
+		}
+		state, err := os.ReadFile(filepath.Join(d, stateDirRecord))
+		if err != nil || !filepath.IsAbs(string(state)) {
+			continue
+		}
+		if _, err := os.Lstat(string(state)); !errors.Is(err, os.ErrNotExist) {
+			continue // its gateway, or the next one, will see to it
+		}
+		if err := removeTree(d); err != nil {
+			s.log.Warn("cannot remove an orphan sandboxes dir", "path", d, "error", err)
+		} else {
+			s.log.Info("removed an orphan sandboxes dir", "path", d, "state_dir", string(state))
+		}
+	}
+}
+
 // releaseStateDir unlocks the state dir, and removes it if New made it.
 func (s *Server) releaseStateDir() {
+	if s.ownsSandboxesDir {
+		if err := removeTree(s.sandboxesDir); err != nil {
+			s.log.Warn("cannot remove sandboxes dir", "sandboxes_dir", s.sandboxesDir, "error", err)
+		}
+		s.ownsSandboxesDir = false
+	}
 	if s.lockFile != nil {
 		s.lockFile.Close()
 		s.lockFile = nil
 	}
 	if s.ownsStateDir && s.stateDir != "" {
-		if err := os.RemoveAll(s.stateDir); err != nil {
+		if err := removeTree(s.stateDir); err != nil {
 			s.log.Warn("cannot remove state dir", "state_dir", s.stateDir, "error", err)
 		}
 	}
 }
 
 // chooseIsolation resolves IsolationAuto with a probe run of bubblewrap.
-func (s *Server) chooseIsolation() (Isolation, error) {
+func (s *Server) chooseIsolation(user *owner) (Isolation, error) {
 	switch s.cfg.Isolation {
 	case IsolationNone:
 		s.log.Warn("isolation: none: commands run as plain processes with the gateway's rights")
 		return IsolationNone, nil
 	case IsolationBwrap:
-		if err := probeBwrap(context.Background(), s.cfg.BwrapPath, s.stateDir); err != nil {
+		if err := probeBwrap(context.Background(), s.cfg.BwrapPath, s.sandboxesDir, user); err != nil {
 			return "", fmt.Errorf("local: isolation bwrap: %w", err)
 		}
-		s.log.Info("isolation: bwrap")
+		s.log.Info("isolation: bwrap", "sandbox_uid", user.uidOr(os.Getuid()))
 		return IsolationBwrap, nil
 	}
-	if err := probeBwrap(context.Background(), s.cfg.BwrapPath, s.stateDir); err != nil {
+	if err := probeBwrap(context.Background(), s.cfg.BwrapPath, s.sandboxesDir, user); err != nil {
 		s.log.Warn("isolation: none, because bubblewrap does not work here: commands run as plain processes with the gateway's rights", "error", err)
 		return IsolationNone, nil
 	}
-	s.log.Info("isolation: bwrap (probe worked)")
+	s.log.Info("isolation: bwrap (probe worked)", "sandbox_uid", user.uidOr(os.Getuid()))
 	return IsolationBwrap, nil
 }
 
@@ -303,19 +426,11 @@ func (s *Server) sweep(ctx context.Context) {
 		n++
 	}
 	s.idemFIFO = s.idemFIFO[n:]
-	n = 0
-	for n < len(s.execFIFO) && !s.execFIFO[n].until.After(now) {
-		n++
+	for len(s.execFIFO) > 0 && !s.execFIFO[0].until.After(now) {
+		s.evictOldestLocked()
 	}
-	forget := s.execFIFO[:n]
-	s.execFIFO = s.execFIFO[n:]
 	s.mu.Unlock()
 
-	for _, x := range forget {
-		x.sb.mu.Lock()
-		delete(x.sb.execs, x.key)
-		x.sb.mu.Unlock()
-	}
 	for _, x := range expired {
 		x.sb.beginEnd()
 		// The gateway, not the client, ends it: keep what a persistent
@@ -335,6 +450,57 @@ func (s *Server) retainIdemLocked(sb *sandbox, now time.Time) {
 	}
 	if e := s.idem[sb.idemKey]; e != nil && e.id == sb.id {
 		s.idemFIFO = append(s.idemFIFO, expiring{until: now.Add(s.cfg.ExecRetention), key: sb.idemKey})
+	}
+}
+
+// retainLocked keeps e, which has just finished in sb, for polls, and
+// evicts the oldest finished execs while the caps are exceeded. s.mu must
+// be held.
+func (s *Server) retainLocked(sb *sandbox, e *execution, at time.Time) {
+	x := &retainedExec{until: at.Add(s.cfg.ExecRetention), sb: sb, e: e, size: e.retainedSize()}
+	e.retained = x
+	s.execFIFO = append(s.execFIFO, x)
+	s.retainedCount++
+	s.retainedBytes += x.size
+	for s.retainedCount > s.cfg.MaxRetainedExecs || s.retainedBytes > s.cfg.MaxRetainedBytes {
+		s.evictOldestLocked()
+	}
+}
+
+// evictOldestLocked forgets the oldest retained exec and leaves its
+// tombstone. s.mu must be held.
+func (s *Server) evictOldestLocked() {
+	x := s.execFIFO[0]
+	s.execFIFO[0] = nil
+	s.execFIFO = s.execFIFO[1:]
+	if x.dropped {
+		return
+	}
+	x.dropped = true
+	s.retainedCount--
+	s.retainedBytes -= x.size
+	key := tombKeyOf(x.e.id)
+	x.sb.mu.Lock()
+	live := x.sb.execs != nil
+	if live {
+		delete(x.sb.execs, x.e.id)
+		if x.sb.tombs == nil {
+			x.sb.tombs = make(map[tombKey]struct{})
+		}
+		x.sb.tombs[key] = struct{}{}
+	}
+	x.sb.mu.Unlock()
+	if !live {
+		return
+	}
+	s.tombFIFO = append(s.tombFIFO, tombRef{sb: x.sb, key: key})
+	for len(s.tombFIFO) > s.cfg.MaxTombstones {
+		old := s.tombFIFO[0]
+		s.tombFIFO[0] = tombRef{}
+		s.tombFIFO = s.tombFIFO[1:]
+		old.sb.mu.Lock()
+		delete(old.sb.tombs, old.key)
+		old.sb.mu.Unlock()
 	}
 }
 
@@ -374,7 +540,17 @@ func (s *Server) finishEnd(ctx context.Context, sb *sandbox, snapshot bool, reas
 	}
 	sb.mu.Lock()
 	sb.execs = nil // the outputs of a gone sandbox are unreachable: free them
+	sb.tombs = nil
 	sb.mu.Unlock()
+	s.mu.Lock()
+	for _, e := range execs {
+		if x := e.retained; x != nil && !x.dropped {
+			x.dropped = true
+			s.retainedCount--
+			s.retainedBytes -= x.size
+		}
+	}
+	s.mu.Unlock()
 
 	var err error
 	kept := false
@@ -383,7 +559,7 @@ func (s *Server) finishEnd(ctx context.Context, sb *sandbox, snapshot bool, reas
 			kept = true
 		}
 	}
-	if rmErr := os.RemoveAll(sb.dir); rmErr != nil {
+	if rmErr := removeTree(sb.dir); rmErr != nil {
 		err = errors.Join(err, rmErr)
 	}
 	sb.log.Info("sandbox ended", "reason", reason, "snapshot", kept, "logical_key", sb.logicalKey)
@@ -406,16 +582,28 @@ func (s *Server) saveSnapshot(sb *sandbox) error {
 	unlock := s.snapLocks.lock(sb.logicalKey)
 	defer unlock()
 	dst := s.snapshotDir(sb.logicalKey)
+	fsDir, _ := fsLayout(sb.dir)
 	old := filepath.Join(s.trashDir, "snapshot-"+sb.id)
 	if err := os.Rename(dst, old); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("snapshot: %w", err)
 	}
-	fsDir, _ := fsLayout(sb.dir)
-	if err := os.Rename(fsDir, dst); err != nil {
+	err := os.Rename(fsDir, dst)
+	if errors.Is(err, syscall.EXDEV) {
+		// The sandboxes' dir is on another file system than the state
+		// dir (see openSandboxesDir): copy, then rename within it.
+		tmp := filepath.Join(s.trashDir, "new-"+sb.id)
+		if err = copyTree(fsDir, tmp, s.launcher.user); err == nil {
+			err = os.Rename(tmp, dst)
+		}
+		if err != nil {
+			_ = removeTree(tmp)
+		}
+	}
+	if err != nil {
 		_ = os.Rename(old, dst) // put the earlier one back
 		return fmt.Errorf("snapshot: %w", err)
 	}
-	if err := os.RemoveAll(old); err != nil {
+	if err := removeTree(old); err != nil {
 		sb.log.Warn("cannot remove replaced snapshot", "path", old, "error", err)
 	}
 	return nil

@@ -3,6 +3,7 @@ package local
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -33,32 +34,42 @@ func TestCapBuffer(t *testing.T) {
 		{"UTF-8 kept whole at both cuts", 8, []string{"aaaé" + strings.Repeat("-", 10) + "ééb"}, "aaa\n[... 14 bytes omitted ...]\néb"},
 	}
 	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			b := newCapBuffer(tt.limit)
-			total := 0
-			for _, w := range tt.writes {
-				n, err := b.Write([]byte(w))
-				if n != len(w) || err != nil {
-					t.Fatalf("Write(%q): got %d, %v, want %d, nil", w, n, err, len(w))
+		for _, spill := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/spill=%v", tt.name, spill), func(t *testing.T) {
+				b := newCapBuffer(tt.limit, "")
+				if spill {
+					// Into a file from the first byte on.
+					b = newCapBuffer(tt.limit, t.TempDir())
+					b.st.memMax = 0
 				}
-				total += n
-			}
-			got, omitted := b.Result()
-			if got != tt.want {
-				t.Errorf("got %q, want %q", got, tt.want)
-			}
-			// The count it returns is the one it wrote in the output.
-			wantOmitted := int64(0)
-			if _, after, ok := strings.Cut(tt.want, "[... "); ok {
-				fmt.Sscanf(after, "%d", &wantOmitted)
-			}
-			if omitted != wantOmitted {
-				t.Errorf("got omitted %d, want %d", omitted, wantOmitted)
-			}
-			if b.total != int64(total) {
-				t.Errorf("got total %d, want %d", b.total, total)
-			}
-		})
+				total := 0
+				for _, w := range tt.writes {
+					n, err := b.Write([]byte(w))
+					if n != len(w) || err != nil {
+						t.Fatalf("Write(%q): got %d, %v, want %d, nil", w, n, err, len(w))
+					}
+					total += n
+				}
+				got, omitted := b.Result()
+				if got != tt.want {
+					t.Errorf("got %q, want %q", got, tt.want)
+				}
+				// The count it returns is the one it wrote in the output.
+				wantOmitted := int64(0)
+				if _, after, ok := strings.Cut(tt.want, "[... "); ok {
+					fmt.Sscanf(after, "%d", &wantOmitted)
+				}
+				if omitted != wantOmitted {
+					t.Errorf("got omitted %d, want %d", omitted, wantOmitted)
+				}
+				if b.total != int64(total) {
+					t.Errorf("got total %d, want %d", b.total, total)
+				}
+				if spill && total > 0 && b.st.f == nil && b.st.mem != nil {
+					t.Errorf("spill: the bytes stayed in memory")
+				}
+			})
+		}
 	}
 }
 
@@ -66,7 +77,7 @@ func TestCapBufferValidUTF8(t *testing.T) {
 	// Whatever the cut points, text stays text.
 	text := strings.Repeat("héllo wörld ✓ 🚀 ", 50)
 	for limit := 2; limit < 64; limit++ {
-		b := newCapBuffer(limit)
+		b := newCapBuffer(limit, "")
 		for i := 0; i < len(text); i += 7 {
 			_, _ = b.Write([]byte(text[i:min(i+7, len(text))]))
 		}
@@ -115,12 +126,12 @@ func TestHostPath(t *testing.T) {
 }
 
 func TestBwrapArgs(t *testing.T) {
-	l := launcher{mode: IsolationBwrap, bwrap: "bwrap", stateDir: "/state"}
+	l := launcher{mode: IsolationBwrap, bwrap: "bwrap", view: hostView("/state", "/state/sandboxes")}
 	args := l.bwrapArgs(fsDirs{home: "/state/s/root", tmp: "/state/s/tmp"}, "/root/w", "echo hi")
 	joined := strings.Join(args, " ")
 	for _, want := range []string{
-		"--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
-		"--ro-bind / /", "--tmpfs /state", "--dev /dev", "--proc /proc",
+		"--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop ALL", "--die-with-parent", "--new-session", "--clearenv",
+		"--ro-bind /usr /usr", "--dev /dev", "--proc /proc",
 		"--bind /state/s/root /root", "--bind /state/s/tmp /tmp",
 		"--setenv HOME /root", "--chdir /root/w", "-- bash -c echo hi",
 	} {
@@ -128,16 +139,25 @@ func TestBwrapArgs(t *testing.T) {
 			t.Errorf("bwrap args %q: want %q in them", joined, want)
 		}
 	}
-	// Later mounts cover earlier ones: the root first, the state dir
-	// hidden after it, the sandbox's own dirs last.
-	order := []string{"--ro-bind / /", "--tmpfs /state", "--bind /state/s/root /root"}
+	// Only the roots a shell needs: never the host's root, /run, /sys, /home.
+	for _, bad := range []string{"--ro-bind / /", "/run", "/sys", "/home", "/state "} {
+		if strings.Contains(joined, bad) {
+			t.Errorf("bwrap args %q: want no %q in them", joined, bad)
+		}
+	}
+	if _, err := os.Stat("/etc/shadow"); err == nil && !strings.Contains(joined, "--ro-bind /dev/null /etc/shadow") {
+		t.Errorf("bwrap args %q: want /etc/shadow covered", joined)
+	}
+	// Later mounts cover earlier ones: /etc first, its secrets after it,
+	// the sandbox's own dirs last.
+	order := []string{"--ro-bind /etc /etc", "--ro-bind /dev/null /etc/shadow", "--bind /state/s/root /root"}
 	last := -1
 	for _, o := range order {
 		i := strings.Index(joined, o)
-		if i < last {
+		if i >= 0 && i < last {
 			t.Errorf("bwrap args %q: want %q after the mounts before it", joined, o)
 		}
-		last = i
+		last = max(last, i)
 	}
 }
 
@@ -145,14 +165,17 @@ func TestConfig(t *testing.T) {
 	t.Run("defaults", func(t *testing.T) {
 		got := Config{Token: "t"}.withDefaults()
 		want := map[string]any{
-			"Isolation": IsolationAuto, "BwrapPath": "bwrap", "MaxSandboxes": 64, "MaxRunningExecs": 2048,
+			"Isolation": IsolationAuto, "BwrapPath": "bwrap", "MaxSandboxes": 64, "MaxRunningExecs": 1024,
 			"OutputLimit": 1 << 20, "StartWait": 50 * time.Millisecond, "ExecRetention": 10 * time.Minute,
-			"JanitorInterval": time.Second,
+			"JanitorInterval": time.Second, "MaxSandboxRunningExecs": 64, "MaxRetainedExecs": 4096,
+			"MaxRetainedBytes": int64(256 << 20), "MaxTombstones": 256 << 10, "SandboxUID": 65534, "SandboxGID": 65534,
 		}
 		have := map[string]any{
 			"Isolation": got.Isolation, "BwrapPath": got.BwrapPath, "MaxSandboxes": got.MaxSandboxes, "MaxRunningExecs": got.MaxRunningExecs,
 			"OutputLimit": got.OutputLimit, "StartWait": got.StartWait, "ExecRetention": got.ExecRetention,
-			"JanitorInterval": got.JanitorInterval,
+			"JanitorInterval": got.JanitorInterval, "MaxSandboxRunningExecs": got.MaxSandboxRunningExecs,
+			"MaxRetainedExecs": got.MaxRetainedExecs, "MaxRetainedBytes": got.MaxRetainedBytes, "MaxTombstones": got.MaxTombstones,
+			"SandboxUID": got.SandboxUID, "SandboxGID": got.SandboxGID,
 		}
 		if diff := cmp.Diff(want, have); diff != "" {
 			t.Errorf("defaults (-want +got):\n%s", diff)
@@ -280,5 +303,33 @@ func TestAwaitExit(t *testing.T) {
 	}
 	if err := cmd.Wait(); cmd.ProcessState.ExitCode() != 7 {
 		t.Errorf("Wait after awaitExit: got %v, want exit status 7", err)
+	}
+}
+
+// TestCapBufferSpillSame checks that a buffer that moves its bytes to a
+// file part way gives what one in memory gives, for writes of every size.
+func TestCapBufferSpillSame(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	dir := t.TempDir()
+	for i := range 200 {
+		limit := 1 + rng.IntN(300)
+		mem, spilled := newCapBuffer(limit, ""), newCapBuffer(limit, dir)
+		spilled.st.memMax = rng.IntN(limit + 1)
+		for range rng.IntN(40) {
+			p := make([]byte, rng.IntN(2*limit))
+			for j := range p {
+				p[j] = byte('a' + rng.IntN(26))
+			}
+			_, _ = mem.Write(p)
+			_, _ = spilled.Write(p)
+		}
+		wantOut, wantOmitted := mem.Result()
+		gotOut, gotOmitted := spilled.Result()
+		if gotOut != wantOut || gotOmitted != wantOmitted {
+			t.Fatalf("case %d (limit %d, spill after %d): got %q/%d, want %q/%d", i, limit, spilled.st.memMax, gotOut, gotOmitted, wantOut, wantOmitted)
+		}
+	}
+	if left, _ := os.ReadDir(dir); len(left) != 0 {
+		t.Errorf("spill files left in %s: %d", dir, len(left))
 	}
 }
