@@ -173,6 +173,7 @@ type Watch struct {
 
 	mu       sync.Mutex
 	pending  map[string]watched // by value: one allocation less per job
+	ready    []Result           // looked up, to return (at most lookupBatch)
 	endedIDs []string           // ids marked ended, to look up
 	closed   bool
 }
@@ -259,14 +260,14 @@ func (w *Watch) Remove(id string) {
 func (w *Watch) Ready() bool {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	return len(w.endedIDs) > 0
+	return len(w.ready) > 0 || len(w.endedIDs) > 0
 }
 
 // Pending returns how many jobs have not been returned by Next yet.
 func (w *Watch) Pending() int {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	return len(w.pending)
+	return len(w.pending) + len(w.ready)
 }
 
 // lookupBatch bounds how many ended jobs one Next looks up at once.
@@ -279,6 +280,13 @@ const lookupBatch = 256
 func (w *Watch) Next(ctx context.Context) (Result, error) {
 	for {
 		w.mu.Lock()
+		if len(w.ready) > 0 {
+			r := w.ready[0]
+			w.ready[0] = Result{}
+			w.ready = w.ready[1:]
+			w.mu.Unlock()
+			return r, nil
+		}
 		if len(w.pending) == 0 {
 			w.mu.Unlock()
 			return Result{}, errors.New("jobs: no job to wait for")
@@ -288,9 +296,8 @@ func (w *Watch) Next(ctx context.Context) (Result, error) {
 		w.endedIDs = w.endedIDs[n:]
 		w.mu.Unlock()
 		if len(batch) > 0 {
-			r, ok, err := w.lookUp(ctx, batch)
-			if err != nil || ok {
-				return r, err
+			if err := w.lookUp(ctx, batch); err != nil {
+				return Result{}, err
 			}
 			continue
 		}
@@ -302,10 +309,11 @@ func (w *Watch) Next(ctx context.Context) (Result, error) {
 	}
 }
 
-// lookUp reads the jobs of batch and returns the first result found; the
-// other jobs of the batch that ended go back to be returned by the next
-// calls, those that have not to waiting.
-func (w *Watch) lookUp(ctx context.Context, batch []string) (Result, bool, error) {
+// lookUp reads the jobs of batch (at most lookupBatch): the results found
+// go to w.ready, to be returned by the next calls to Next (so a Watch holds
+// at most a batch of results), the jobs that have not ended after all back
+// to waiting. On an error the batch goes back to be looked up again.
+func (w *Watch) lookUp(ctx context.Context, batch []string) error {
 	w.mu.Lock()
 	byQueue := map[string][]string{}
 	for _, id := range batch {
@@ -315,36 +323,27 @@ func (w *Watch) lookUp(ctx context.Context, batch []string) (Result, bool, error
 	}
 	w.mu.Unlock()
 	var (
-		out   Result
-		found bool
-		errs  error
-		back  []string // ended, to return later
+		found []Result
 		wait  []string // not ended after all
+		back  []string // not looked up (an error)
+		errs  error
 	)
 	for queue, ids := range byQueue {
-		var states []taskState
-		var err error
-		if !found {
-			states, err = w.h.p.store.lookup(ctx, queue, ids)
-		}
-		if found || err != nil {
+		states, err := w.h.p.store.lookup(ctx, queue, ids)
+		if err != nil {
 			errs = errors.Join(errs, err)
 			back = append(back, ids...)
 			continue
 		}
 		for i, st := range states {
-			id := ids[i]
-			r, ok := w.resultOf(queue, id, st)
-			switch {
-			case !ok:
-				wait = append(wait, id)
-			case found:
-				back = append(back, id)
-			default:
-				out, found = r, true
+			if r, ok := w.resultOf(queue, ids[i], st); ok {
+				found = append(found, r)
+			} else {
+				wait = append(wait, ids[i])
 			}
 		}
 	}
+	done := make([]string, 0, len(found))
 	w.mu.Lock()
 	for _, id := range wait {
 		if pj, ok := w.pending[id]; ok {
@@ -352,21 +351,20 @@ func (w *Watch) lookUp(ctx context.Context, batch []string) (Result, bool, error
 			w.pending[id] = pj
 		}
 	}
-	// The ids to return later go first, so that a job is not starved by
-	// later ones.
-	w.endedIDs = append(back, w.endedIDs...)
-	if found {
-		delete(w.pending, out.ID)
+	for _, r := range found {
+		if _, ok := w.pending[r.ID]; ok {
+			delete(w.pending, r.ID)
+			w.ready = append(w.ready, r)
+			done = append(done, r.ID)
+		}
 	}
+	w.endedIDs = append(w.endedIDs, back...)
 	w.mu.Unlock()
-	if found {
-		w.h.unregister(w, out.ID)
-		return out, true, nil
-	}
+	w.h.unregister(w, done...)
 	if errs != nil && ctx.Err() == nil {
-		return Result{}, false, errs
+		return errs
 	}
-	return Result{}, false, ctx.Err()
+	return ctx.Err()
 }
 
 // resultOf turns a looked-up job into its result: ok is false while it
@@ -413,6 +411,7 @@ func (w *Watch) Close() {
 		ids = append(ids, id)
 	}
 	w.pending = map[string]watched{}
+	w.ready = nil
 	w.closed = true
 	w.mu.Unlock()
 	w.h.unregister(w, ids...)

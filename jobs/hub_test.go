@@ -2,6 +2,9 @@ package jobs_test
 
 import (
 	"context"
+	"fmt"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -106,5 +109,65 @@ func TestHubSweepFindsUnpublishedResults(t *testing.T) {
 	}
 	if r := got[gone.ID]; r.Status != jobs.StatusError {
 		t.Errorf("deleted job: %+v; want an error result", r)
+	}
+}
+
+// TestWatchReadsEachResultOnce: a watch whose jobs have all ended (a
+// batch's results, arriving while its requests were still enqueued) returns
+// each result once and reads each from Redis about once, however many are
+// looked up at a time.
+func TestWatchReadsEachResultOnce(t *testing.T) {
+	const n = 300 // more than a lookup batch
+	s := newStack(t, stackOptions{})
+	s.startWorker(t, nil)
+	var js []jobs.Job
+	for i := range n {
+		js = append(js, jobs.Job{ID: fmt.Sprintf("once-%d-%s", i, randID()), TaskID: fmt.Sprintf("t-once-%d", i%30), Command: "true"})
+	}
+	s.runJobs(t, 2*time.Minute, js...)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	hub, err := s.prod.NewHub(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hub.Close()
+	w := hub.Watch()
+	defer w.Close()
+	for _, j := range js {
+		w.Add(jobs.Enqueued{ID: j.ID, Queue: jobs.DefaultQueue})
+		w.Check(j.ID)
+	}
+	hmgets := func() int {
+		stats, err := s.rdb.Info(ctx, "commandstats").Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for line := range strings.Lines(stats) {
+			if rest, ok := strings.CutPrefix(line, "cmdstat_hmget:calls="); ok {
+				k, _ := strconv.Atoi(strings.SplitN(rest, ",", 2)[0])
+				return k
+			}
+		}
+		return 0
+	}
+	before := hmgets()
+	seen := map[string]bool{}
+	for w.Pending() > 0 {
+		r, err := w.Next(ctx)
+		if err != nil {
+			t.Fatalf("Next (%d in): %v", len(seen), err)
+		}
+		if seen[r.ID] {
+			t.Fatalf("job %s returned twice", r.ID)
+		}
+		seen[r.ID] = true
+	}
+	if len(seen) != n {
+		t.Errorf("%d results; want %d", len(seen), n)
+	}
+	if reads := hmgets() - before; reads > 2*n {
+		t.Errorf("%d result reads for %d results; want about one each", reads, n)
 	}
 }
