@@ -21,8 +21,9 @@ import (
 
 // The compose files, relative to repoRoot.
 const (
-	composeFile      = "docker-compose.yml"
-	composeBwrapFile = "docker-compose.bwrap.yml"
+	composeFile       = "docker-compose.yml"
+	composeBwrapFile  = "docker-compose.bwrap.yml"
+	composeLimitsFile = "docker-compose.limits.yml"
 )
 
 // compose is the part of the Compose file format that boxq's files use.
@@ -58,6 +59,9 @@ type service struct {
 	Restart         string   `yaml:"restart"`
 	StopGracePeriod string   `yaml:"stop_grace_period"`
 	SecurityOpt     []string `yaml:"security_opt"`
+	User            string   `yaml:"user"`
+	Privileged      bool     `yaml:"privileged"`
+	Cgroup          string   `yaml:"cgroup"`
 }
 
 // argv is what the service's container runs: its entrypoint, then its
@@ -308,7 +312,8 @@ func TestComposeFile(t *testing.T) {
 			if diff := cmp.Diff(w.Ports, []string{want}); diff != "" {
 				t.Errorf("%s ports (-got +want):\n%s", name, diff)
 			}
-			wantEnv := map[string]string{"REDIS_URL": redisURL, "GATEWAY_URL": gatewayURL, "GATEWAY_TOKEN": token}
+			wantEnv := map[string]string{"REDIS_URL": redisURL, "GATEWAY_URL": gatewayURL, "GATEWAY_TOKEN": token,
+				"BOXQ_HTTP_TOKEN": "${BOXQ_HTTP_TOKEN:-}"}
 			if diff := cmp.Diff(w.Environment, wantEnv); diff != "" {
 				t.Errorf("%s environment (-got +want):\n%s", name, diff)
 			}
@@ -445,6 +450,28 @@ func TestComposeFile(t *testing.T) {
 		}
 	})
 
+	t.Run("limits overlay", func(t *testing.T) {
+		o := loadCompose(t, composeLimitsFile)
+		if len(o.Services) != 1 {
+			t.Errorf("overlay changes %d services, want only the gateway", len(o.Services))
+		}
+		og := o.service(t, svcGateway)
+		// The same command, isolated, with images and a pids cap.
+		want := append(withFlag(t, gwArgv, "isolation", "bwrap"), "-images", "/images", "-max-pids", "1024")
+		if diff := cmp.Diff(og.argv(), want); diff != "" {
+			t.Errorf("overlay gateway command (-got +want):\n%s", diff)
+		}
+		if og.User != "0:0" || !og.Privileged || og.Cgroup != "private" || og.Init {
+			t.Errorf("overlay gateway: user %q privileged %v cgroup %q init %v; want root, privileged, a private cgroup namespace, no init",
+				og.User, og.Privileged, og.Cgroup, og.Init)
+		}
+		// The state volume stays; the images come read-only from ./images.
+		checkVolume(t, c, og, "/var/lib/boxq/gateway")
+		if !slices.Contains(og.Volumes, "./images:/images:ro") {
+			t.Errorf("overlay gateway volumes %q lack ./images:/images:ro", og.Volumes)
+		}
+	})
+
 	t.Run("docker-compose config", func(t *testing.T) {
 		// Compose's own validation, where a compose is installed; it needs
 		// no engine. Not required: the checks above are the contract.
@@ -452,7 +479,7 @@ func TestComposeFile(t *testing.T) {
 		if err != nil {
 			t.Skip("docker-compose not installed (apt-get install -y --no-install-recommends docker-compose to run this check)")
 		}
-		for _, files := range [][]string{{composeFile}, {composeFile, composeBwrapFile}} {
+		for _, files := range [][]string{{composeFile}, {composeFile, composeBwrapFile}, {composeFile, composeLimitsFile}} {
 			args := []string{"--project-directory", repoRoot}
 			for _, f := range files {
 				args = append(args, "-f", filepath.Join(repoRoot, f))

@@ -31,14 +31,19 @@ func chromium(t *testing.T) string {
 }
 
 // checkDashboard loads the asynqmon dashboard of the worker at addr in
-// headless Chromium, lets its React app fetch /monitoring/api/queues, and
-// looks for the queue in the rendered page; it also saves a screenshot and
-// logs its path.
-func checkDashboard(t *testing.T, addr, queue string) {
+// headless Chromium, logged in with token (HTTP Basic, as a user typing it
+// in the browser's prompt: credentials in the URL answer the same
+// challenge), lets its React app fetch /monitoring/api/queues, and looks
+// for the queue in the rendered page; it also saves a screenshot and logs
+// its path. Without the token the page must not load.
+func checkDashboard(t *testing.T, addr, token, queue string) {
 	t.Helper()
 	bin := chromium(t)
-	url := "http://" + addr + "/monitoring/"
+	url := "http://boxq:" + token + "@" + addr + "/monitoring/"
 
+	if dom := runChromium(t, bin, "--dump-dom", "http://"+addr+"/monitoring/"); strings.Contains(dom, "/monitoring/queues/") {
+		t.Errorf("the dashboard loaded without the token:\n%.2048s", dom)
+	}
 	dom := runChromium(t, bin, "--dump-dom", url)
 	// The queues table links each queue's page; the sidebar and the title
 	// are there even when the API call failed, so they prove nothing.

@@ -47,13 +47,16 @@ func TestStack(t *testing.T) {
 	srv := redistest.StartServer(t, rs.Command[1:]...)
 	redisURL := srv.URL(0)
 
-	token := randomToken(t)
+	token, httpToken := randomToken(t), randomToken(t)
 	env := func(s service) map[string]string {
 		out := map[string]string{}
 		for k, v := range s.Environment {
 			out[k] = interpolate(v, func(name string) string {
-				if name == "GATEWAY_TOKEN" {
+				switch name {
+				case "GATEWAY_TOKEN":
 					return token
+				case "BOXQ_HTTP_TOKEN":
+					return httpToken
 				}
 				return ""
 			})
@@ -141,19 +144,33 @@ func TestStack(t *testing.T) {
 		if got := one["boxq_sandboxes_live"]; got < 1 {
 			t.Errorf("boxq_sandboxes_live = %v, want the batch's sandboxes", got)
 		}
+		// A clean batch waits only for its tasks' turns: those are boxq's
+		// own waits, never gateway errors.
+		for _, class := range []string{"transient", "capacity", "permanent"} {
+			series := fmt.Sprintf(`boxq_gateway_errors_total{class=%q}`, class)
+			if got := after[series] - before[series]; got != 0 {
+				t.Errorf("%s went up by %v in a clean batch, want 0", series, got)
+			}
+		}
+		// Once per job, however often a job came back to wait for its turn.
+		if got, want := after["boxq_queue_wait_seconds_count"]-before["boxq_queue_wait_seconds_count"], float64(len(results)); got != want {
+			t.Errorf("boxq_queue_wait_seconds_count went up by %v over both workers, want %v (once per job)", got, want)
+		}
 	})
 
 	t.Run("healthz", func(t *testing.T) {
 		for _, w := range workers {
-			code, body, err := get(context.Background(), "http://"+w.addr+"/healthz")
-			if err != nil || code != http.StatusOK || !strings.Contains(body, `"ok"`) {
-				t.Errorf("%s /healthz: %d %q %v, want 200 ok", w.name, code, body, err)
+			for _, path := range []string{"/healthz", "/readyz"} {
+				code, body, err := get(context.Background(), "http://"+w.addr+path)
+				if err != nil || code != http.StatusOK || !strings.Contains(body, `"ok"`) {
+					t.Errorf("%s %s: %d %q %v, want 200 ok", w.name, path, code, body, err)
+				}
 			}
 		}
 	})
 
 	t.Run("dashboard", func(t *testing.T) {
-		checkDashboard(t, workers[0].addr, "default")
+		checkDashboard(t, workers[0].addr, httpToken, "default")
 	})
 
 	t.Run("api", func(t *testing.T) {

@@ -76,6 +76,12 @@ func build() (string, error) {
 	if err != nil {
 		return "", err
 	}
+	// The gateway runs its execs through its own binary (the cgroup v1
+	// shim) as the sandbox user: it must be able to run it, as it can one
+	// installed in /usr/local/bin.
+	if err := os.Chmod(dir, 0o755); err != nil {
+		return "", err
+	}
 	args := []string{"build", "-o", dir + string(filepath.Separator)}
 	if raceEnabled {
 		args = append(args, "-race")

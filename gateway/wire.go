@@ -113,6 +113,38 @@ type SandboxInfo struct {
 	CreatedAt    string `json:"createdAt"`
 	LastActiveAt string `json:"lastActiveAt"`
 	RunningExecs int    `json:"runningExecs"`
+	// The image the create named, and whether it is the sandbox's root
+	// (else ImageNote says why the host's root is).
+	Image        string `json:"image,omitempty"`
+	ImageApplied bool   `json:"imageApplied"`
+	ImageDigest  string `json:"imageDigest,omitempty"`
+	ImageNote    string `json:"imageNote,omitempty"`
+	// Limits says which of the sandbox's limits are enforced.
+	Limits *SandboxLimits `json:"limits,omitempty"`
+}
+
+// SandboxLimits says which limits of a sandbox hold (true) and which the
+// gateway cannot enforce or were not asked for (false).
+type SandboxLimits struct {
+	Memory bool `json:"memory"`
+	CPU    bool `json:"cpu"`
+	Pids   bool `json:"pids"`
+	Disk   bool `json:"disk"`
+}
+
+// ImageInfo is one entry of GET /v1/images (an extension of the reference
+// gateway): an image unpacked in its cache.
+type ImageInfo struct {
+	Digest     string   `json:"digest"`
+	Refs       []string `json:"refs"`
+	Source     string   `json:"source"`
+	Bytes      int64    `json:"bytes"`
+	UnpackedAt string   `json:"unpackedAt"`
+}
+
+// ImagesResponse is the answer to GET /v1/images.
+type ImagesResponse struct {
+	Images []ImageInfo `json:"images"`
 }
 
 // ListResponse is the answer to GET /v1/sandboxes.

@@ -36,6 +36,7 @@ type Pool interface {
 	TerminateIdle(ctx context.Context, taskID string, unless []sandboxpool.Check) error
 	ReapIdle(ctx context.Context, now time.Time, ttl time.Duration) (int, error)
 	ClaimOrphans(ctx context.Context) ([]sandboxpool.Orphan, error)
+	Get(ctx context.Context, taskID string) (sandboxpool.Record, bool, error)
 }
 
 // Gateway is what the handlers need of gateway.Client.
@@ -139,12 +140,28 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 	}
 	if p.QueuedAtMs > 0 {
 		res.QueuedAt = time.UnixMilli(p.QueuedAtMs).UTC()
-		h.metrics.observeQueueWait(startedAt.Sub(res.QueuedAt))
 	}
 	log := h.log.With("job_id", jobID, "task_id", p.TaskID)
 	if err := p.Validate(); err != nil {
 		log.Info("rejected job", "err", err)
 		return h.finalError(ctx, d, err)
+	}
+
+	if p.JoinOnRun {
+		// A delayed job, due now: it joins its task's sequence (delayed.go).
+		// One delivered early (the dashboard's "run now") goes back until
+		// its time; not when cancelled: its delivery ends it at once.
+		if p.RunAt != nil && h.now().Before(*p.RunAt) && !h.store.cancelRequested(ctx, jobID) {
+			return &retryLater{err: errNotDue, after: dueSecond(*p.RunAt).Sub(h.now()), exact: true, wait: WaitSchedule}
+		}
+		wait, err := h.store.joinDue(ctx, queue, jobID, p.TaskID)
+		if err != nil {
+			return h.failure(ctx, d, retried, maxRetry, err)
+		}
+		if wait {
+			log.Info("delayed job fell due behind other jobs of its task; it waits for its turn")
+			return &retryLater{err: errWaitsTurn, park: true, wait: WaitTurn}
+		}
 	}
 
 	// What a delivery must check first (a result already written, a cancel
@@ -245,6 +262,13 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 	runCtx, cancelRun := h.runContext(ctx, jobID, lease.Lost())
 	defer cancelRun(nil)
 	execStart := time.Now()
+	if startedIn == "" && !res.QueuedAt.IsZero() {
+		// The first delivery to get this far (the take stamps the job, so
+		// a later one has startedIn set): the queue wait is observed once
+		// per job, however many times it came back to wait for its turn or
+		// for capacity before.
+		h.metrics.observeQueueWait(execStart.Sub(res.QueuedAt))
+	}
 	st, err := h.gw.Run(runCtx, lease.SandboxID(), h.startRequest(&p, res.ExecID, cwd, marker, timeout))
 	if errors.Is(err, gateway.ErrSandboxGone) && startedIn != "" {
 		// The sandbox was there when an earlier delivery took the job; the
@@ -310,7 +334,7 @@ func (h *ExecHandler) process(ctx context.Context, t *asynq.Task) error {
 		return ret
 	}
 
-	newCwd := h.fillResult(&res, st, marker, cwd, lease.Spec().WithDefaults().Cwd, timeout)
+	newCwd := h.fillResult(&res, st, marker, p.Cwd, lease.Cwd(), lease.Spec().WithDefaults().Cwd, timeout)
 	if res.Status == StatusCancelled && ctx.Err() == nil {
 		// Nobody here cancelled it: the gateway stopped the command (the
 		// sandbox's lifetime ran out, or the gateway ended it). That is not
@@ -396,10 +420,13 @@ func leaseLost(l *sandboxpool.Lease) bool {
 }
 
 // fillResult fills res from a finished exec and returns the cwd the
-// command reported ("" none). A command that exits the shell, times out
-// or is killed reports no cwd: it is where the command started, or the
-// sandbox's default.
-func (h *ExecHandler) fillResult(res *Result, st gateway.ExecState, marker, cwd, defaultCwd string, timeout time.Duration) string {
+// command reported ("" none). own is the job's own cwd, tracked the task's.
+// A command that exits the shell, times out, is killed, or whose own cwd
+// does not exist (rc 126) reports no cwd: the task's tracked cwd stays as
+// it was, and the result says that one (where the next command starts),
+// never the job's own cwd, which may not exist.
+func (h *ExecHandler) fillResult(res *Result, st gateway.ExecState, marker, own, tracked, defaultCwd string, timeout time.Duration) string {
+	cwd := firstNonEmpty(own, tracked)
 	parsed := wrap.ParseAll(st.Output, marker)
 	clean, newCwd := parsed.Output, parsed.Cwd
 	res.Status, res.ReturnCode = resultStatus(st)
@@ -408,9 +435,9 @@ func (h *ExecHandler) fillResult(res *Result, st gateway.ExecState, marker, cwd,
 	if parsed.CwdReset {
 		res.CwdReset = true
 		res.Error = fmt.Sprintf("the task's working directory %s no longer exists; the command ran from the sandbox's default directory", cwd)
-		cwd = ""
+		tracked = ""
 	}
-	res.Cwd = firstNonEmpty(newCwd, cwd, defaultCwd)
+	res.Cwd = firstNonEmpty(newCwd, tracked, defaultCwd)
 	if st.Status == gateway.StatusTimeout {
 		res.Error = strings.TrimPrefix(res.Error+"; ", "; ") + fmt.Sprintf("command timed out after %s", timeout)
 	}
@@ -439,6 +466,7 @@ func (h *ExecHandler) vetoed(ctx context.Context, log *slog.Logger, d *delivery,
 		// back to waiting; the hand-over promotes it from the retry set
 		// when its turn comes.
 		log.Info("not this job's turn in its task's sequence; it waits")
+		h.metrics.observeWait(waitReasonTurn)
 		return &retryLater{err: errors.New("another job of the task has the turn"), after: turnRetry, wait: WaitTurn}
 	}
 	return fmt.Errorf("jobs: delivery of %s was held back by check %d", d.jobID, check)
@@ -706,10 +734,13 @@ func (h *ExecHandler) failure(ctx context.Context, d *delivery, retried, maxRetr
 	h.metrics.observeGatewayError(err)
 	switch {
 	case errors.Is(err, sandboxpool.ErrFull):
+		h.metrics.observeWait(waitReasonPoolFull)
 		return &retryLater{err: err, after: 200 * time.Millisecond, wait: WaitCapacity}
 	case errors.Is(err, sandboxpool.ErrBusy):
+		h.metrics.observeWait(waitReasonTurn)
 		return &retryLater{err: err, after: 200 * time.Millisecond, wait: WaitTurn}
 	case gateway.Classify(err) == gateway.Capacity && gateway.StatusCode(err) != 0:
+		h.metrics.observeWait(waitReasonGatewayCapacity)
 		return &retryLater{err: err, after: max(gateway.RetryAfter(err), 500*time.Millisecond), wait: WaitCapacity}
 	case errors.Is(err, gateway.ErrExecNotFound):
 		// The gateway forgot the exec (restart, the sandbox ended, or a
@@ -755,6 +786,11 @@ type retryLater struct {
 	err   error
 	after time.Duration
 	wait  string
+	// park: the job waits for its turn in its task's sequence; it goes
+	// back due at parkedAt, and the hand-over promotes it.
+	park bool
+	// exact: come back after `after`, no jitter.
+	exact bool
 }
 
 func (e *retryLater) Error() string { return "retry later: " + e.err.Error() }

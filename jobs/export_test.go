@@ -1,6 +1,7 @@
 package jobs
 
 import (
+	"context"
 	"encoding/json"
 	"time"
 )
@@ -22,3 +23,8 @@ func RescueNoteFor(queue, jobID, taskID string) string {
 
 // TaskKey is the key of job id's asynq task hash.
 func TaskKey(queue, id string) string { return taskKey(queue, id) }
+
+// FireSchedule runs one tick of d as s's worker would.
+func FireSchedule(ctx context.Context, s *Scheduler, d Schedule, tick time.Time) {
+	s.fire(ctx, d, tick)
+}

@@ -16,6 +16,7 @@ import (
 	"math"
 	"reflect"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -52,6 +53,9 @@ const (
 	// limit), next to the command.
 	maxStdinJSONBytes = 7 << 20
 	DefaultQueue      = "default"
+	// MaintenanceQueue holds boxq's own terminate and reap jobs. Every
+	// worker serves it, whatever its -queues, and no exec job may use it.
+	MaintenanceQueue = "boxq"
 )
 
 // Job is one exec job as producers write it: one JSON object, or one line
@@ -71,6 +75,9 @@ type Job struct {
 	// for the next sandbox of the same task. Default true.
 	Persistent *bool  `json:"persistent,omitempty"`
 	Queue      string `json:"queue,omitempty"`
+	// RunAt delays the job: it runs at this time (RFC 3339), and joins its
+	// task's sequence only then (delayed.go). A time past runs at once.
+	RunAt *time.Time `json:"run_at,omitempty"`
 }
 
 // ParseJob decodes one job and validates it. The line must be one JSON
@@ -113,7 +120,7 @@ func ParseJob(line []byte) (Job, error) {
 }
 
 // jobFields names the fields of a job, for the message about an unknown one.
-const jobFields = "id, task_id, command, cwd, timeout_s, stdin, image, cpu, memory_mib, disk_mib, persistent, queue"
+const jobFields = "id, task_id, command, cwd, timeout_s, stdin, image, cpu, memory_mib, disk_mib, persistent, queue, run_at"
 
 // checkKeys rejects what encoding/json takes quietly in a job that decoded:
 // a field name in another case ("Command", matched case-insensitively) and
@@ -158,8 +165,12 @@ func describeJSONError(err error) error {
 	var (
 		te *json.UnmarshalTypeError
 		se *json.SyntaxError
+		pe *time.ParseError
 	)
 	switch {
+	case errors.As(err, &pe):
+		// run_at is a job's only time.
+		return fmt.Errorf("field \"run_at\" must be an RFC 3339 time (2026-12-03T03:00:00Z), not %s", shorten(strconv.Quote(pe.Value), 60))
 	case errors.As(err, &te):
 		// ExecPayload embeds Job: report "command", not "Job.command".
 		field := strings.TrimPrefix(te.Field, "Job.")
@@ -290,6 +301,10 @@ func (j *Job) Validate() error {
 		// Below a millisecond the gateway's timeoutMs would be 0: no
 		// timeout at all.
 		return bad("timeout_s must be at least %v (1 ms), got %v", MinTimeout.Seconds(), *j.TimeoutS)
+	case j.TimeoutS != nil && *j.TimeoutS > MaxTimeout.Seconds():
+		// Rejected, not capped: a user who asked for more would
+		// otherwise find the command cut short without a word.
+		return bad("timeout_s is %v; the maximum is %v (%v, the sandbox lifetime)", *j.TimeoutS, MaxTimeout.Seconds(), MaxTimeout)
 	case len(j.Stdin) > MaxStdinBytes:
 		return bad("stdin is %d bytes; the limit is %d", len(j.Stdin), MaxStdinBytes)
 	case !utf8.ValidString(j.Stdin):
@@ -304,8 +319,12 @@ func (j *Job) Validate() error {
 		return bad("memory_mib must not be negative")
 	case j.DiskMiB < 0:
 		return bad("disk_mib must not be negative")
+	case j.RunAt != nil && !j.RunAt.Before(parkedAt):
+		return bad("run_at %s is too far ahead (before %d, please)", j.RunAt.Format(time.RFC3339), parkedAt.Year())
 	case j.Queue != "" && (!printable(j.Queue) || strings.ContainsAny(j.Queue, "{}:")):
 		return bad("queue %q is not a valid queue name (no control characters, braces or colons)", shorten(j.Queue, 64))
+	case j.Queue == MaintenanceQueue:
+		return bad("queue %q is boxq's own, for terminate and reap jobs: use another name", j.Queue)
 	}
 	if n := scriptBytes(j.Command, j.Cwd); n > maxScriptBytes {
 		return bad("command is %d bytes once quoted for the shell (a single quote takes 4); the limit is %d", n, maxScriptBytes)
@@ -405,6 +424,10 @@ type ExecPayload struct {
 	// another producer) runs when a worker takes it, one at a time with the
 	// task's other commands, in no set order.
 	Seq bool `json:"seq,omitempty"`
+	// JoinOnRun says the job was delayed (Job.RunAt): it was enqueued
+	// without joining its task's sequence, and its first delivery, when it
+	// falls due, joins it (delayed.go).
+	JoinOnRun bool `json:"join_on_run,omitempty"`
 }
 
 // execNamespace derives exec ids from job ids (UUID v5): a job has the same

@@ -19,13 +19,12 @@ import (
 // Producer.Terminate has already cancelled the task's running and waiting
 // commands; the lease take waits for the running one to stop. With IfIdle
 // it ends the sandbox only when no command of the task runs (the lease is
-// free) or waits (no sequence of the task in the worker's queues has a
+// free) or waits (no sequence of the task in any queue asynq knows has a
 // head), in the same atomic step as the take.
 type TerminateHandler struct {
-	pool   Pool
-	store  store
-	queues []string
-	log    *slog.Logger
+	pool  Pool
+	store store
+	log   *slog.Logger
 }
 
 // ProcessTask implements asynq.Handler.
@@ -35,12 +34,28 @@ func (h *TerminateHandler) ProcessTask(ctx context.Context, t *asynq.Task) error
 		return fmt.Errorf("invalid terminate job: task_id is required: %w", asynq.SkipRetry)
 	}
 	out := TerminateOutcome{TaskID: p.TaskID, Status: "terminated"}
+	// Whether the task had a sandbox: a terminate of a task with none
+	// says so rather than "terminated".
+	if _, had, err := h.pool.Get(ctx, p.TaskID); err == nil && !had {
+		out.Status, out.Reason = "none", "the task has no sandbox"
+		if p.IfIdle {
+			h.log.Info("terminate: no sandbox", "task_id", p.TaskID)
+			return h.write(t, out)
+		}
+	}
 	if p.IfIdle {
+		// Every queue asynq knows: the terminate job runs in the
+		// maintenance queue, not in the queues of the task's jobs.
+		queues, err := h.store.rdb.SMembers(ctx, asynqQueuesKey).Result()
+		if err != nil {
+			return fmt.Errorf("terminate idle sandbox of task %q: list queues: %w", p.TaskID, err)
+		}
+		slices.Sort(queues)
 		var unless []sandboxpool.Check
-		for _, q := range h.queues {
+		for _, q := range queues {
 			unless = append(unless, sandboxpool.Check{Key: h.store.sequence(q, p.TaskID).key(), Field: "head"})
 		}
-		err := h.pool.TerminateIdle(ctx, p.TaskID, unless)
+		err = h.pool.TerminateIdle(ctx, p.TaskID, unless)
 		switch {
 		case errors.Is(err, sandboxpool.ErrBusy):
 			out.Status, out.Reason = "busy", "a command of the task is running"
@@ -53,8 +68,17 @@ func (h *TerminateHandler) ProcessTask(ctx context.Context, t *asynq.Task) error
 		return fmt.Errorf("terminate sandbox of task %q: %w", p.TaskID, err)
 	}
 	h.log.Info("terminate", "task_id", p.TaskID, "if_idle", p.IfIdle, "status", out.Status)
-	b, _ := json.Marshal(out)
-	_, _ = t.ResultWriter().Write(b)
+	return h.write(t, out)
+}
+
+func (h *TerminateHandler) write(t *asynq.Task, out TerminateOutcome) error {
+	b, err := json.Marshal(out)
+	if err != nil {
+		return fmt.Errorf("encode terminate outcome: %w", err)
+	}
+	if _, err := t.ResultWriter().Write(b); err != nil {
+		return fmt.Errorf("write terminate outcome: %w", err)
+	}
 	return nil
 }
 

@@ -21,6 +21,7 @@ type Metrics struct {
 	endToEnd   prometheus.Histogram
 	results    *prometheus.CounterVec
 	gwErrors   *prometheus.CounterVec
+	waits      *prometheus.CounterVec
 	inFlight   prometheus.Gauge
 	reaped     prometheus.Counter
 	rescues    prometheus.Counter
@@ -32,21 +33,24 @@ type Metrics struct {
 var latencyBuckets = []float64{.002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600}
 
 // NewMetrics registers boxq's metrics on reg. live reports the number of
-// sandboxes the pool knows (nil: no gauge); inspector, when set, adds the
-// asynq queue metrics (size, latency, processed, failed).
+// sandboxes the gateway has created for the pool (nil: no gauge; pending
+// and refused creates must not count); inspector, when set, adds the asynq
+// queue metrics (size, latency, processed, failed).
 func NewMetrics(reg prometheus.Registerer, live func(context.Context) (int64, error), inspector *asynq.Inspector) (*Metrics, error) {
 	h := func(name, help string) prometheus.Histogram {
 		return prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: "boxq", Name: name, Help: help, Buckets: latencyBuckets})
 	}
 	m := &Metrics{
-		queueWait: h("queue_wait_seconds", "Time from enqueue to the start of the job's first handling."),
+		queueWait: h("queue_wait_seconds", "Time from enqueue to the first delivery that takes the job's sandbox to start its command, once per job (waits for the task's turn and for capacity included)."),
 		acquire:   h("sandbox_acquire_seconds", "Time to acquire the task's sandbox lease (creating the sandbox if needed)."),
 		execRun:   h("exec_run_seconds", "Time from exec start to its end, through the gateway."),
 		endToEnd:  h("job_end_to_end_seconds", "Time from enqueue to the result being written."),
 		results: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "boxq", Name: "results_total",
 			Help: "Results written, by status (completed, timeout, cancelled, error)."}, []string{"status"}),
 		gwErrors: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "boxq", Name: "gateway_errors_total",
-			Help: "Failed job attempts, by class (transient, capacity, permanent)."}, []string{"class"}),
+			Help: "Failed gateway calls and other faults of job attempts, by class (transient, capacity: the gateway's 429, permanent); boxq's own waits are in boxq_waits_total."}, []string{"class"}),
+		waits: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "boxq", Name: "waits_total",
+			Help: "Job deliveries put back to wait, by reason: turn (another command of the task runs), pool_full (-max-sandboxes reached), gateway_capacity (the gateway answered 429)."}, []string{"reason"}),
 		inFlight: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: "boxq", Name: "execs_in_flight",
 			Help: "Exec jobs being handled by this worker."}),
 		reaped: prometheus.NewCounter(prometheus.CounterOpts{Namespace: "boxq", Name: "sandboxes_reaped_total",
@@ -57,16 +61,19 @@ func NewMetrics(reg prometheus.Registerer, live func(context.Context) (int64, er
 			Help: "Task sequences this worker's repair moved on (a head deleted or archived from the dashboard, or a producer that died mid-enqueue)."}),
 		liveSource: live,
 	}
-	cs := []prometheus.Collector{m.queueWait, m.acquire, m.execRun, m.endToEnd, m.results, m.gwErrors, m.inFlight, m.reaped, m.rescues, m.seqRepairs}
+	cs := []prometheus.Collector{m.queueWait, m.acquire, m.execRun, m.endToEnd, m.results, m.gwErrors, m.waits, m.inFlight, m.reaped, m.rescues, m.seqRepairs}
 	for _, s := range []string{StatusCompleted, StatusTimeout, StatusCancelled, StatusError} {
 		m.results.WithLabelValues(s)
 	}
 	for _, c := range []gateway.Class{gateway.Transient, gateway.Capacity, gateway.Permanent} {
 		m.gwErrors.WithLabelValues(c.String())
 	}
+	for _, r := range []string{waitReasonTurn, waitReasonPoolFull, waitReasonGatewayCapacity} {
+		m.waits.WithLabelValues(r)
+	}
 	if live != nil {
 		cs = append(cs, prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "boxq", Name: "sandboxes_live",
-			Help: "Sandboxes the pool knows, across all workers."}, func() float64 {
+			Help: "Sandboxes the gateway created for the pool and not yet terminated, across all workers (pending creates excluded)."}, func() float64 {
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 			defer cancel()
 			n, err := live(ctx)
@@ -115,15 +122,29 @@ func (m *Metrics) observeResult(r *Result) {
 	}
 }
 
+// The reasons of boxq_waits_total.
+const (
+	waitReasonTurn            = "turn"
+	waitReasonPoolFull        = "pool_full"
+	waitReasonGatewayCapacity = "gateway_capacity"
+)
+
+// observeGatewayError counts a failed attempt's error in
+// boxq_gateway_errors_total, unless it is boxq's own wait (the task's
+// lease held by another job, the pool at its cap): those are not the
+// gateway's answers (observeWait counts them).
 func (m *Metrics) observeGatewayError(err error) {
-	if m == nil {
+	if m == nil || errors.Is(err, sandboxpool.ErrBusy) {
 		return
 	}
-	class := gateway.Classify(err)
-	if errors.Is(err, sandboxpool.ErrBusy) {
-		class = gateway.Capacity
+	m.gwErrors.WithLabelValues(gateway.Classify(err).String()).Inc()
+}
+
+// observeWait counts a delivery put back to wait.
+func (m *Metrics) observeWait(reason string) {
+	if m != nil {
+		m.waits.WithLabelValues(reason).Inc()
 	}
-	m.gwErrors.WithLabelValues(class.String()).Inc()
 }
 
 func (m *Metrics) addInFlight(d float64) {

@@ -106,6 +106,10 @@ func (p *Producer) Enqueue(ctx context.Context, j Job, notify string) (Enqueued,
 	} else if other != "" {
 		return Enqueued{}, fmt.Errorf("invalid job: id %q is already a job of queue %q; job ids must be unique across queues", j.ID, other)
 	}
+	if j.RunAt != nil && j.RunAt.After(time.Now()) {
+		// It joins its sequence when it falls due (delayed.go).
+		return p.enqueueDelayed(ctx, j, e, notify)
+	}
 	// The task's commands run in the order they are enqueued: the job
 	// joins its task's sequence first, and is enqueued runnable when it is
 	// the head, parked when it waits (sequence.go).
@@ -239,6 +243,12 @@ const TerminateReason = "task terminated"
 // task runs or waits, and its result says which. It returns the terminate
 // job's id (TerminateOutcome reads its result).
 func (p *Producer) Terminate(ctx context.Context, taskID string, ifIdle bool) (string, error) {
+	return p.terminate(ctx, taskID, ifIdle)
+}
+
+// terminate is Terminate with asynq options for the terminate job (a
+// schedule's tick gives its id).
+func (p *Producer) terminate(ctx context.Context, taskID string, ifIdle bool, opts ...asynq.Option) (string, error) {
 	t, err := NewTerminateTask(taskID, ifIdle)
 	if err != nil {
 		return "", err
@@ -254,7 +264,7 @@ func (p *Producer) Terminate(ctx context.Context, taskID string, ifIdle bool) (s
 			}
 		}
 	}
-	info, err := p.client.EnqueueContext(ctx, t, asynq.MaxRetry(p.cfg.MaxRetry), asynq.Retention(p.cfg.Retention))
+	info, err := p.client.EnqueueContext(ctx, t, append([]asynq.Option{asynq.Queue(MaintenanceQueue), asynq.MaxRetry(p.cfg.MaxRetry), asynq.Retention(p.cfg.Retention)}, opts...)...)
 	if err != nil {
 		return "", fmt.Errorf("jobs: enqueue terminate of %q: %w", taskID, err)
 	}
@@ -288,8 +298,10 @@ func (p *Producer) stopTask(ctx context.Context, queue, taskID string) error {
 // TerminateOutcome is what a terminate job did.
 type TerminateOutcome struct {
 	TaskID string `json:"task_id"`
-	// Status is "terminated", or "busy" when an -if-idle terminate found
-	// a command of the task running or waiting.
+	// Status is "terminated"; "none" when the task had no sandbox (its
+	// running and waiting jobs, if any, were cancelled all the same); or
+	// "busy" when an -if-idle terminate found a command of the task
+	// running or waiting.
 	Status string `json:"status"`
 	Reason string `json:"reason,omitempty"`
 }
@@ -300,7 +312,7 @@ func (p *Producer) WaitTerminate(ctx context.Context, id string) (TerminateOutco
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
 	for {
-		info, err := p.insp.GetTaskInfo(DefaultQueue, id)
+		info, err := p.insp.GetTaskInfo(MaintenanceQueue, id)
 		if err != nil {
 			return TerminateOutcome{}, fmt.Errorf("jobs: look up terminate job %s: %w", id, err)
 		}
@@ -392,7 +404,11 @@ func (p *Producer) Lookup(ctx context.Context, jobID string) (res Result, state 
 	}
 	if len(info.Result) == 0 {
 		state := info.State.String()
-		if pl, isExec := payloadOf(info); isExec && pl.Seq && info.State == asynq.TaskStateScheduled {
+		pl, isExec := payloadOf(info)
+		if isExec && pl.JoinOnRun && pl.RunAt != nil && info.State == asynq.TaskStateScheduled {
+			state = "scheduled: runs at " + pl.RunAt.UTC().Format(time.RFC3339Nano)
+		}
+		if isExec && pl.Seq && (info.State == asynq.TaskStateScheduled || info.State == asynq.TaskStateRetry) {
 			place, waiting, err := p.store.sequence(info.Queue, pl.TaskID).place(ctx, p.rdb, jobID)
 			if err != nil {
 				return Result{}, "", false, err

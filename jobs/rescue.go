@@ -180,8 +180,7 @@ func (h *ExecHandler) rescue(ctx context.Context, o sandboxpool.Orphan) {
 		h.abandon(ctx, log, l, rescueDelay)
 		return
 	}
-	cwd := firstNonEmpty(n.Cwd, l.Cwd())
-	newCwd := h.fillResult(&res, st, wrap.Marker(n.Nonce), cwd, l.Spec().Cwd, timeout)
+	newCwd := h.fillResult(&res, st, wrap.Marker(n.Nonce), n.Cwd, l.Cwd(), l.Spec().Cwd, timeout)
 	if res.Status == StatusCancelled && !cancelled {
 		// Nobody cancelled it: the gateway stopped it (see ProcessTask).
 		res.Status, res.ReturnCode, res.Error = StatusError, 1, errGatewayStopped

@@ -111,7 +111,12 @@ local function handover()
 		if st ~= 'archived' and st ~= 'completed' and not res then
 			redis.call('HSET', SEQ, 'head', id, 'since', NOWMS)
 			redis.call('ZADD', HEADS, NOWMS, TASK)
-			if st then
+			if st == 'active' then
+				-- A delayed job between its join and its return to the
+				-- retry set (delayed.go), or one run out of turn: the
+				-- late-head loop promotes it once it is back.
+				redis.call('ZADD', LATE, NOWMS, TASK)
+			elseif st then
 				promote(id)
 			else
 				-- Being enqueued (joined, not yet in asynq): the workers'
@@ -215,8 +220,8 @@ if res or st == 'archived' or st == 'completed' then
 	handover()
 	return 2
 end
-if st == 'scheduled' then
-	local score = redis.call('ZSCORE', P .. 'scheduled', head)
+if st == 'scheduled' or st == 'retry' then
+	local score = redis.call('ZSCORE', P .. st, head)
 	if score and tonumber(score) >= PARK then
 		promote(head)
 		return 3
@@ -275,14 +280,19 @@ func (q sequence) stop(ctx context.Context, rdb redis.UniversalClient, result fu
 }
 
 // seqLateScript promotes a head that was handed the turn while it was
-// being enqueued (its hash did not exist yet), once its enqueue is done:
-// {1} promoted (or runnable already), {0} still being enqueued (looked at
-// again; the repair passes over it if it never comes).
+// being enqueued (its hash did not exist yet), once its enqueue is done,
+// or while asynq had it active (a delayed job between its join and its
+// return to the retry set, delayed.go), once it is back:
+// {1} promoted (or runnable already), {0} still being enqueued, or still
+// active (looked at again; the repair passes over a job that never comes).
 //
 // KEYS: seqLib's. ARGV: seqLib's.
 var seqLateScript = redis.NewScript(seqLib + `
 local head = redis.call('HGET', SEQ, 'head')
-if head and not redis.call('HGET', P .. 't:' .. head, 'state') then return 0 end
+if head then
+	local st = redis.call('HGET', P .. 't:' .. head, 'state')
+	if not st or st == 'active' then return 0 end
+end
 if head then promote(head) end
 redis.call('ZREM', LATE, TASK)
 return 1

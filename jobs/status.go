@@ -180,6 +180,19 @@ func (p *Producer) Status(ctx context.Context, jobID string) (JobStatus, error) 
 		switch kind {
 		case WaitTurn, WaitCapacity:
 			st.State, st.WaitingFor = StateWaiting, kind
+			if kind == WaitTurn && isExec {
+				// A delayed job that fell due behind another job of its
+				// task waits in the retry set.
+				place, waiting, err := p.store.sequence(info.Queue, pl.TaskID).place(ctx, p.rdb, jobID)
+				if err != nil {
+					return JobStatus{}, err
+				}
+				if waiting {
+					st.Behind, st.Ahead = place.Head, place.Ahead
+				}
+			}
+		case WaitSchedule:
+			st.State, st.WaitingFor, st.NextRun = StateScheduled, WaitSchedule, info.NextProcessAt
 		default:
 			st.State, st.WaitingFor, st.NextRun = StateRetrying, WaitRetry, info.NextProcessAt
 		}

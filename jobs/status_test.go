@@ -74,6 +74,16 @@ func TestStatusSaysWhatAJobWaitsFor(t *testing.T) {
 	if err := s.prod.Cancel(ctx, third.ID); err != nil {
 		t.Fatal(err)
 	}
+
+	// A delayed job is scheduled, and says when it runs.
+	at := time.Now().Add(time.Hour).Truncate(time.Second)
+	_, later := s.submit(t, ctx, jobs.Job{ID: "later-" + randID(), TaskID: "t1", Command: "echo later", RunAt: &at})
+	if st := status(later.ID); st.State != jobs.StateScheduled || st.WaitingFor != jobs.WaitSchedule || !st.NextRun.Equal(at) {
+		t.Errorf("delayed job: %+v; want scheduled at %v", st, at)
+	}
+	if err := s.prod.Cancel(ctx, later.ID); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // nudge lets w run its sweeps for a moment (they run inside Next), with

@@ -12,6 +12,8 @@ import (
 
 	"github.com/hibiken/asynq"
 	"github.com/redis/go-redis/v9"
+
+	"github.com/boxq/boxq/sandboxpool"
 )
 
 // DefaultTaskCheckInterval is WorkerConfig.TaskCheckInterval's default.
@@ -34,7 +36,9 @@ type WorkerConfig struct {
 	// Concurrency is how many jobs run at once. Most of a job is waiting on
 	// the gateway, so the default is high: 256.
 	Concurrency int
-	// Queues and their priorities; default {"default": 1}.
+	// Queues and their weights (asynq's weighted priority); default
+	// {"default": 1}. The worker also serves MaintenanceQueue, whatever
+	// Queues says, with the weight of all of them together.
 	Queues map[string]int
 	// TaskCheckInterval is how long an idle worker waits before asking
 	// Redis for a job again (asynq sleeps a random 0.5 to 1.5 intervals):
@@ -71,6 +75,10 @@ type WorkerConfig struct {
 	SandboxLifetime time.Duration
 	// MaxOutput caps a result's output (head and tail kept). Default 1 MiB.
 	MaxOutput int
+	// CapacityLogEvery bounds how often the worker logs, at info, that
+	// jobs wait for capacity (the pool's cap or the gateway's 429, in the
+	// gateway's words). Default 10s.
+	CapacityLogEvery time.Duration
 	// Prefix of boxq's own Redis keys (cancel flags). Default "boxq:".
 	Prefix  string
 	Logger  *slog.Logger
@@ -84,6 +92,9 @@ func (c *WorkerConfig) withDefaults() {
 	}
 	if len(c.Queues) == 0 {
 		c.Queues = map[string]int{DefaultQueue: 1}
+	}
+	if c.CapacityLogEvery == 0 {
+		c.CapacityLogEvery = 10 * time.Second
 	}
 	if c.TaskCheckInterval == 0 {
 		c.TaskCheckInterval = DefaultTaskCheckInterval
@@ -135,6 +146,16 @@ func (c *WorkerConfig) validate() error {
 	case c.IdleTTL < 0:
 		return fmt.Errorf("jobs: idle TTL must not be negative, got %v", c.IdleTTL)
 	}
+	for q, w := range c.Queues {
+		switch {
+		case q == MaintenanceQueue:
+			return fmt.Errorf("jobs: queue %q is boxq's own (terminate and reap jobs); every worker serves it: leave it out", q)
+		case q == "":
+			return errors.New("jobs: a queue name must not be empty")
+		case w < 1:
+			return fmt.Errorf("jobs: queue %q: weight must be at least 1, got %d", q, w)
+		}
+	}
 	return nil
 }
 
@@ -145,6 +166,7 @@ type Worker struct {
 	srv      *asynq.Server
 	mux      *asynq.ServeMux
 	reaper   *Reaper
+	sched    *Scheduler
 	rescuer  *Rescuer
 	client   *asynq.Client
 	stopping chan struct{}
@@ -160,9 +182,22 @@ func NewWorker(cfg WorkerConfig) (*Worker, error) {
 	}
 	w := &Worker{cfg: cfg, stopping: make(chan struct{}), cancels: newCancelWatch()}
 	log := cfg.Logger
+	// Every worker serves boxq's maintenance queue (terminate, reap), so a
+	// fleet whose workers serve other queues still terminates and reaps.
+	// Its weight is that of all the other queues together: maintenance
+	// jobs are few and short, and a terminate is meant to act at once,
+	// even behind a backlog.
+	served := make(map[string]int, len(cfg.Queues)+1)
+	total := 0
+	for q, wt := range cfg.Queues {
+		served[q] = wt
+		total += wt
+	}
+	served[MaintenanceQueue] = total
+	capLog := &everyLog{every: cfg.CapacityLogEvery}
 	w.srv = asynq.NewServerFromRedisClient(cfg.Redis, asynq.Config{
 		Concurrency:              cfg.Concurrency,
-		Queues:                   cfg.Queues,
+		Queues:                   served,
 		TaskCheckInterval:        cfg.TaskCheckInterval,
 		DelayedTaskCheckInterval: cfg.DelayedTaskCheckInterval,
 		ShutdownTimeout:          cfg.ShutdownTimeout,
@@ -174,6 +209,13 @@ func NewWorker(cfg WorkerConfig) (*Worker, error) {
 			id, _ := asynq.GetTaskID(ctx)
 			var rl *retryLater
 			switch {
+			case errors.As(err, &rl) && rl.wait == WaitCapacity:
+				// Capacity waits are what stalls a batch: say so at info
+				// with the gateway's (or the pool's) words, at most once
+				// per CapacityLogEvery, with how many were not logged.
+				if n, ok := capLog.allow(time.Now()); ok {
+					log.Info("jobs wait for capacity; they come back without using up retries", "job_id", id, "err", rl.err, "waits_since_last_line", n)
+				}
 			case errors.As(err, &rl), errors.Is(err, context.Canceled):
 				log.Debug("job will come back", "job_id", id, "type", t.Type(), "err", err)
 			default:
@@ -197,23 +239,29 @@ func NewWorker(cfg WorkerConfig) (*Worker, error) {
 		queues = append(queues, q)
 	}
 	slices.Sort(queues)
-	w.mux.Handle(TypeTerminate, &TerminateHandler{pool: cfg.Pool, store: exec.store, queues: queues, log: log})
+	w.mux.Handle(TypeTerminate, &TerminateHandler{pool: cfg.Pool, store: exec.store, log: log})
 	w.mux.Handle(TypeReap, &ReapHandler{pool: cfg.Pool, store: exec.store, queues: queues, repairAfter: cfg.SeqRepairAfter, ttl: cfg.IdleTTL, now: cfg.Now, log: log, metrics: cfg.Metrics})
 	if cfg.RescueEvery > 0 {
 		w.rescuer = &Rescuer{h: exec, every: cfg.RescueEvery, log: log.With("component", "rescuer"), max: cfg.Concurrency}
 	}
 	if cfg.ReapEvery > 0 {
 		w.client = asynq.NewClientFromRedisClient(cfg.Redis)
-		// The reap task goes to a queue this worker serves (the default one
-		// if it does): a fleet whose workers serve other queues reaps and
-		// repairs all the same. Two reaps of one tick in two queues are
-		// harmless: both claim, and both repairs are atomic steps.
-		reapQueue := queues[0]
-		if _, ok := cfg.Queues[DefaultQueue]; ok {
-			reapQueue = DefaultQueue
-		}
-		w.reaper = &Reaper{client: w.client, every: cfg.ReapEvery, queue: reapQueue, now: cfg.Now, log: log}
+		// The reap task goes to the maintenance queue, which every worker
+		// serves: one reap per tick across the fleet, whatever queues the
+		// workers serve.
+		w.reaper = &Reaper{client: w.client, every: cfg.ReapEvery, queue: MaintenanceQueue, now: cfg.Now, log: log}
 	}
+	// Every worker runs the schedules (schedule.go), reading them again on
+	// every reap tick.
+	prod, err := NewProducer(cfg.Redis, ProducerConfig{Prefix: cfg.Prefix, Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	reload := cfg.ReapEvery
+	if reload <= 0 {
+		reload = 30 * time.Second
+	}
+	w.sched = NewScheduler(prod, sandboxpool.NewIndex(cfg.Redis, cfg.Prefix), reload, cfg.Now, log)
 	return w, nil
 }
 
@@ -289,6 +337,7 @@ func (w *Worker) Run(ctx context.Context) error {
 		wg.Go(func() { _ = w.rescuer.Run(ctx) })
 	}
 	wg.Go(func() { w.promoteLate(ctx) })
+	wg.Go(func() { _ = w.sched.Run(ctx) })
 	<-ctx.Done()
 	w.cfg.Logger.Info("stopping: waiting for running jobs", "timeout", w.cfg.ShutdownTimeout)
 	close(w.stopping)
@@ -348,6 +397,10 @@ func isFailure(err error) bool {
 func retryDelay(n int, err error, _ *asynq.Task) time.Duration {
 	var rl *retryLater
 	switch {
+	case errors.As(err, &rl) && rl.park:
+		return time.Until(parkedAt)
+	case errors.As(err, &rl) && rl.exact:
+		return rl.after
 	case errors.As(err, &rl):
 		return rl.after + rand.N(rl.after/2+1)
 	case errors.Is(err, context.Canceled):
@@ -355,6 +408,28 @@ func retryDelay(n int, err error, _ *asynq.Task) time.Duration {
 	}
 	d := time.Second << min(n, 6)
 	return min(d, time.Minute) + rand.N(d/4+1)
+}
+
+// everyLog lets a log line through at most once per every, counting the
+// ones it held back.
+type everyLog struct {
+	every time.Duration
+	mu    sync.Mutex
+	last  time.Time
+	held  int
+}
+
+// allow reports whether a line may be logged at now, and how many were
+// held back since the last one.
+func (e *everyLog) allow(now time.Time) (held int, ok bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if !e.last.IsZero() && now.Sub(e.last) < e.every {
+		e.held++
+		return 0, false
+	}
+	held, e.held, e.last = e.held, 0, now
+	return held, true
 }
 
 // asynqLogger sends asynq's log lines to slog.

@@ -104,7 +104,7 @@ func cleanEnv() []string {
 	for _, kv := range os.Environ() {
 		k, _, _ := strings.Cut(kv, "=")
 		switch {
-		case k == "REDIS_URL", strings.HasPrefix(k, "GATEWAY_"),
+		case k == "REDIS_URL", k == "BOXQ_HTTP_TOKEN", strings.HasPrefix(k, "GATEWAY_"),
 			strings.HasPrefix(k, "MODAL_"), strings.HasPrefix(k, "TOOL_GATEWAY_"):
 			continue
 		}
@@ -121,6 +121,7 @@ type workerOptions struct {
 	shutdownTimeout time.Duration // default 1s
 	logLevel        string        // default "info"
 	extra           []string
+	env             []string // added to the environment
 }
 
 // cluster is a Redis, a gateway process, worker processes and a producer.
@@ -195,7 +196,8 @@ func (c *cluster) startWorker(t testing.TB) *proc {
 	c.started++
 	name := fmt.Sprintf("worker#%d", c.started)
 	c.mu.Unlock()
-	p := startProc(t, name, binary(t, "worker"), c.workerArgs(), append(cleanEnv(), "GATEWAY_TOKEN="+c.gw.token))
+	env := append(append(cleanEnv(), "GATEWAY_TOKEN="+c.gw.token), c.wo.env...)
+	p := startProc(t, name, binary(t, "worker"), c.workerArgs(), env)
 	if err := p.waitLog(60*time.Second, `"msg":"worker started"`); err != nil {
 		t.Fatal(err)
 	}

@@ -73,6 +73,7 @@ func TestNoSecretLeaks(t *testing.T) {
 		t.Skip("needs a real redis-server: the embedded fallback cannot require a password (install redis-server)")
 	}
 	password := "redis-pw-" + uuid.NewString()
+	httpToken := "http-token-" + uuid.NewString()
 	admin := redis.NewClient(&redis.Options{Addr: srv.Addr()})
 	if err := admin.ConfigSet(context.Background(), "requirepass", password).Err(); err != nil {
 		t.Fatal(err)
@@ -80,8 +81,8 @@ func TestNoSecretLeaks(t *testing.T) {
 	admin.Close()
 	c := newCluster(t, clusterOptions{redis: srv, redisPassword: password,
 		gateway: gatewayOptions{logLevel: "debug", isolation: "auto"},
-		workers: workerOptions{logLevel: "debug", extra: []string{"-http", "127.0.0.1:0"}}})
-	s := &secrets{values: []string{c.gw.token, password}}
+		workers: workerOptions{logLevel: "debug", extra: []string{"-http", "127.0.0.1:0"}, env: []string{"BOXQ_HTTP_TOKEN=" + httpToken}}})
+	s := &secrets{values: []string{c.gw.token, password, httpToken}}
 
 	w1 := c.startWorker(t)
 	// A worker given the token by flag rather than the environment.
@@ -148,7 +149,7 @@ func TestNoSecretLeaks(t *testing.T) {
 		paths = append(paths, "/monitoring/api/queues/default/tasks/"+url.PathEscape(j.ID))
 	}
 	for _, p := range paths {
-		body, status := get(t, "http://"+addr+p)
+		body, status := get(t, "http://"+addr+p, httpToken)
 		if status != http.StatusOK {
 			t.Errorf("GET %s: %d", p, status)
 		}
@@ -192,9 +193,17 @@ func httpAddr(t *testing.T, p *proc) string {
 	return ""
 }
 
-func get(t *testing.T, u string) (string, int) {
+// get fetches u with token as a bearer token ("" none).
+func get(t *testing.T, u, token string) (string, int) {
 	t.Helper()
-	resp, err := http.Get(u)
+	req, err := http.NewRequest(http.MethodGet, u, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatalf("GET %s: %v", u, err)
 	}

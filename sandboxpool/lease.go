@@ -264,9 +264,12 @@ func (p *Pool) forget(ctx context.Context, l *Lease) {
 	l.stop()
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 	defer cancel()
-	if err := deleteScript.Run(ctx, p.rdb, []string{p.indexKey, l.leaseKey, l.recordKey, p.tombKey(l.taskID)}, p.tombArg, l.tokenArg, l.taskID).Err(); err != nil {
+	if err := deleteScript.Run(ctx, p.rdb, []string{p.indexKey, p.tasksKey, l.leaseKey, l.recordKey, p.tombKey(l.taskID)}, p.tombArg, l.tokenArg, l.taskID).Err(); err != nil {
 		p.log.Warn("sandboxpool: drop the record of a refused create", "task_id", l.taskID, "err", err)
 	}
+	// And its note as a pending create (create), which only Created drops
+	// otherwise, on a scrape of the metrics.
+	_ = p.rdb.SRem(ctx, p.pendingKey, l.taskID).Err()
 }
 
 // take takes the lease of taskID, waiting while it is busy, unless one of
@@ -279,7 +282,7 @@ func (p *Pool) take(ctx context.Context, taskID string, spec *Spec, in Intent) (
 		stampKey, stampArg = in.Stamp, "1"
 	}
 	keys := make([]string, takeKeys, takeKeys+len(in.Unless))
-	keys[0], keys[1], keys[2], keys[3], keys[4], keys[5], keys[6] = p.leaseKey(taskID), p.recordKey(taskID), p.indexKey, p.fenceKey, p.inflightKey, stampKey, p.tombKey(taskID)
+	keys[0], keys[1], keys[2], keys[3], keys[4], keys[5], keys[6], keys[7] = p.leaseKey(taskID), p.recordKey(taskID), p.indexKey, p.fenceKey, p.inflightKey, stampKey, p.tombKey(taskID), p.tasksKey
 	args := make([]any, takeArgs, takeArgs+len(in.Unless)+10)
 	args[0], args[1], args[2], args[3], args[4], args[5] = p.ttlArg, "", taskID, in.ExecID, in.Note, stampArg
 	for _, c := range in.Unless {
@@ -428,6 +431,10 @@ func (p *Pool) newLease(ctx context.Context, taskID string, token int64, fields 
 // create creates the lease's sandbox under its idempotency key and records
 // the id.
 func (p *Pool) create(ctx context.Context, l *Lease) error {
+	// Noted as pending for Created (best effort: Created drops members
+	// that are not pending, and a lost note only counts a pending create
+	// as live for a moment).
+	_ = p.rdb.SAdd(ctx, p.pendingKey, l.taskID).Err()
 	id, err := p.gw.Create(ctx, l.key, l.spec.request(l.taskID))
 	if err != nil {
 		return fmt.Errorf("sandboxpool: create sandbox of task %q: %w", l.taskID, err)
@@ -448,6 +455,7 @@ func (p *Pool) create(ctx context.Context, l *Lease) error {
 		return fmt.Errorf("sandboxpool: record sandbox %s of task %q: %w", id, l.taskID, ErrStaleLease)
 	}
 	l.sandboxID = id
+	_ = p.rdb.SRem(ctx, p.pendingKey, l.taskID).Err()
 	return nil
 }
 

@@ -161,12 +161,18 @@ type Pool struct {
 	leasePrefix  string
 	recordPrefix string
 	indexKey     string
-	fenceKey     string
-	inflightKey  string
-	tombPrefix   string
-	tombArg      string // TombstoneTTL in ms
-	ttlArg       string // LeaseTTL in ms
-	capArg       string // MaxSandboxes
+	tasksKey     string // the fan-out index (fanout.go)
+	// pendingKey is a set of the tasks whose record awaits a create's
+	// answer (sandbox_id ""), so that Created need not scan every record.
+	// It may hold stale members (a worker that died mid-create): Created
+	// checks each one and drops those that are not pending any more.
+	pendingKey  string
+	fenceKey    string
+	inflightKey string
+	tombPrefix  string
+	tombArg     string // TombstoneTTL in ms
+	ttlArg      string // LeaseTTL in ms
+	capArg      string // MaxSandboxes
 }
 
 // New returns a Pool over rdb (the client asynq uses may be shared) and gw.
@@ -189,6 +195,8 @@ func New(rdb redis.UniversalClient, gw Gateway, cfg Config) (*Pool, error) {
 		leasePrefix:  cfg.Prefix + "lease:",
 		recordPrefix: cfg.Prefix + "sandbox:",
 		indexKey:     cfg.Prefix + "sandboxes",
+		tasksKey:     cfg.Prefix + "tasks",
+		pendingKey:   cfg.Prefix + "creating",
 		fenceKey:     cfg.Prefix + "fence",
 		inflightKey:  cfg.Prefix + "inflight",
 		tombPrefix:   cfg.Prefix + "gone:",
@@ -212,6 +220,47 @@ func (p *Pool) Live(ctx context.Context) (int64, error) {
 		return 0, fmt.Errorf("sandboxpool: count sandboxes: %w", err)
 	}
 	return n, nil
+}
+
+// Created returns the number of sandboxes the gateway created for the pool
+// and that it has not terminated: Live less the records whose create is
+// pending or was refused (no sandbox id). It costs a round trip or two and
+// one lookup per pending create, not a scan of the pool.
+func (p *Pool) Created(ctx context.Context) (int64, error) {
+	pipe := p.rdb.Pipeline()
+	live := pipe.ZCard(ctx, p.indexKey)
+	members := pipe.SMembers(ctx, p.pendingKey)
+	if _, err := pipe.Exec(ctx); err != nil {
+		return 0, fmt.Errorf("sandboxpool: count sandboxes: %w", err)
+	}
+	tasks := members.Val()
+	if len(tasks) == 0 {
+		return live.Val(), nil
+	}
+	pipe = p.rdb.Pipeline()
+	ids := make([]*redis.SliceCmd, len(tasks))
+	for i, task := range tasks {
+		ids[i] = pipe.HMGet(ctx, p.recordKey(task), "gen", "sandbox_id")
+	}
+	if _, err := pipe.Exec(ctx); err != nil {
+		return 0, fmt.Errorf("sandboxpool: count pending creates: %w", err)
+	}
+	var pending int64
+	var stale []any
+	for i, c := range ids {
+		v := c.Val()
+		if len(v) == 2 && v[0] != nil && (v[1] == nil || v[1] == "") {
+			pending++
+		} else {
+			stale = append(stale, tasks[i])
+		}
+	}
+	if len(stale) > 0 {
+		// A member whose create was answered, or whose record is gone,
+		// since: best effort, the next count tries again.
+		_ = p.rdb.SRem(ctx, p.pendingKey, stale...).Err()
+	}
+	return max(live.Val()-pending, 0), nil
 }
 
 // Record is what the pool keeps about a task's sandbox.

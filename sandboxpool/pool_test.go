@@ -1425,3 +1425,64 @@ func inflightMarks(t *testing.T, rdb redis.UniversalClient, record string) []str
 	}
 	return marks
 }
+
+// TestCreatedExcludesPendingCreates: a record whose create the gateway has
+// not answered with an id (a 429, a create in flight) counts in Live (the
+// cap applies to it) but not in Created (boxq_sandboxes_live), and a stale
+// note of a pending create is dropped.
+func TestCreatedExcludesPendingCreates(t *testing.T) {
+	ctx := context.Background()
+	gw := newFakeGateway()
+	p, rdb := newPool(t, gw, Config{AcquireWait: 100 * time.Millisecond})
+	full := &gateway.APIError{StatusCode: 429, Method: "POST", Path: "/v1/sandboxes", Message: "64 live, the maximum"}
+	gw.beforeCreate = func(string) error { return full }
+	if _, err := p.Acquire(ctx, "refused", Spec{}, ""); !errors.As(err, new(*gateway.APIError)) {
+		t.Fatalf("Acquire with a 429 create: %v", err)
+	}
+	gw.beforeCreate = nil
+	l, err := p.Acquire(ctx, "made", Spec{}, "")
+	if err != nil {
+		t.Fatalf("Acquire: %v", err)
+	}
+	mustRelease(t, p, l, "")
+	live, err := p.Live(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	created, err := p.Created(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if created != 1 || live < created {
+		t.Errorf("Created = %d, Live = %d; want Created 1 (the refused create's record is not a sandbox)", created, live)
+	}
+	// A stale member (its record answered meanwhile) is dropped.
+	if err := rdb.SAdd(ctx, "boxq:creating", "made").Err(); err != nil {
+		t.Fatal(err)
+	}
+	if created, err := p.Created(ctx); created != 1 || err != nil {
+		t.Errorf("Created with a stale note = %d, %v; want 1", created, err)
+	}
+	if ok, _ := rdb.SIsMember(ctx, "boxq:creating", "made").Result(); ok {
+		t.Error("the stale note of task made was not dropped")
+	}
+}
+
+// TestRefusedCreateLeavesNoPendingNote: a create refused for good drops
+// its record, and its note in the set of pending creates with it: without
+// a scrape of the metrics (Created), nothing else would ever drop it, and
+// every task whose create was refused would stay there.
+func TestRefusedCreateLeavesNoPendingNote(t *testing.T) {
+	ctx := context.Background()
+	gw := newFakeGateway()
+	p, rdb := newPool(t, gw, Config{AcquireWait: 100 * time.Millisecond})
+	gw.beforeCreate = func(string) error {
+		return &gateway.APIError{StatusCode: 400, Method: "POST", Path: "/v1/sandboxes", Message: "unknown image"}
+	}
+	if _, err := p.Acquire(ctx, "bad", Spec{}, ""); !errors.As(err, new(*gateway.APIError)) {
+		t.Fatalf("Acquire with a refused create: %v", err)
+	}
+	if ok, err := rdb.SIsMember(ctx, "boxq:creating", "bad").Result(); ok || err != nil {
+		t.Errorf("task bad is still noted as a pending create (%v, %v)", ok, err)
+	}
+}

@@ -48,7 +48,7 @@ func (p *Pool) terminate(ctx context.Context, taskID string, in Intent) error {
 	l.stop()
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 	defer cancel()
-	res, err := deleteScript.Run(ctx, p.rdb, []string{p.indexKey, l.leaseKey, l.recordKey, p.tombKey(taskID)}, p.tombArg, l.tokenArg, taskID).Slice()
+	res, err := deleteScript.Run(ctx, p.rdb, []string{p.indexKey, p.tasksKey, l.leaseKey, l.recordKey, p.tombKey(taskID)}, p.tombArg, l.tokenArg, taskID).Slice()
 	if err != nil {
 		return fmt.Errorf("sandboxpool: delete record of task %q: %w", taskID, err)
 	}
@@ -193,7 +193,7 @@ func (p *Pool) reapPage(ctx context.Context, tasks []string, cutoff, inflightCut
 	stop()
 
 	// Delete what was terminated, unlock what was not.
-	delKeys := []string{p.indexKey}
+	delKeys := []string{p.indexKey, p.tasksKey}
 	delArgs := []any{p.tombArg}
 	var unlockArgs []any
 	var unlockKeys []string

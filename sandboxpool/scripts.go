@@ -21,6 +21,10 @@ import "github.com/redis/go-redis/v9"
 //	P inflight        zset    task id → when its lease lapses unless renewed
 //	                          (unix ms), for tasks with an exec in flight:
 //	                          where rescuers look for dead holders
+//	P tasks           zset    task id → 0, for every record: the fan-out
+//	                          index (Match reads a glob's literal prefix
+//	                          with ZRANGE BYLEX); written with the record
+//	                          by reserveScript and deleteScript
 //
 // The scripts touch keys of several tasks and the shared index, so the pool
 // needs a single Redis (or a replicated primary), not a Redis Cluster.
@@ -70,12 +74,12 @@ const (
 //
 // KEYS: 1 lease, 2 record, 3 idle index, 4 fence, 5 in-flight index, 6 the
 // caller's stamp hash (the record again when there is none), 7 the task's
-// tombstone, then the caller's checks.
+// tombstone, 8 the fan-out index, then the caller's checks.
 // ARGV: 1 lease TTL ms, 2 now ms, 3 task id, 4 exec id ("" none), 5 note,
 // 6 stamp ("1" or ""), then one argument per check; reserve's own arguments
 // follow.
 const (
-	takeKeys = 7
+	takeKeys = 8
 	takeArgs = 6
 )
 
@@ -85,9 +89,9 @@ const (
 // "the key exists", a field name for "the field is set", or "\2field\2value"
 // for "the field is set to something other than value".
 const checkCaller = `
-local checks = #KEYS - 7
+local checks = #KEYS - 8
 for i = 1, checks do
-	local arg, key = ARGV[6 + i], KEYS[7 + i]
+	local arg, key = ARGV[6 + i], KEYS[8 + i]
 	local hit = 0
 	if arg == '' then
 		hit = redis.call('EXISTS', key)
@@ -191,7 +195,7 @@ local replaced = ''
 local pttl = redis.call('PTTL', KEYS[1])
 if pttl ~= -2 then return {0, pttl} end
 if redis.call('HEXISTS', KEYS[2], 'gen') == 0 then
-	local r = #KEYS - 1
+	local r = #KEYS - 2
 	local cap = tonumber(ARGV[r + 1])
 	if cap > 0 and redis.call('ZCARD', KEYS[3]) >= cap then return {3} end
 	local cwd = ''
@@ -205,6 +209,7 @@ if redis.call('HEXISTS', KEYS[2], 'gen') == 0 then
 		'created', ARGV[2], 'image', ARGV[r + 3], 'cpu', ARGV[r + 4], 'memory_mib', ARGV[r + 5],
 		'disk_mib', ARGV[r + 6], 'persistent', ARGV[r + 7], 'default_cwd', ARGV[r + 8],
 		'timeout_ms', ARGV[r + 9], 'idle_timeout_ms', ARGV[r + 10])
+	redis.call('ZADD', KEYS[8], 0, ARGV[3])
 end
 ` + takeLease)
 
@@ -476,12 +481,12 @@ return out
 // replacement (reserveScript), when there was one; it returns 1 per task
 // removed, 0 per stale lease.
 //
-// KEYS: index, then lease, record and tombstone of each task. ARGV:
-// tombstone TTL ms, then token and task id of each task.
+// KEYS: index, fan-out index, then lease, record and tombstone of each
+// task. ARGV: tombstone TTL ms, then token and task id of each task.
 var deleteScript = redis.NewScript(`
 local out = {}
 for i = 1, (#ARGV - 1) / 2 do
-	local lease, rec, tomb = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
+	local lease, rec, tomb = KEYS[3 * i], KEYS[3 * i + 1], KEYS[3 * i + 2]
 	if redis.call('GET', lease) == ARGV[2 * i] then
 		local r = redis.call('HMGET', rec, 'sandbox_id', 'cwd', 'persistent')
 		if r[1] and r[1] ~= '' then
@@ -490,6 +495,7 @@ for i = 1, (#ARGV - 1) / 2 do
 		end
 		redis.call('DEL', rec, lease)
 		redis.call('ZREM', KEYS[1], ARGV[2 * i + 1])
+		redis.call('ZREM', KEYS[2], ARGV[2 * i + 1])
 		out[i] = 1
 	else
 		out[i] = 0

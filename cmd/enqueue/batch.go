@@ -25,6 +25,9 @@ const maxLineBytes = 32 << 20
 // prints one result line per job as each finishes.
 func runBatch(ctx context.Context, o *options, prod *jobs.Producer, stdin io.Reader, stdout, stderr io.Writer) error {
 	in := stdin
+	if o.file == "-" && isTerminalIn(stdin) {
+		fmt.Fprintln(stderr, "enqueue: reading jobs from the terminal, one JSON object a line; end with Ctrl-D")
+	}
 	if o.file != "-" {
 		f, err := os.Open(o.file)
 		if err != nil {
@@ -59,9 +62,11 @@ func runBatch(ctx context.Context, o *options, prod *jobs.Producer, stdin io.Rea
 	var (
 		seen     = map[string]int{} // job id → line, for duplicates within the batch
 		enqueued = 0
-		failed   = 0
 		lineNo   = 0
 		rd       = bufio.NewReaderSize(in, 64<<10)
+		defaults = defaultsFrom(o)
+		sum      = newSummary()
+		invalid  []jobs.Result
 	)
 	for {
 		line, tooLong, err := readLine(rd, maxLineBytes)
@@ -93,20 +98,17 @@ func runBatch(ctx context.Context, o *options, prod *jobs.Producer, stdin io.Rea
 		}
 		var e jobs.Enqueued
 		if perr == nil {
+			defaults.apply(&j)
 			e, perr = prod.Enqueue(ctx, j, notify)
 			if perr != nil && ctx.Err() != nil {
 				return perr
 			}
 		}
 		if perr != nil {
-			failed++
 			fmt.Fprintf(stderr, "line %d: %v\n", lineNo, perr)
-			if o.wait {
-				bad := jobs.Result{ID: j.ID, TaskID: j.TaskID, Status: jobs.StatusError, ReturnCode: 1,
-					Error: fmt.Sprintf("line %d: %v", lineNo, perr)}
-				if err := writeJSONLine(out, bad); err != nil {
-					return err
-				}
+			invalid = append(invalid, invalidResult(line, lineNo, j, perr))
+			if errors.Is(err, io.EOF) {
+				break
 			}
 			continue
 		}
@@ -126,52 +128,77 @@ func runBatch(ctx context.Context, o *options, prod *jobs.Producer, stdin io.Rea
 	}
 	if !o.wait {
 		fmt.Fprintf(stderr, "enqueued %d jobs", enqueued)
-		if failed > 0 {
-			fmt.Fprintf(stderr, "; %d invalid lines", failed)
+		if len(invalid) > 0 {
+			fmt.Fprintf(stderr, "; %d invalid lines", len(invalid))
 		}
 		fmt.Fprintln(stderr)
-		if failed > 0 {
+		if len(invalid) > 0 {
 			return &app.ExitError{Code: 1}
 		}
 		return nil
 	}
 
-	prog := newProgress(stderr, enqueued)
-	errorsSeen := failed
-	for w.Pending() > 0 {
-		res, err := nextOrTick(ctx, w, prog)
-		if err != nil {
-			prog.finish()
-			return fmt.Errorf("waiting for %d results: %w (the jobs go on; read results later with -result ID)", w.Pending(), err)
-		}
-		if res.Status == jobs.StatusError {
-			errorsSeen++
-		}
-		if err := writeJSONLine(out, res); err != nil {
+	prog := newProgress(stderr, enqueued+len(invalid), sum)
+	// print writes a result line; on a terminal shared with the progress
+	// bar, the bar is cleared first and redrawn after.
+	print := func(r jobs.Result) error {
+		prog.clear()
+		err := writeJSONLine(out, r)
+		sum.add(r)
+		prog.draw()
+		return err
+	}
+	for _, r := range invalid {
+		if err := print(r); err != nil {
 			return err
 		}
-		prog.add(res.Status == jobs.StatusError)
+	}
+	c := newCollector(prod, w, stderr, prog, "")
+	for w.Pending() > 0 {
+		res, err := c.next(ctx)
+		if err != nil {
+			if errors.Is(err, context.Canceled) {
+				err = errInterrupted
+			}
+			return c.interrupted(err)
+		}
+		if err := print(res); err != nil {
+			return err
+		}
 	}
 	prog.finish()
-	if errorsSeen > 0 {
-		fmt.Fprintf(stderr, "%d of %d jobs ended in error\n", errorsSeen, enqueued+failed)
+	sum.write(stderr, time.Since(prog.start))
+	if n := sum.errors(); n > 0 {
+		fmt.Fprintf(stderr, "%d of %d jobs ended in error\n", n, sum.results)
 		return &app.ExitError{Code: 1}
 	}
 	return nil
 }
 
-// nextOrTick waits for the next result, redrawing the progress every
-// second meanwhile, so a long wait is never silent.
-func nextOrTick(ctx context.Context, w *jobs.Waiter, prog *progress) (jobs.Result, error) {
-	for {
-		tctx, cancel := context.WithTimeout(ctx, time.Second)
-		res, err := w.Next(tctx)
-		cancel()
-		if err == nil || ctx.Err() != nil || !errors.Is(err, context.DeadlineExceeded) {
-			return res, err
+// errInterrupted is the cause of a wait stopped by a signal.
+var errInterrupted = errors.New("interrupted")
+
+// invalidResult is the "error" result of a batch line that could not be
+// enqueued. Its id is the line's own when it has one, else
+// "invalid-line-N": never "", so that results can be told apart, and
+// never a job's (no job has that id: it was not enqueued).
+func invalidResult(line []byte, lineNo int, j jobs.Job, err error) jobs.Result {
+	id := j.ID
+	if id == "" {
+		var partial struct {
+			ID     string `json:"id"`
+			TaskID string `json:"task_id"`
 		}
-		prog.draw()
+		if json.Unmarshal(line, &partial) == nil {
+			id, j.TaskID = partial.ID, partial.TaskID
+		}
 	}
+	if id == "" {
+		id = fmt.Sprintf("invalid-line-%d", lineNo)
+	}
+	now := time.Now().UTC()
+	return jobs.Result{ID: id, TaskID: j.TaskID, Status: jobs.StatusError, ReturnCode: 1,
+		QueuedAt: now, FinishedAt: now, Error: fmt.Sprintf("line %d: %v", lineNo, err)}
 }
 
 // readLine reads one line without its newline. A line longer than limit is
@@ -212,55 +239,4 @@ func writeJSONLine(w io.Writer, v any) error {
 	b = append(b, '\n')
 	_, err = w.Write(b)
 	return err
-}
-
-// progress draws a bar on stderr when it is a terminal; otherwise it says
-// every 10 s how far the batch is, so a long wait is never silent.
-type progress struct {
-	w        io.Writer
-	tty      bool
-	total    int
-	done     int
-	errs     int
-	start    time.Time
-	lastLine time.Time
-}
-
-func newProgress(w io.Writer, total int) *progress {
-	p := &progress{w: w, tty: app.IsTerminal(w), total: total, start: time.Now()}
-	p.lastLine = p.start
-	p.draw()
-	return p
-}
-
-func (p *progress) add(isErr bool) {
-	p.done++
-	if isErr {
-		p.errs++
-	}
-	p.draw()
-}
-
-func (p *progress) draw() {
-	elapsed := time.Since(p.start).Round(100 * time.Millisecond)
-	if !p.tty {
-		if time.Since(p.lastLine) >= 10*time.Second {
-			p.lastLine = time.Now()
-			fmt.Fprintf(p.w, "progress: %d/%d results, %d errors, %s\n", p.done, p.total, p.errs, elapsed)
-		}
-		return
-	}
-	const width = 30
-	filled := width
-	if p.total > 0 {
-		filled = p.done * width / p.total
-	}
-	fmt.Fprintf(p.w, "\r[%s%s] %d/%d  errors %d  %s ", strings.Repeat("#", filled), strings.Repeat(".", width-filled),
-		p.done, p.total, p.errs, elapsed)
-}
-
-func (p *progress) finish() {
-	if p.tty {
-		fmt.Fprintln(p.w)
-	}
 }

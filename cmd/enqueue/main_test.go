@@ -31,6 +31,12 @@ func TestUsageErrors(t *testing.T) {
 		{"bad timeout", []string{"-task", "t", "-timeout", "-1s", "--", "true"}, "-timeout must be positive"},
 		{"unknown flag", []string{"-nope"}, "flag provided but not defined"},
 		{"json with batch", []string{"-f", "x", "-json"}, "-json is for one job"},
+		{"id with batch", []string{"-f", "x", "-id", "j"}, "drop -id"},
+		{"stdin-file with batch", []string{"-f", "x", "-stdin-file", "in"}, "drop -stdin-file"},
+		{"timeout without unit", []string{"-task", "t", "-timeout", "5", "--", "true"}, "5s"},
+		{"timeout beyond the maximum", []string{"-task", "t", "-timeout", "2h", "--", "true"}, "maximum, 1h0m0s"},
+		{"missing stdin file", []string{"-task", "t", "-stdin-file", "/nonexistent/in", "--", "cat"}, "-stdin-file"},
+		{"cancel with wait", []string{"-cancel", "j", "-wait"}, "-cancel does not wait"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -111,8 +117,15 @@ this is not json
 	if got["a"].Cwd != "/tmp" {
 		t.Errorf("job a cwd = %q, want /tmp", got["a"].Cwd)
 	}
-	if bad := got[""]; bad.Status != jobs.StatusError || !strings.Contains(bad.Error, "line 3") {
-		t.Errorf("invalid line result = %+v", bad)
+	if bad := got["invalid-line-3"]; bad.Status != jobs.StatusError || !strings.Contains(bad.Error, "line 3") || bad.FinishedAt.IsZero() {
+		t.Errorf("invalid line result = %+v; want id invalid-line-3, status error, a finish time", bad)
+	}
+	// The closing summary, on stderr: counts by status and return code,
+	// durations.
+	for _, want := range []string{"5 results in", "completed 3 (1 rc≠0)", "timeout 1", "error 1", "rc 0 ×2", "rc 3 ×1", "rc 124 ×1", "p50", "p90"} {
+		if !strings.Contains(errb.String(), want) {
+			t.Errorf("stderr lacks %q:\n%s", want, errb.String())
+		}
 	}
 }
 

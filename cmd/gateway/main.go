@@ -20,6 +20,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/boxq/boxq/gateway/limits"
 	"github.com/boxq/boxq/gateway/local"
 	"github.com/boxq/boxq/internal/app"
 )
@@ -29,6 +30,9 @@ import (
 const shutdownTimeout = 15 * time.Second
 
 func main() {
+	// Under cgroup v1 each exec starts as this binary in shim mode, which
+	// joins the sandbox's cgroups and execs bubblewrap (never returns).
+	limits.RunShim(os.Args)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	// After the first signal, a second one ends the process at once.
 	context.AfterFunc(ctx, stop)
@@ -62,6 +66,17 @@ per sandbox), each keeping -output-limit bytes of output; finished ones are kept
 for polls within -exec-retention, -max-retained-execs and -max-retained-bytes,
 the oldest dropped first (a poll then gets 404 "expired"; the id never runs again).
 
+Images: with -images DIR or -pull, a create's "image" is resolved (DIR first,
+then its registry), unpacked once into -state-dir/images and mounted as the
+sandbox's root through a per-sandbox overlay (needs root and bubblewrap); an
+image that cannot be resolved is a 400, unless -image-fallback host. Without
+an image source the host's root is used, as before. Images must contain bash.
+
+Limits: memoryMiB, cpu and -max-pids are enforced with cgroups (v2 where
+delegated, else v1), diskMiB with a per-sandbox tmpfs (its pages count as
+memory); both need root. What cannot be enforced is logged at start, and
+GET /v1/sandboxes says per sandbox which limits hold.
+
 Environment:
   GATEWAY_TOKEN    the bearer token clients must send, when -token is not given
   XDG_STATE_HOME   when set, the default -state-dir is $XDG_STATE_HOME/boxq/gateway
@@ -84,6 +99,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		isolation    = fs.String("isolation", string(local.IsolationAuto), "auto, bwrap or none: bwrap runs each exec in fresh namespaces; none is no isolation at all; auto is bwrap where it works")
 		maxSandboxes = fs.Int("max-sandboxes", local.DefaultMaxSandboxes, "live sandboxes at most; a create beyond gets 429")
 		outputLimit  = fs.Int("output-limit", local.DefaultOutputLimit, "output `bytes` kept per exec: the head and the tail, with what was cut in between")
+		imagesDir    = fs.String("images", "", "`dir`ectory of OCI image layouts and image tarballs (docker save, podman save, OCI archives) that a create's image is looked up in, by tag")
+		pull         = fs.Bool("pull", false, "pull an image not found in -images from its registry")
+		imageDefault = fs.String("image-default", "", "image `name` of a create that names none (default: the host's root)")
+		imageFallbk  = fs.String("image-fallback", "", "`mode`: host gives an image that cannot be resolved the host's root instead of a 400")
+		maxPids      = fs.Int("max-pids", 0, "processes per sandbox at most (cgroup pids; 0: no cap)")
 		startWait    = fs.Duration("start-wait", local.DefaultStartWait, "how long a start waits for its exec to end before it answers running; 0: always answer running at once, as a hosted gateway does")
 		maxRunning   = fs.Int("max-running-execs", local.DefaultMaxRunningExecs, "execs running at once over all sandboxes; a start beyond gets 429")
 		maxSbRunning = fs.Int("max-sandbox-running-execs", local.DefaultMaxSandboxRunningExecs, "execs running at once in one sandbox; a start beyond gets 429")
@@ -135,6 +155,16 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	case *sandboxUID < 1 || *sandboxGID < 1:
 		return app.Usagef("-sandbox-uid %d, -sandbox-gid %d: want ids above 0: commands must not run as root", *sandboxUID, *sandboxGID)
 	}
+	if *imageFallbk != "" && *imageFallbk != "host" {
+		return app.Usagef("-image-fallback %q: the only fallback is host", *imageFallbk)
+	}
+	if *maxPids < 0 {
+		return app.Usagef("-max-pids %d: want 0 (no cap) or more", *maxPids)
+	}
+	shim, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("own executable, for the cgroup v1 shim: %w", err)
+	}
 	logger, err := app.NewLogger(stderr, *logFormat, *logLevel)
 	if err != nil {
 		return app.Usagef("%v", err)
@@ -146,6 +176,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		Isolation:    mode,
 		MaxSandboxes: *maxSandboxes,
 		OutputLimit:  *outputLimit,
+
+		ImagesDir:         *imagesDir,
+		Pull:              *pull,
+		ImageDefault:      *imageDefault,
+		ImageFallbackHost: *imageFallbk == "host",
+		MaxPids:           *maxPids,
+		CgroupShim:        shim,
 		// The flag's 0 is "no wait"; the config's is "the default".
 		StartWait:              local.StartWaitFlag(*startWait),
 		MaxRunningExecs:        *maxRunning,

@@ -21,10 +21,15 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/boxq/boxq/gateway"
+	"github.com/boxq/boxq/gateway/limits"
 	"github.com/boxq/boxq/internal/app"
 )
 
 func TestMain(m *testing.M) {
+	// run() names this test binary as the cgroup v1 shim, as main does.
+	if limits.RunShim(os.Args) {
+		return
+	}
 	if os.Getenv(childEnv) != "" {
 		// A test started this binary as the gateway itself, to run it as
 		// another user (see startChild).
@@ -82,6 +87,8 @@ func TestUsageErrors(t *testing.T) {
 		{"bad log format", []string{"-log-format", "xml"}, withToken, `-log-format "xml"`},
 		{"bad log level", []string{"-log-level", "loud"}, withToken, `-log-level "loud"`},
 		{"arguments", []string{"serve"}, withToken, "unexpected arguments"},
+		{"bad image fallback", []string{"-image-fallback", "none"}, withToken, `-image-fallback "none"`},
+		{"negative max pids", []string{"-max-pids", "-1"}, withToken, "-max-pids -1"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

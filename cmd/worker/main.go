@@ -42,6 +42,15 @@ Environment:
   GATEWAY_URL      default for -gateway; fallbacks MODAL_GATEWAY_URL, then
                    ${TOOL_GATEWAY_SCHEME:-https}://modal-gateway.${TOOL_GATEWAY_DOMAIN}
   GATEWAY_TOKEN    default for -token; fallback TOOL_GATEWAY_USER_TOKEN
+  BOXQ_HTTP_TOKEN  the secret of -http's dashboard (/monitoring/): send it as a
+                   bearer token, or as the password of the browser's login
+                   (any user name). Unset: no dashboard. -metrics-auth guards
+                   /metrics with it too. /healthz and /readyz are open.
+
+Queues: -queues 'default=3,batch=1' serves two queues, default tried first
+three times as often as batch (asynq's weighted priority). boxq's own queue
+"boxq" (terminate and reap jobs) is served by every worker whatever -queues
+says, so workers of any queues terminate and reap.
 `
 
 const helpTail = `
@@ -52,6 +61,8 @@ Examples:
   REDIS_URL=redis://redis:6379/0 GATEWAY_URL=https://gw.example.com GATEWAY_TOKEN=… worker -http :9090
   # a small worker that reaps more eagerly
   worker -concurrency 32 -idle-ttl 2m -reap-every 10s
+  # a worker for two queues, default first three times as often
+  worker -queues 'default=3,batch=1'
 `
 
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
@@ -64,7 +75,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	idleTTL := fs.Duration("idle-ttl", 5*time.Minute, "terminate sandboxes unused for this long")
 	lifetime := fs.Duration("sandbox-lifetime", time.Hour, "lifetime asked of the gateway for new sandboxes; a persistent sandbox is rotated between commands before a command's timeout would outlast it")
 	reapEvery := fs.Duration("reap-every", 30*time.Second, "how often idle sandboxes are looked for (one reap per tick across all workers)")
-	httpAddr := fs.String("http", "", "serve /metrics, /healthz and the dashboard at /monitoring/ on this `address` (e.g. :9090)")
+	httpAddr := fs.String("http", "", "serve /metrics, /healthz, /readyz and the dashboard at /monitoring/ on this `address` (e.g. :9090); the dashboard needs BOXQ_HTTP_TOKEN")
+	metricsAuth := fs.Bool("metrics-auth", false, "with -http: /metrics needs BOXQ_HTTP_TOKEN too (bearer or Basic password)")
+	queues := fs.String("queues", "default=1", "asynq `queues` to serve with their weights, as in 'default=3,batch=1'")
 	dev := fs.Bool("dev", false, "embedded Redis and reference gateway: no Redis or gateway needed")
 	maxSandboxes := fs.Int("max-sandboxes", 0, "cap on live sandboxes across all workers (0: no cap)")
 	pollInterval := fs.Duration("poll-interval", jobs.DefaultTaskCheckInterval, "how often an idle worker checks Redis for jobs: pickup latency vs idle Redis load")
@@ -94,10 +107,19 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	case *maxSandboxes < 0:
 		return app.Usagef("-max-sandboxes must not be negative")
 	}
+	qs, err := app.ParseQueues(*queues)
+	if err != nil {
+		return app.Usagef("%v", err)
+	}
+	httpToken := getenv(app.EnvHTTPToken)
+	if *metricsAuth && httpToken == "" {
+		return app.Usagef("-metrics-auth needs %s set", app.EnvHTTPToken)
+	}
 	log, err := app.NewLogger(stderr, *logFormat, *logLevel)
 	if err != nil {
 		return app.Usagef("%v", err)
 	}
+	app.RouteRedisLogs(log)
 	if *dev {
 		stack, err := devstack.Start(log, local.IsolationAuto)
 		if err != nil {
@@ -123,6 +145,6 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		RedisURL: *redisURL, GatewayURL: *gatewayURL, Token: *token,
 		Concurrency: *concurrency, IdleTTL: *idleTTL, ReapEvery: *reapEvery, SandboxLifetime: *lifetime,
 		MaxSandboxes: *maxSandboxes, TaskCheckInterval: *pollInterval, ShutdownTimeout: *shutdownTimeout,
-		HTTPAddr: *httpAddr, Logger: log,
+		Queues: qs, HTTPAddr: *httpAddr, HTTPToken: httpToken, MetricsAuth: *metricsAuth, Logger: log,
 	})
 }

@@ -3,6 +3,7 @@ package local
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"path"
@@ -39,6 +40,7 @@ func (s *Server) routes() http.Handler {
 	v1("GET /v1/sandboxes/{id}/execs/{execId}", s.handlePoll)
 	v1("POST /v1/sandboxes/{id}/execs/{execId}/cancel", s.handleCancel)
 	v1("POST /v1/sandboxes/{id}/terminate", s.handleTerminate)
+	v1("GET /v1/images", s.handleImages)
 	v1("/", func(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, &apiError{status: http.StatusNotFound, msg: fmt.Sprintf("no such endpoint: %s %s", r.Method, r.URL.Path)})
 	})
@@ -53,6 +55,10 @@ type createSpec struct {
 	idle       time.Duration
 	persistent bool
 	logicalKey string
+	cpu        float64
+	memoryMiB  int
+	diskMiB    int
+	cwdGiven   bool // the create named a cwd other than the default
 }
 
 // millis checks a duration in milliseconds from a request: not negative,
@@ -77,9 +83,10 @@ func checkCwd(cwd string) error {
 }
 
 func checkCreate(req gateway.CreateRequest) (createSpec, error) {
-	spec := createSpec{image: req.Image, cwd: cmp.Or(req.Cwd, gateway.DefaultCwd), persistent: req.PersistentFilesystem, logicalKey: req.LogicalKey}
-	// cpu, memoryMiB and diskMiB are not enforced here (the sandboxes share
-	// the host), but nonsense is still refused.
+	spec := createSpec{image: req.Image, cwd: cmp.Or(req.Cwd, gateway.DefaultCwd), persistent: req.PersistentFilesystem, logicalKey: req.LogicalKey,
+		cpu: req.CPU, memoryMiB: req.MemoryMiB, diskMiB: req.DiskMiB, cwdGiven: req.Cwd != "" && req.Cwd != gateway.DefaultCwd}
+	// cpu, memoryMiB and diskMiB are enforced where the machine allows it
+	// (runtime.go); nonsense is refused everywhere.
 	switch {
 	case req.CPU < 0:
 		return spec, badRequest("cpu %v is negative", req.CPU)
@@ -203,6 +210,13 @@ func (s *Server) retryAfterLocked() time.Duration {
 // newSandbox makes the directory tree of a new sandbox, from the snapshot
 // of its logical key when it is persistent and one exists.
 func (s *Server) newSandbox(idemKey string, spec createSpec) (*sandbox, error) {
+	img, imageNote, err := s.resolveImage(spec.image)
+	if err != nil {
+		return nil, err
+	}
+	if img != nil && img.WorkingDir != "" && !spec.cwdGiven {
+		spec.cwd = img.WorkingDir // the image's, unless the create chose one
+	}
 	id := newID()
 	dir := filepath.Join(s.sandboxesDir, id)
 	snapshot := ""
@@ -216,6 +230,16 @@ func (s *Server) newSandbox(idemKey string, spec createSpec) (*sandbox, error) {
 	if err != nil {
 		if rmErr := removeTree(dir); rmErr != nil {
 			log.Warn("cannot remove the files of a failed create", "error", rmErr)
+		}
+		return nil, fmt.Errorf("create sandbox: %w", err)
+	}
+	rt, dirs, err := s.prepareRuntime(id, dir, spec, img, imageNote, dirs)
+	if err != nil {
+		_ = s.releaseRuntime(&sandbox{dir: dir, rt: rt}, false)
+		_ = removeTree(dir)
+		var ae *apiError
+		if errors.As(err, &ae) {
+			return nil, err
 		}
 		return nil, fmt.Errorf("create sandbox: %w", err)
 	}
@@ -234,6 +258,7 @@ func (s *Server) newSandbox(idemKey string, spec createSpec) (*sandbox, error) {
 		log:        log,
 		execs:      make(map[string]*execution),
 		lastActive: now,
+		rt:         rt,
 	}
 	sb.log.Info("sandbox created", "logical_key", spec.logicalKey, "persistent", spec.persistent,
 		"restored", restored, "image", spec.image, "lifetime", spec.lifetime, "idle_timeout", spec.idle)
@@ -282,7 +307,7 @@ func (s *Server) handleStart(w http.ResponseWriter, r *http.Request) {
 	if id == "" {
 		id = uuid.NewString() // the client sent none: the exec cannot be re-attached, but it runs
 	}
-	spec := execSpec{dirs: sb.dirs, cwd: cmp.Or(req.Cwd, sb.cwd), command: req.Command, stdin: req.StdinData, timeout: timeout}
+	spec := execSpec{dirs: sb.dirs, cwd: cmp.Or(req.Cwd, sb.cwd), command: req.Command, stdin: req.StdinData, timeout: timeout, rt: sb.rt}
 	e, existed, err := s.startExec(sb, id, spec)
 	if err != nil {
 		s.writeError(w, r, err)
@@ -461,6 +486,7 @@ func (s *Server) handleList(w http.ResponseWriter, r *http.Request) {
 			LastActiveAt: sb.lastActive.UTC().Format(time.RFC3339Nano),
 			RunningExecs: sb.running,
 		}
+		sb.rt.describe(&info)
 		sb.mu.Unlock()
 		resp.Sandboxes = append(resp.Sandboxes, info)
 	}

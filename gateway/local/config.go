@@ -86,7 +86,7 @@ type Config struct {
 
 	// MaxRunningExecs caps the execs running at once over all sandboxes, so
 	// that a flood of starts cannot exhaust the host's processes; a start
-	// beyond it gets 429. Default DefaultMaxRunningExecs (2048).
+	// beyond it gets 429. Default DefaultMaxRunningExecs (1024).
 	MaxRunningExecs int
 
 	// MaxSandboxRunningExecs caps the execs running at once in one
@@ -137,6 +137,29 @@ type Config struct {
 
 	// Logger receives the server's logs. Default: discard.
 	Logger *slog.Logger
+
+	// ImagesDir holds OCI image layouts and image tarballs (docker save,
+	// podman save, OCI archives) that a create's image is looked up in.
+	// Images need IsolationBwrap and a gateway that can mount (root).
+	ImagesDir string
+	// Pull lets an image not found in ImagesDir come from its registry.
+	Pull bool
+	// ImageCacheDir holds the unpacked images. Default StateDir/images.
+	ImageCacheDir string
+	// ImageDefault is the image of a create that names none. Empty: the
+	// host's root.
+	ImageDefault string
+	// ImageFallbackHost gives an image that cannot be resolved the host's
+	// root instead of a 400.
+	ImageFallbackHost bool
+	// MaxPids caps the processes of one sandbox (cgroup pids). 0: no cap.
+	MaxPids int
+	// CgroupShim is a binary whose main starts with limits.RunShim (the
+	// gateway's own): under cgroup v1 each exec joins its sandbox's
+	// cgroups through it. Empty: cgroup v1 is not used (v2 needs no shim).
+	CgroupShim string
+	// NoCgroups turns the memory, cpu and pids limits off.
+	NoCgroups bool
 
 	// Now is the clock of sandbox lifetimes, idle timeouts and retention.
 	// Default time.Now. Exec timeouts use real timers.
@@ -243,6 +266,12 @@ func (c Config) validate() error {
 	}
 	if c.ExecRetention < 0 {
 		errs = append(errs, fmt.Errorf("exec retention %v is negative", c.ExecRetention))
+	}
+	if (c.ImageDefault != "" || c.ImageFallbackHost) && c.ImagesDir == "" && !c.Pull {
+		errs = append(errs, errors.New("an image default or fallback needs an image source (images dir or pull)"))
+	}
+	if c.MaxPids < 0 {
+		errs = append(errs, fmt.Errorf("max pids %d is negative", c.MaxPids))
 	}
 	if c.JanitorInterval < 0 {
 		errs = append(errs, fmt.Errorf("janitor interval %v is negative", c.JanitorInterval))

@@ -110,6 +110,7 @@ type execSpec struct {
 	command string
 	stdin   string
 	timeout time.Duration // 0: none (the sandbox's lifetime still ends it)
+	rt      *sandboxRuntime
 }
 
 // launch starts the process of e and returns once it runs or has failed
@@ -169,6 +170,10 @@ func (s *Server) launch(e *execution, spec execSpec, ended func(at time.Time)) {
 		cmd.Stdin = stdin
 	}
 	cmd.Stdout, cmd.Stderr = pw, pw
+	if spec.dirs.group != nil {
+		spec.dirs.group.Wrap(cmd) // into the sandbox's cgroup before any of its code runs
+	}
+	oomBefore := spec.rt.oomKills()
 	err = cmd.Start()
 	pw.Close()
 	script.feed(spec.command)
@@ -237,7 +242,7 @@ func (s *Server) launch(e *execution, spec execSpec, ended func(at time.Time)) {
 		pr.Close()
 		status, rc := outcome(cmd.ProcessState, waitErr, reason)
 		output, omitted := out.Result()
-		e.finish(status, rc, output, omitted, func() { ended(s.cfg.Now()) })
+		e.finish(status, rc, output+spec.rt.oomNote(oomBefore), omitted, func() { ended(s.cfg.Now()) })
 	}()
 }
 

@@ -12,6 +12,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/boxq/boxq/gateway/limits"
 )
 
 // sandboxPath is the PATH every command gets: the host's usual one, not
@@ -74,6 +76,9 @@ type launcher struct {
 type fsDirs struct {
 	home string // seen as /root under bubblewrap
 	tmp  string // seen as /tmp under bubblewrap
+
+	image *imageRun     // the image the sandbox runs in; nil: the host's root
+	group *limits.Group // the sandbox's cgroup; nil: none
 }
 
 // command returns the process that runs bash in a sandbox whose files are
@@ -174,7 +179,12 @@ func (l launcher) bwrapArgs(dirs fsDirs, cwd, arg string) []string {
 		// A new session: the command cannot push input into a terminal.
 		"--new-session",
 	}
-	args = append(args, l.view...)
+	if dirs.image != nil {
+		// The sandbox's overlay of its image: writable, its own.
+		args = append(args, "--bind", dirs.image.root, "/")
+	} else {
+		args = append(args, l.view...)
+	}
 	args = append(args,
 		"--dev", "/dev",
 		"--proc", "/proc",
@@ -187,6 +197,11 @@ func (l launcher) bwrapArgs(dirs fsDirs, cwd, arg string) []string {
 		"--setenv", "PATH", sandboxPath,
 		"--setenv", "TERM", "dumb",
 		"--setenv", "LANG", "C.UTF-8",
+	)
+	if dirs.image != nil {
+		args = append(args, dirs.image.bwrapArgs()...)
+	}
+	args = append(args,
 		"--chdir", cwd,
 		"--",
 		"bash", "-c", arg,
@@ -255,7 +270,7 @@ func hostView(stateDir, sandboxesDir string) []string {
 	}
 	for _, h := range hide {
 		for _, b := range bound {
-			if strings.HasPrefix(h, b+"/") {
+			if h == b || strings.HasPrefix(h, b+"/") {
 				if fi, err := os.Stat(h); err == nil && fi.IsDir() {
 					args = append(args, "--tmpfs", h)
 				}

@@ -31,6 +31,7 @@ type sandbox struct {
 	lifetime   time.Duration
 	idle       time.Duration
 	log        *slog.Logger
+	rt         *sandboxRuntime // image, disk, cgroup; released by finishEnd
 
 	mu         sync.Mutex
 	execs      map[string]*execution
@@ -124,7 +125,8 @@ func (s *Server) makeSandboxDir(dir, snapshot string, log *slog.Logger) (dirs fs
 		if made := Isolation(strings.TrimSpace(string(mark))); made != s.launcher.mode {
 			log.Warn("restoring a snapshot made under another isolation: its files are copied as untrusted", "made_under", cmp.Or(string(made), "unknown"), "isolation", s.launcher.mode)
 		}
-		for _, d := range []string{dirs.home, dirs.tmp} {
+		// upper: an image sandbox's overlay upper layer (runtime.go).
+		for _, d := range []string{dirs.home, dirs.tmp, filepath.Join(fsDir, "upper")} {
 			src := filepath.Join(snapshot, filepath.Base(d))
 			fi, err := os.Lstat(src)
 			switch {
@@ -137,6 +139,18 @@ func (s *Server) makeSandboxDir(dir, snapshot string, log *slog.Logger) (dirs fs
 				continue
 			}
 			if err := copyTree(src, d, own); err != nil {
+				return fsDirs{}, false, fmt.Errorf("restore snapshot: %w", err)
+			}
+			// A command may have taken its own rights on its home or /tmp
+			// away (chmod 000 ~): bubblewrap, unprivileged, could then not
+			// start bash in /root, the default cwd, ever again for the key.
+			// Its owner's r-x are what a cwd needs; a read-only home (the
+			// 555 of a chmod -R a-w) stays read-only.
+			fi, err = os.Lstat(d)
+			if err == nil {
+				err = os.Chmod(d, fi.Mode()&(fs.ModePerm|fs.ModeSticky)|0o500)
+			}
+			if err != nil {
 				return fsDirs{}, false, fmt.Errorf("restore snapshot: %w", err)
 			}
 		}

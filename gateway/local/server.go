@@ -8,8 +8,11 @@
 // What the server does beyond the wire format:
 //   - A create's timeoutMs is the sandbox's lifetime (0: 1 h) and its
 //     idleTimeoutMs the time it may go without a running exec (0: 5 min);
-//     both at most 24 h. cpu, memoryMiB, diskMiB and image are accepted
-//     and not enforced: sandboxes share the host.
+//     both at most 24 h. image, cpu, memoryMiB and diskMiB apply where
+//     the gateway can: images with an image source (Config.ImagesDir,
+//     Pull), limits with cgroups and mounts (root); see runtime.go. What
+//     cannot be enforced is logged at start and shown per sandbox by
+//     GET /v1/sandboxes.
 //   - The same x-idempotency-key gives the same sandbox id, also to
 //     concurrent creates, until ExecRetention after that sandbox ended.
 //   - An exec's timeoutMs (0: none but the sandbox's lifetime) kills its
@@ -49,6 +52,7 @@ import (
 	"time"
 
 	"github.com/boxq/boxq/gateway"
+	"github.com/boxq/boxq/gateway/limits"
 )
 
 // Server serves the gateway API. Create it with New; end it with Close.
@@ -66,6 +70,7 @@ type Server struct {
 	lockFile         *os.File
 	handler          http.Handler
 	snapLocks        keyedMutex
+	res              *resources
 
 	running atomic.Int64 // execs running over all sandboxes
 
@@ -163,6 +168,11 @@ func New(cfg Config) (*Server, error) {
 		user = nil
 	}
 	s.launcher = launcher{mode: mode, bwrap: cfg.BwrapPath, user: user, view: hostView(s.stateDir, s.sandboxesDir)}
+	if err := s.setupResources(); err != nil {
+		s.closeResources()
+		s.releaseStateDir()
+		return nil, err
+	}
 	s.handler = s.routes()
 
 	ctx, cancel := context.WithCancel(context.Background())
@@ -216,6 +226,7 @@ func (s *Server) close(ctx context.Context) error {
 			errs = append(errs, err)
 		}
 	}
+	s.closeResources()
 	s.releaseStateDir()
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("local: close: %w", err)
@@ -261,6 +272,10 @@ func (s *Server) openStateDir() error {
 	// are their files. Snapshots stay.
 	s.runDir = filepath.Join(dir, "run")
 	s.trashDir = filepath.Join(dir, "trash")
+	// A crashed run may have left its sandboxes' disks and overlays mounted.
+	if err := limits.UnmountUnder(filepath.Join(dir, "sandboxes")); err != nil {
+		return fmt.Errorf("local: state dir: %w", err)
+	}
 	for _, d := range []string{"sandboxes", "run", "trash"} {
 		// What cannot go does not stop the gateway: the new sandboxes'
 		// ids are new, and the next start tries again.
@@ -300,6 +315,10 @@ func (s *Server) openSandboxesDir(user *owner) error {
 	}
 	// What is there is an earlier run's, or someone else's: it goes (a
 	// symlink is removed, not followed), and Mkdir makes a new one or fails.
+	// Its sandboxes' disks and overlays may still be mounted.
+	if err := limits.UnmountUnder(dir); err != nil {
+		return err
+	}
 	if err := removeTree(dir); err != nil {
 		return err
 	}
@@ -340,6 +359,7 @@ func (s *Server) removeOrphanSandboxesDirs(mine string) {
 		if _, err := os.Lstat(string(state)); !errors.Is(err, os.ErrNotExist) {
 			continue // its gateway, or the next one, will see to it
 		}
+		_ = limits.UnmountUnder(d) // a killed gateway's disks and overlays
 		if err := removeTree(d); err != nil {
 			s.log.Warn("cannot remove an orphan sandboxes dir", "path", d, "error", err)
 		} else {
@@ -451,7 +471,20 @@ func (s *Server) retainIdemLocked(sb *sandbox, now time.Time) {
 	if e := s.idem[sb.idemKey]; e != nil && e.id == sb.id {
 		s.idemFIFO = append(s.idemFIFO, expiring{until: now.Add(s.cfg.ExecRetention), key: sb.idemKey})
 	}
+	// Bounded in number too, the oldest forgotten first: a loop of create
+	// and terminate with a new key each would otherwise grow the memory
+	// without limit (up to 1 KiB a key) until the first ones expire.
+	for len(s.idemFIFO) > maxEndedIdemKeys {
+		delete(s.idem, s.idemFIFO[0].key)
+		s.idemFIFO[0] = expiring{}
+		s.idemFIFO = s.idemFIFO[1:]
+	}
 }
+
+// maxEndedIdemKeys bounds the idempotency keys of ended sandboxes kept:
+// some 20 MiB at most with keys of the largest size, and ended sandboxes
+// at 27 a second for the whole ExecRetention before a key goes early.
+const maxEndedIdemKeys = 16 << 10
 
 // retainLocked keeps e, which has just finished in sb, for polls, and
 // evicts the oldest finished execs while the caps are exceeded. s.mu must
@@ -548,13 +581,17 @@ func (s *Server) finishEnd(ctx context.Context, sb *sandbox, snapshot bool, reas
 			x.dropped = true
 			s.retainedCount--
 			s.retainedBytes -= x.size
+			// Its entry stays in the queue until its time is up, no
+			// longer counted: it must not keep the output alive.
+			x.e, x.sb = nil, nil
 		}
 	}
 	s.mu.Unlock()
 
-	var err error
+	keep := snapshot && sb.persistent && sb.logicalKey != ""
+	err := s.releaseRuntime(sb, keep)
 	kept := false
-	if snapshot && sb.persistent && sb.logicalKey != "" {
+	if keep && err == nil {
 		if err = s.saveSnapshot(sb); err == nil {
 			kept = true
 		}

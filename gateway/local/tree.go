@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
-	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -153,18 +152,44 @@ type owner struct{ uid, gid int }
 // modification times, owned by own when it is not nil. Other kinds of
 // files (sockets, fifos, devices) are skipped: they do not survive a
 // snapshot. A source directory or file its owner cannot read is made
-// readable for the copy and given its mode back after.
+// readable for the copy and given its mode back after. Both sides go by
+// descriptors, so a tree deeper than PATH_MAX copies too.
 func copyTree(src, dst string, own *owner) error {
 	parent, err := unix.Open(filepath.Dir(src), unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return &fs.PathError{Op: "open", Path: filepath.Dir(src), Err: err}
 	}
 	defer unix.Close(parent)
-	return copyDirAt(parent, src, filepath.Base(src), dst, own)
+	dstParent, err := unix.Open(filepath.Dir(dst), unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return &fs.PathError{Op: "open", Path: filepath.Dir(dst), Err: err}
+	}
+	defer unix.Close(dstParent)
+	c := &treeCopy{own: own, dstRoot: dst, rootFD: -1}
+	return c.dirAt(parent, src, filepath.Base(src), dstParent, dst, filepath.Base(dst))
 }
 
-// copyDirAt copies the directory name in srcParent (at srcPath) to dst.
-func copyDirAt(srcParent int, srcPath, name, dst string, own *owner) error {
+// treeCopy is the state of one copyTree.
+type treeCopy struct {
+	own     *owner
+	dstRoot string // the copy's path
+	rootFD  int    // the copy's directory, open while the copy runs
+	// links maps a file with more than one link, by device and inode, to
+	// the path of its copy from dstRoot: its other names in the source are
+	// linked to that copy, not copied again. A file and a thousand links
+	// to it cost a command its size once, and so does the copy.
+	links     map[[2]uint64]string
+	linkBytes int // the paths in links, bounded by maxLinkBytes
+}
+
+// maxLinkBytes bounds the memory links takes: beyond it, more links of a
+// file not yet seen are copied as files.
+const maxLinkBytes = 16 << 20
+
+// dirAt copies the directory name in srcParent (at srcPath) to dstName
+// in dstParent (at dstPath).
+func (c *treeCopy) dirAt(srcParent int, srcPath, name string, dstParent int, dstPath, dstName string) error {
+	own := c.own
 	var st unix.Stat_t
 	if err := unix.Fstatat(srcParent, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 		return &fs.PathError{Op: "stat", Path: srcPath, Err: err}
@@ -179,32 +204,43 @@ func copyDirAt(srcParent int, srcPath, name, dst string, own *owner) error {
 		defer chmodFD(fd, mode) //nolint:errcheck // best effort: the copy is what matters
 	}
 	// Writable until its contents are in; its own mode comes last.
-	if err := os.Mkdir(dst, 0o700); err != nil {
-		return err
+	if err := unix.Mkdirat(dstParent, dstName, 0o700); err != nil {
+		return &fs.PathError{Op: "mkdir", Path: dstPath, Err: err}
 	}
+	dfd, err := unix.Openat(dstParent, dstName, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return &fs.PathError{Op: "open", Path: dstPath, Err: err}
+	}
+	defer unix.Close(dfd)
+	if c.rootFD < 0 {
+		c.rootFD = dfd
+	}
+	copyOpaque(fd, dfd)
 	names, err := readNames(fd, srcPath)
 	if err != nil {
 		return err
 	}
 	for _, n := range names {
-		if err := copyEntryAt(fd, filepath.Join(srcPath, n), n, filepath.Join(dst, n), own); err != nil {
+		if err := c.entryAt(fd, filepath.Join(srcPath, n), n, dfd, filepath.Join(dstPath, n)); err != nil {
 			return err
 		}
 	}
 	if own != nil {
-		if err := os.Lchown(dst, own.uid, own.gid); err != nil {
-			return err
+		if err := unix.Fchown(dfd, own.uid, own.gid); err != nil {
+			return &fs.PathError{Op: "chown", Path: dstPath, Err: err}
 		}
 	}
-	perm := fs.FileMode(st.Mode & 0o777)
-	if st.Mode&unix.S_ISVTX != 0 {
-		perm |= fs.ModeSticky // a /tmp stays one
+	// The permission bits, and the sticky bit: a /tmp stays one.
+	if err := unix.Fchmod(dfd, st.Mode&(0o777|unix.S_ISVTX)); err != nil {
+		return &fs.PathError{Op: "chmod", Path: dstPath, Err: err}
 	}
-	return os.Chmod(dst, perm)
+	return nil
 }
 
-// copyEntryAt copies the entry name of the directory dirfd.
-func copyEntryAt(dirfd int, srcPath, name, dst string, own *owner) error {
+// entryAt copies the entry name of the directory dirfd to the same name
+// in dstDir.
+func (c *treeCopy) entryAt(dirfd int, srcPath, name string, dstDir int, dstPath string) error {
+	own := c.own
 	var st unix.Stat_t
 	if err := unix.Fstatat(dirfd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 		if errors.Is(err, unix.ENOENT) {
@@ -214,27 +250,72 @@ func copyEntryAt(dirfd int, srcPath, name, dst string, own *owner) error {
 	}
 	switch st.Mode & unix.S_IFMT {
 	case unix.S_IFDIR:
-		return copyDirAt(dirfd, srcPath, name, dst, own)
+		return c.dirAt(dirfd, srcPath, name, dstDir, dstPath, name)
 	case unix.S_IFREG:
-		return copyFileAt(dirfd, srcPath, name, dst, &st, own)
+		return c.fileAt(dirfd, srcPath, name, dstDir, dstPath, &st)
+	case unix.S_IFCHR:
+		if st.Rdev != 0 {
+			return nil // a device: skipped
+		}
+		// A file of the image that the sandbox deleted (runtime.go): a
+		// whiteout, mode 0, device 0:0, as overlayfs makes them.
+		if err := unix.Mknodat(dstDir, name, unix.S_IFCHR, 0); err != nil {
+			return &fs.PathError{Op: "mknod", Path: dstPath, Err: err}
+		}
+		if own != nil {
+			if err := unix.Fchownat(dstDir, name, own.uid, own.gid, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+				return &fs.PathError{Op: "chown", Path: dstPath, Err: err}
+			}
+		}
 	case unix.S_IFLNK:
 		buf := make([]byte, unix.PathMax)
 		n, err := unix.Readlinkat(dirfd, name, buf)
 		if err != nil {
 			return &fs.PathError{Op: "readlink", Path: srcPath, Err: err}
 		}
-		if err := os.Symlink(string(buf[:n]), dst); err != nil {
-			return err
+		if err := unix.Symlinkat(string(buf[:n]), dstDir, name); err != nil {
+			return &fs.PathError{Op: "symlink", Path: dstPath, Err: err}
 		}
 		if own != nil {
-			return os.Lchown(dst, own.uid, own.gid)
+			if err := unix.Fchownat(dstDir, name, own.uid, own.gid, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+				return &fs.PathError{Op: "chown", Path: dstPath, Err: err}
+			}
 		}
 	}
 	return nil
 }
 
-// copyFileAt copies the regular file name of dirfd to dst.
-func copyFileAt(dirfd int, srcPath, name, dst string, st *unix.Stat_t, own *owner) error {
+// fileAt copies the regular file name of dirfd to the same name in
+// dstDir, or links it to the copy of another of its names.
+func (c *treeCopy) fileAt(dirfd int, srcPath, name string, dstDir int, dstPath string, st *unix.Stat_t) error {
+	if st.Nlink < 2 || st.Size == 0 {
+		return copyFileAt(dirfd, srcPath, name, dstDir, dstPath, st, c.own)
+	}
+	key := [2]uint64{st.Dev, st.Ino}
+	if first, ok := c.links[key]; ok {
+		if unix.Linkat(c.rootFD, first, dstDir, name, 0) == nil {
+			return nil
+		}
+		// Its first copy is out of reach (a directory of the copy the
+		// gateway cannot search, a path too long): copy it again.
+	}
+	if err := copyFileAt(dirfd, srcPath, name, dstDir, dstPath, st, c.own); err != nil {
+		return err
+	}
+	rel, err := filepath.Rel(c.dstRoot, dstPath)
+	if _, seen := c.links[key]; err == nil && !seen && len(rel) < unix.PathMax && c.linkBytes+len(rel) <= maxLinkBytes {
+		if c.links == nil {
+			c.links = make(map[[2]uint64]string)
+		}
+		c.links[key] = rel
+		c.linkBytes += len(rel)
+	}
+	return nil
+}
+
+// copyFileAt copies the regular file name of dirfd to the same name in
+// dstDir.
+func copyFileAt(dirfd int, srcPath, name string, dstDir int, dstPath string, st *unix.Stat_t, own *owner) error {
 	const flags = unix.O_RDONLY | unix.O_NOFOLLOW | unix.O_CLOEXEC | unix.O_NONBLOCK
 	fd, err := unix.Openat(dirfd, name, flags, 0)
 	if errors.Is(err, unix.EACCES) {
@@ -255,27 +336,69 @@ func copyFileAt(dirfd int, srcPath, name, dst string, st *unix.Stat_t, own *owne
 	}
 	in := os.NewFile(uintptr(fd), srcPath)
 	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	ofd, err := unix.Openat(dstDir, name, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
 	if err != nil {
-		return err
+		return &fs.PathError{Op: "open", Path: dstPath, Err: err}
 	}
-	if _, err := io.Copy(out, in); err != nil {
+	out := os.NewFile(uintptr(ofd), dstPath)
+	if err := copyData(out, in, fd, st.Size); err != nil {
 		out.Close()
 		return fmt.Errorf("copy %s: %w", srcPath, err)
 	}
-	if err := out.Close(); err != nil {
-		return err
-	}
 	if own != nil {
-		if err := os.Lchown(dst, own.uid, own.gid); err != nil {
-			return err
+		if err := unix.Fchown(ofd, own.uid, own.gid); err != nil {
+			out.Close()
+			return &fs.PathError{Op: "chown", Path: dstPath, Err: err}
 		}
 	}
 	// Setuid and setgid are dropped: a restored file must not carry more
 	// rights than its sandbox user has.
-	if err := os.Chmod(dst, fs.FileMode(st.Mode&0o777)); err != nil {
+	if err := unix.Fchmod(ofd, st.Mode&0o777); err != nil {
+		out.Close()
+		return &fs.PathError{Op: "chmod", Path: dstPath, Err: err}
+	}
+	if err := out.Close(); err != nil {
 		return err
 	}
-	mtime := time.Unix(st.Mtim.Unix())
-	return os.Chtimes(dst, mtime, mtime)
+	if err := unix.UtimesNanoAt(dstDir, name, []unix.Timespec{st.Mtim, st.Mtim}, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return &fs.PathError{Op: "chtimes", Path: dstPath, Err: err}
+	}
+	return nil
+}
+
+// copyData copies the size bytes of in (open at fd) to out, an empty
+// file, and only its data: its holes stay holes. A sparse file costs a
+// command nothing (truncate -s 10T), and a copy that wrote its zeros out
+// would fill the host's disk. Where the file system cannot say where the
+// data is, everything is copied.
+func copyData(out, in *os.File, fd int, size int64) error {
+	for off := int64(0); off < size; {
+		data, err := unix.Seek(fd, off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			break // nothing but a hole up to the end
+		}
+		hole := size
+		if err != nil {
+			data = off
+		} else if h, err := unix.Seek(fd, data, unix.SEEK_HOLE); err == nil {
+			hole = min(h, size)
+		}
+		if data >= hole {
+			break
+		}
+		if _, err := in.Seek(data, io.SeekStart); err != nil {
+			return err
+		}
+		if _, err := out.Seek(data, io.SeekStart); err != nil {
+			return err
+		}
+		// The file may have shrunk since its size was taken: what is
+		// there is copied.
+		if _, err := io.CopyN(out, in, hole-data); err != nil && !errors.Is(err, io.EOF) {
+			return err
+		}
+		off = hole
+	}
+	// A hole at the end has no data to write: the size makes it.
+	return out.Truncate(size)
 }

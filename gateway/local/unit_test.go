@@ -197,6 +197,9 @@ func TestConfig(t *testing.T) {
 		{"negative retention", Config{Token: "t", ExecRetention: -time.Second}, "exec retention -1s"},
 		{"negative janitor interval", Config{Token: "t", JanitorInterval: -time.Second}, "janitor interval -1s"},
 		{"bwrap missing", Config{Token: "t", Isolation: IsolationBwrap, BwrapPath: "/nonexistent/bwrap"}, "bubblewrap not found"},
+		{"negative max pids", Config{Token: "t", MaxPids: -1}, "max pids -1"},
+		{"image default without a source", Config{Token: "t", ImageDefault: "python:3.11"}, "needs an image source"},
+		{"images without isolation", Config{Token: "t", Isolation: IsolationNone, ImagesDir: "/nonexistent"}, "images need bubblewrap isolation"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -10,10 +10,8 @@ import (
 	"time"
 
 	"github.com/hibiken/asynq"
-	"github.com/hibiken/asynqmon"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/boxq/boxq/gateway"
@@ -33,9 +31,15 @@ type WorkerOptions struct {
 	TaskCheckInterval time.Duration
 	ShutdownTimeout   time.Duration
 	Queues            map[string]int
-	// HTTPAddr serves /metrics, /healthz and /monitoring/ ("" = none).
+	// HTTPAddr serves /metrics, /healthz, /readyz and /monitoring/ ("" =
+	// none).
 	HTTPAddr string
-	Logger   *slog.Logger
+	// HTTPToken guards /monitoring/ (a bearer token, or the password of
+	// HTTP Basic auth); "" serves no dashboard. MetricsAuth guards
+	// /metrics with it too.
+	HTTPToken   string
+	MetricsAuth bool
+	Logger      *slog.Logger
 	// OnReady, when set, is called once the worker serves, with the
 	// address the HTTP endpoints listen on ("" without HTTPAddr).
 	OnReady func(httpAddr string)
@@ -97,10 +101,18 @@ func RunWorker(ctx context.Context, o WorkerOptions) error {
 		return err
 	}
 
+	// Records made by an older boxq, before the fan-out index existed, join
+	// it (once per Redis: later starts cost one command).
+	if n, err := pool.Index().Backfill(ctx); err != nil {
+		log.Warn("backfill the fan-out index of task ids", "err", err)
+	} else if n > 0 {
+		log.Info("added existing sandboxes to the fan-out index", "count", n)
+	}
+
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	insp := asynq.NewInspectorFromRedisClient(rdb)
-	metrics, err := jobs.NewMetrics(reg, pool.Live, insp)
+	metrics, err := jobs.NewMetrics(reg, pool.Created, insp)
 	if err != nil {
 		return fmt.Errorf("register metrics: %w", err)
 	}
@@ -125,12 +137,16 @@ func RunWorker(ctx context.Context, o WorkerOptions) error {
 			return fmt.Errorf("-http %s: %w", o.HTTPAddr, err)
 		}
 		httpAddr = ln.Addr().String()
-		httpSrv = &http.Server{Handler: httpHandler(rdb, reg), ReadHeaderTimeout: 10 * time.Second}
+		h := httpHandler(httpConfig{rdb: rdb, reg: reg, gw: gw, token: o.HTTPToken, metricsAuth: o.MetricsAuth, log: log})
+		httpSrv = &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
 		go func() { served <- httpSrv.Serve(ln) }()
+		if o.HTTPToken == "" {
+			log.Warn("no " + EnvHTTPToken + ": the dashboard (/monitoring/) is not served; set it to log in with it")
+		}
 		log.Info("serving metrics, health and dashboard", "addr", httpAddr,
-			"metrics", "http://"+httpAddr+"/metrics", "dashboard", "http://"+httpAddr+"/monitoring/")
+			"metrics", "http://"+httpAddr+"/metrics", "dashboard", "http://"+httpAddr+"/monitoring/", "metrics_auth", o.MetricsAuth)
 	}
-	log.Info("worker started", "concurrency", concurrency, "gateway", RedactURL(o.GatewayURL), "idle_ttl", o.IdleTTL)
+	log.Info("worker started", "concurrency", concurrency, "queues", FormatQueues(o.Queues), "gateway", RedactURL(o.GatewayURL), "idle_ttl", o.IdleTTL)
 	if o.OnReady != nil {
 		o.OnReady(httpAddr)
 	}
@@ -145,29 +161,4 @@ func RunWorker(ctx context.Context, o WorkerOptions) error {
 	}
 	log.Info("worker stopped")
 	return err
-}
-
-// sharedRedis hands asynqmon the worker's own Redis client.
-type sharedRedis struct{ c redis.UniversalClient }
-
-func (s sharedRedis) MakeRedisClient() any { return s.c }
-
-func httpHandler(rdb redis.UniversalClient, reg *prometheus.Registry) http.Handler {
-	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
-		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
-		defer cancel()
-		w.Header().Set("Content-Type", "application/json")
-		if err := rdb.Ping(ctx).Err(); err != nil {
-			w.WriteHeader(http.StatusServiceUnavailable)
-			fmt.Fprintf(w, "{\"status\":\"unhealthy\",\"error\":%q}\n", "redis: "+err.Error())
-			return
-		}
-		fmt.Fprintln(w, `{"status":"ok"}`)
-	})
-	mon := asynqmon.New(asynqmon.Options{RootPath: "/monitoring", RedisConnOpt: sharedRedis{rdb}})
-	mux.Handle("/monitoring/", mon)
-	mux.Handle("GET /{$}", http.RedirectHandler("/monitoring/", http.StatusFound))
-	return mux
 }

@@ -1,0 +1,524 @@
+package jobs
+
+import (
+	"cmp"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/hibiken/asynq"
+	"github.com/redis/go-redis/v9"
+	"github.com/robfig/cron/v3"
+
+	"github.com/boxq/boxq/sandboxpool"
+)
+
+// Recurring schedules (enqueue -schedule).
+//
+// A schedule is a cron spec and what each of its ticks enqueues: a job for
+// one task (-task), a job for each task whose sandbox matches a glob
+// (-tasks), or a terminate of each (-terminate). Schedules live in Redis
+// (P schedules, a hash: name → JSON), and every worker runs them
+// (Scheduler): each worker computes the same tick times, anchored to the
+// clock, and derives the id of each tick's jobs from the schedule's name,
+// the tick's time and the task, so that however many workers tick, asynq
+// takes each job once (its task id is unique; Producer.Enqueue's join
+// finds a job that exists). Workers read the schedules again on every
+// reap tick: a schedule added, changed or removed takes effect within one
+// reap tick, without a restart. Ticks that fell while no worker ran are
+// not back-filled: a worker fires only the ticks that fall while it runs
+// (the latest one, when it was paused over several).
+//
+// Keys (P = the prefix, "boxq:"): P schedules (hash, name → Schedule JSON)
+// and P schedlast:NAME (string, the schedule's last run: its tick and its
+// jobs). Each is one key per command or script: they fit a Redis Cluster
+// as they are.
+
+// Schedule is a recurring schedule as stored in Redis.
+type Schedule struct {
+	Name string `json:"name"`
+	// Cron is the spec, as asynq's scheduler takes it: five fields
+	// (minute hour day-of-month month day-of-week) or a descriptor
+	// (@hourly, @daily, @every 30s, …).
+	Cron string `json:"cron"`
+	// TZ is the zone the spec is read in (IANA name; default UTC).
+	TZ string `json:"tz,omitempty"`
+	// Task is the one task each tick runs Job in; Tasks a glob of tasks
+	// (sandboxpool.GlobSyntax) matched at each tick. One of the two.
+	Task  string `json:"task,omitempty"`
+	Tasks string `json:"tasks,omitempty"`
+	// Terminate: each tick terminates the tasks' sandboxes (as enqueue
+	// -terminate; IfIdle: only those with nothing running or waiting)
+	// instead of running a job.
+	Terminate bool `json:"terminate,omitempty"`
+	IfIdle    bool `json:"if_idle,omitempty"`
+	// Job is what each tick runs (its task_id is the task's, its id
+	// derived from the tick); nil with Terminate.
+	Job *Job `json:"job,omitempty"`
+	// UpdatedAt is when the schedule was last set: ticks before it are not
+	// its own.
+	UpdatedAt time.Time `json:"updated_at"`
+}
+
+var scheduleName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$`)
+
+// ParseCron reads a cron spec in a zone ("" is UTC), as Schedule.Validate
+// does.
+func ParseCron(spec, tz string) (cron.Schedule, *time.Location, error) {
+	loc := time.UTC
+	if tz != "" {
+		var err error
+		if loc, err = time.LoadLocation(tz); err != nil {
+			return nil, nil, fmt.Errorf("invalid schedule: unknown time zone %q (an IANA name, such as Europe/Paris)", tz)
+		}
+	}
+	if strings.HasPrefix(spec, "TZ=") || strings.HasPrefix(spec, "CRON_TZ=") {
+		return nil, nil, errors.New("invalid schedule: give the zone with -tz (the tz field), not in the spec")
+	}
+	s, err := cron.ParseStandard(spec)
+	if err != nil {
+		return nil, nil, fmt.Errorf("invalid schedule: cron spec %q: %v (five fields: minute hour day-of-month month day-of-week, or @every 30s, @hourly, @daily …)", spec, err)
+	}
+	return s, loc, nil
+}
+
+// Validate checks a schedule as -schedule takes it.
+func (s *Schedule) Validate() error {
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("invalid schedule: "+format, args...)
+	}
+	if !scheduleName.MatchString(s.Name) {
+		return bad("name %q: 1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit", shorten(s.Name, 120))
+	}
+	if _, _, err := ParseCron(s.Cron, s.TZ); err != nil {
+		return err
+	}
+	switch {
+	case (s.Task == "") == (s.Tasks == ""):
+		return bad("give either a task (-task) or a glob of tasks (-tasks)")
+	case s.Terminate && s.Job != nil:
+		return bad("a terminate schedule runs no command")
+	case !s.Terminate && s.Job == nil:
+		return bad("a schedule needs a command (or -terminate)")
+	case s.IfIdle && !s.Terminate:
+		return bad("if_idle goes with terminate")
+	}
+	if s.Tasks != "" {
+		if _, err := sandboxpool.CompileGlob(s.Tasks); err != nil {
+			return bad("%v", err)
+		}
+	}
+	if s.Job != nil {
+		j := *s.Job
+		j.TaskID = cmp.Or(s.Task, "t")
+		if j.ID != "" || j.RunAt != nil {
+			return bad("a schedule's job has no id or run_at: each tick's job gets its own")
+		}
+		if err := j.Validate(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Next returns the schedule's first tick after t. An @every interval
+// counts from the Unix epoch in the schedule's zone (robfig's counts from
+// each caller's start), so that every worker computes the same ticks.
+func (s *Schedule) Next(t time.Time) (time.Time, error) {
+	cs, loc, err := ParseCron(s.Cron, s.TZ)
+	if err != nil {
+		return time.Time{}, err
+	}
+	return nextTick(cs, loc, t), nil
+}
+
+func nextTick(cs cron.Schedule, loc *time.Location, t time.Time) time.Time {
+	if every, ok := cs.(cron.ConstantDelaySchedule); ok {
+		d := int64(every.Delay / time.Second) // robfig: whole seconds, at least 1
+		_, off := t.In(loc).Zone()
+		local := t.Unix() + int64(off)
+		next := (floorDiv(local, d)+1)*d - int64(off)
+		return time.Unix(next, 0).In(loc)
+	}
+	return cs.Next(t.In(loc))
+}
+
+func floorDiv(a, b int64) int64 {
+	q := a / b
+	if a%b != 0 && (a < 0) != (b < 0) {
+		q--
+	}
+	return q
+}
+
+// latestTick returns the last tick in (after, upTo], if any.
+func latestTick(cs cron.Schedule, loc *time.Location, after, upTo time.Time) (time.Time, bool) {
+	var last time.Time
+	// Bounded: a worker paused for long fires one tick, the latest.
+	for t, n := nextTick(cs, loc, after), 0; !t.IsZero() && !t.After(upTo) && n < 100_000; t, n = nextTick(cs, loc, t), n+1 {
+		last = t
+	}
+	return last, !last.IsZero()
+}
+
+// ScheduleRun is a schedule's last run.
+type ScheduleRun struct {
+	Tick    time.Time     `json:"tick"`
+	FiredAt time.Time     `json:"fired_at"`
+	Jobs    []ScheduleJob `json:"jobs"`
+	// More counts jobs beyond those listed (a fan-out over very many tasks
+	// keeps the first maxRunJobs).
+	More int `json:"more,omitempty"`
+	// Error says why the tick enqueued nothing, or not everything.
+	Error string `json:"error,omitempty"`
+}
+
+// ScheduleJob is one job of a run.
+type ScheduleJob struct {
+	ID    string `json:"id"`
+	Queue string `json:"queue"`
+	Task  string `json:"task"`
+}
+
+const maxRunJobs = 10_000
+
+func (s store) schedulesKey() string            { return s.prefix + "schedules" }
+func (s store) schedLastKey(name string) string { return s.prefix + "schedlast:" + name }
+
+// SetSchedule adds or replaces a schedule. It takes effect within one reap
+// tick of the workers.
+func (p *Producer) SetSchedule(ctx context.Context, s Schedule) error {
+	if err := s.Validate(); err != nil {
+		return err
+	}
+	// Redis's clock, not this machine's: ticks before it are not the
+	// schedule's, and the workers should agree on when that was.
+	now, err := p.rdb.Time(ctx).Result()
+	if err != nil {
+		return fmt.Errorf("jobs: store schedule %q: %w", s.Name, err)
+	}
+	s.UpdatedAt = now.UTC()
+	b, err := json.Marshal(s)
+	if err != nil {
+		return fmt.Errorf("jobs: encode schedule: %w", err)
+	}
+	if err := p.rdb.HSet(ctx, p.store.schedulesKey(), s.Name, b).Err(); err != nil {
+		return fmt.Errorf("jobs: store schedule %q: %w", s.Name, err)
+	}
+	return nil
+}
+
+// ErrNoSchedule is returned for a schedule name that is not set.
+var ErrNoSchedule = errors.New("no such schedule")
+
+// Unschedule removes a schedule (and the record of its last run). Jobs its
+// ticks enqueued are left as they are.
+func (p *Producer) Unschedule(ctx context.Context, name string) error {
+	n, err := p.rdb.HDel(ctx, p.store.schedulesKey(), name).Result()
+	if err != nil {
+		return fmt.Errorf("jobs: remove schedule %q: %w", name, err)
+	}
+	if n == 0 {
+		return fmt.Errorf("%w: %q", ErrNoSchedule, name)
+	}
+	p.rdb.Del(ctx, p.store.schedLastKey(name))
+	return nil
+}
+
+// Schedules returns every schedule, by name.
+func (s store) schedules(ctx context.Context) ([]Schedule, error) {
+	m, err := s.rdb.HGetAll(ctx, s.schedulesKey()).Result()
+	if err != nil {
+		return nil, fmt.Errorf("jobs: read schedules: %w", err)
+	}
+	out := make([]Schedule, 0, len(m))
+	for name, v := range m {
+		var sc Schedule
+		if err := json.Unmarshal([]byte(v), &sc); err != nil {
+			return nil, fmt.Errorf("jobs: schedule %q: %w", name, err)
+		}
+		out = append(out, sc)
+	}
+	slices.SortFunc(out, func(a, b Schedule) int { return strings.Compare(a.Name, b.Name) })
+	return out, nil
+}
+
+// ScheduleStatus is a schedule with its next tick and its last run.
+type ScheduleStatus struct {
+	Schedule
+	Next time.Time `json:"next"`
+	// Last is nil when no tick has run since the schedule was set.
+	Last *ScheduleRun `json:"last,omitempty"`
+	// Results counts the last run's jobs by outcome: "completed rc 0",
+	// "cancelled rc 130", "terminated", "busy", or their state while they
+	// have no result ("pending", "active", …).
+	Results map[string]int `json:"results,omitempty"`
+}
+
+// Schedules returns every schedule with its next tick and its last run's
+// results.
+func (p *Producer) Schedules(ctx context.Context) ([]ScheduleStatus, error) {
+	defs, err := p.store.schedules(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]ScheduleStatus, 0, len(defs))
+	for _, d := range defs {
+		st := ScheduleStatus{Schedule: d}
+		if st.Next, err = d.Next(time.Now()); err != nil {
+			return nil, err
+		}
+		b, err := p.rdb.Get(ctx, p.store.schedLastKey(d.Name)).Bytes()
+		if err != nil && !errors.Is(err, redis.Nil) {
+			return nil, fmt.Errorf("jobs: read the last run of %q: %w", d.Name, err)
+		}
+		if err == nil {
+			var run ScheduleRun
+			if err := json.Unmarshal(b, &run); err != nil {
+				return nil, fmt.Errorf("jobs: the last run of %q: %w", d.Name, err)
+			}
+			st.Last = &run
+			if st.Results, err = p.runResults(ctx, run.Jobs); err != nil {
+				return nil, err
+			}
+		}
+		out = append(out, st)
+	}
+	return out, nil
+}
+
+// runResults counts the outcomes of a run's jobs.
+func (p *Producer) runResults(ctx context.Context, js []ScheduleJob) (map[string]int, error) {
+	byQueue := map[string][]string{}
+	for _, j := range js {
+		byQueue[j.Queue] = append(byQueue[j.Queue], j.ID)
+	}
+	counts := map[string]int{}
+	for q, ids := range byQueue {
+		states, err := p.store.lookup(ctx, q, ids)
+		if err != nil {
+			return nil, err
+		}
+		for _, st := range states {
+			counts[outcomeOf(st)]++
+		}
+	}
+	return counts, nil
+}
+
+func outcomeOf(st taskState) string {
+	if !st.exists {
+		return "gone"
+	}
+	if st.result == nil {
+		return st.state
+	}
+	var r struct {
+		Status     string `json:"status"`
+		ReturnCode *int   `json:"returncode"`
+	}
+	if json.Unmarshal(st.result, &r) != nil || r.Status == "" {
+		return "done"
+	}
+	if r.ReturnCode == nil {
+		return r.Status // a terminate's outcome: terminated, busy
+	}
+	return r.Status + " rc " + strconv.Itoa(*r.ReturnCode)
+}
+
+// setLastScript records a schedule's run, unless a later tick's run is
+// recorded already (workers write the same run of a tick; a late one must
+// not hide a newer tick).
+//
+// KEYS: 1 P schedlast:NAME. ARGV: 1 tick (unix s), 2 the run's JSON.
+var setLastScript = redis.NewScript(`
+local cur = redis.call('GET', KEYS[1])
+if cur then
+	local ok, run = pcall(cjson.decode, cur)
+	if ok and tonumber(run['tick_unix'] or 0) > tonumber(ARGV[1]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+`)
+
+// Scheduler runs the schedules stored in Redis. Every worker runs one.
+type Scheduler struct {
+	prod   *Producer
+	index  *sandboxpool.Index
+	reload time.Duration
+	now    func() time.Time
+	log    *slog.Logger
+}
+
+// NewScheduler returns a Scheduler that reads the schedules every reload
+// (the reap tick), with the clock now.
+func NewScheduler(prod *Producer, index *sandboxpool.Index, reload time.Duration, now func() time.Time, log *slog.Logger) *Scheduler {
+	return &Scheduler{prod: prod, index: index, reload: reload, now: now, log: log.With("component", "scheduler")}
+}
+
+// Run fires the schedules' ticks until ctx ends.
+func (s *Scheduler) Run(ctx context.Context) error {
+	last := s.now()
+	var (
+		defs     []Schedule
+		parsed   = map[string]cron.Schedule{}
+		locs     = map[string]*time.Location{}
+		nextLoad time.Time
+	)
+	for {
+		t := s.now()
+		if !t.Before(nextLoad) {
+			if d, err := s.prod.store.schedules(ctx); err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				s.log.Warn("read schedules", "err", err)
+			} else {
+				defs = d
+				clear(parsed)
+				for _, d := range defs {
+					cs, loc, err := ParseCron(d.Cron, d.TZ)
+					if err != nil {
+						s.log.Warn("schedule has a bad spec; skipped", "schedule", d.Name, "err", err)
+						continue
+					}
+					parsed[d.Name], locs[d.Name] = cs, loc
+				}
+			}
+			nextLoad = t.Add(s.reload)
+		}
+		wake := nextLoad
+		for _, d := range defs {
+			cs, ok := parsed[d.Name]
+			if !ok {
+				continue
+			}
+			from := last
+			if d.UpdatedAt.After(from) {
+				from = d.UpdatedAt
+			}
+			if tick, ok := latestTick(cs, locs[d.Name], from, t); ok {
+				s.fire(ctx, d, tick)
+			}
+			if n := nextTick(cs, locs[d.Name], t); n.Before(wake) {
+				wake = n
+			}
+		}
+		last = t
+		timer := time.NewTimer(max(wake.Sub(s.now()), time.Millisecond))
+		select {
+		case <-ctx.Done():
+			timer.Stop()
+			return nil
+		case <-timer.C:
+		}
+	}
+}
+
+// fire enqueues one tick's jobs, with ids derived from (schedule, tick,
+// task), and records the run.
+func (s *Scheduler) fire(ctx context.Context, d Schedule, tick time.Time) {
+	log := s.log.With("schedule", d.Name, "tick", tick.UTC().Format(time.RFC3339))
+	run := ScheduleRun{Tick: tick.UTC(), FiredAt: time.Now().UTC()}
+	tasks := []string{d.Task}
+	if d.Tasks != "" {
+		g, err := sandboxpool.CompileGlob(d.Tasks)
+		if err == nil {
+			tasks, err = s.index.Match(ctx, g)
+		}
+		if err != nil {
+			log.Warn("match the schedule's tasks", "err", err)
+			run.Error = err.Error()
+			tasks = nil
+		}
+	}
+	var firstErr error
+	for _, task := range tasks {
+		id := TickJobID(d.Name, tick, task, d.Tasks != "", d.Terminate)
+		sj := ScheduleJob{ID: id, Queue: DefaultQueue, Task: task}
+		var err error
+		if d.Terminate {
+			sj.Queue = MaintenanceQueue
+			err = s.prod.terminateTick(ctx, task, d.IfIdle, id)
+		} else {
+			j := *d.Job
+			j.ID, j.TaskID = id, task
+			sj.Queue = j.QueueName()
+			_, err = s.prod.Enqueue(ctx, j, "")
+		}
+		if err != nil {
+			if firstErr == nil {
+				firstErr = err
+			}
+			continue
+		}
+		if len(run.Jobs) < maxRunJobs {
+			run.Jobs = append(run.Jobs, sj)
+		} else {
+			run.More++
+		}
+	}
+	if firstErr != nil {
+		log.Warn("enqueue the tick's jobs", "err", firstErr)
+		run.Error = firstErr.Error()
+	}
+	log.Info("schedule tick", "jobs", len(run.Jobs)+run.More)
+	if err := s.prod.store.setLast(ctx, d.Name, run); err != nil {
+		log.Warn("record the schedule's run", "err", err)
+	}
+}
+
+func (s store) setLast(ctx context.Context, name string, run ScheduleRun) error {
+	b, err := json.Marshal(struct {
+		TickUnix int64 `json:"tick_unix"`
+		ScheduleRun
+	}{run.Tick.Unix(), run})
+	if err != nil {
+		return fmt.Errorf("jobs: encode run: %w", err)
+	}
+	return setLastScript.Run(ctx, s.rdb, []string{s.schedLastKey(name)}, run.Tick.Unix(), b).Err()
+}
+
+// TickJobID is the id of the job a schedule's tick enqueues for a task:
+// the same on every worker, so that the tick's job is enqueued once.
+// Long task ids are replaced by their hash, within MaxJobIDBytes.
+func TickJobID(name string, tick time.Time, task string, fanOut, terminate bool) string {
+	id := "sched:" + name + ":" + strconv.FormatInt(tick.Unix(), 10)
+	if terminate {
+		id += ":terminate"
+	}
+	if !fanOut && !terminate {
+		return id
+	}
+	if len(id)+1+len(task) > MaxJobIDBytes {
+		sum := sha256.Sum256([]byte(task))
+		task = "sha256-" + hex.EncodeToString(sum[:16])
+	}
+	return id + ":" + task
+}
+
+// terminateTick is Terminate for a schedule's tick: with the tick's job
+// id, and nothing done when another worker has enqueued it already.
+func (p *Producer) terminateTick(ctx context.Context, taskID string, ifIdle bool, id string) error {
+	// Looked up where terminate jobs go: another worker's enqueue of the
+	// tick must stop this one before its cancels of the task's jobs.
+	if n, err := p.rdb.Exists(ctx, taskKey(MaintenanceQueue, id)).Result(); err != nil {
+		return fmt.Errorf("jobs: look up %s: %w", id, err)
+	} else if n == 1 {
+		return nil
+	}
+	_, err := p.terminate(ctx, taskID, ifIdle, asynq.TaskID(id))
+	if errors.Is(err, asynq.ErrTaskIDConflict) {
+		return nil
+	}
+	return err
+}

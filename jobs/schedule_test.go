@@ -1,0 +1,266 @@
+package jobs_test
+
+import (
+	"context"
+	"log/slog"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hibiken/asynq"
+
+	"github.com/boxq/boxq/jobs"
+	"github.com/boxq/boxq/sandboxpool"
+)
+
+// TestScheduleTicksAnchoredToTheClock: @every ticks are multiples of the
+// interval since the epoch (in the zone), whoever asks and from when; cron
+// specs are read in their zone.
+func TestScheduleTicksAnchoredToTheClock(t *testing.T) {
+	every3 := jobs.Schedule{Name: "e", Cron: "@every 3s"}
+	base := time.Date(2026, 12, 3, 3, 0, 0, 0, time.UTC)
+	var grids [][]time.Time
+	for _, start := range []time.Time{base.Add(100 * time.Millisecond), base.Add(1100 * time.Millisecond), base.Add(2900 * time.Millisecond)} {
+		var grid []time.Time
+		for at := start; len(grid) < 3; {
+			n, err := every3.Next(at)
+			if err != nil {
+				t.Fatal(err)
+			}
+			grid = append(grid, n.UTC())
+			at = n
+		}
+		grids = append(grids, grid)
+	}
+	want := []time.Time{base.Add(3 * time.Second), base.Add(6 * time.Second), base.Add(9 * time.Second)}
+	for i, g := range grids {
+		if !slices.Equal(g, want) {
+			t.Errorf("start %d: ticks %v, want %v", i, g, want)
+		}
+	}
+	tests := []struct {
+		s     jobs.Schedule
+		after time.Time
+		want  time.Time
+	}{
+		{jobs.Schedule{Cron: "@every 24h", TZ: "Asia/Kolkata"}, base, time.Date(2026, 12, 3, 0, 0, 0, 0, mustZone(t, "Asia/Kolkata")).Add(24 * time.Hour)},
+		{jobs.Schedule{Cron: "0 3 * * *"}, base, base.Add(24 * time.Hour)},
+		{jobs.Schedule{Cron: "0 3 * * *", TZ: "America/New_York"}, base, time.Date(2026, 12, 3, 3, 0, 0, 0, mustZone(t, "America/New_York"))},
+		{jobs.Schedule{Cron: "@hourly"}, base.Add(time.Second), base.Add(time.Hour)},
+	}
+	for _, tt := range tests {
+		got, err := tt.s.Next(tt.after)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !got.Equal(tt.want) {
+			t.Errorf("%q in %q after %v: %v, want %v", tt.s.Cron, tt.s.TZ, tt.after, got, tt.want)
+		}
+	}
+}
+
+func mustZone(t *testing.T, name string) *time.Location {
+	t.Helper()
+	loc, err := time.LoadLocation(name)
+	if err != nil {
+		t.Skipf("no zone data: %v", err)
+	}
+	return loc
+}
+
+func TestScheduleValidate(t *testing.T) {
+	job := &jobs.Job{Command: "true"}
+	tests := []struct {
+		s    jobs.Schedule
+		want string
+	}{
+		{jobs.Schedule{Name: "a", Cron: "61 * * * *", Task: "t", Job: job}, "cron spec"},
+		{jobs.Schedule{Name: "a", Cron: "@every 1s", TZ: "Mars/Olympus", Task: "t", Job: job}, "unknown time zone"},
+		{jobs.Schedule{Name: "a b", Cron: "@every 1s", Task: "t", Job: job}, "name"},
+		{jobs.Schedule{Name: "a", Cron: "@every 1s", Job: job}, "either a task"},
+		{jobs.Schedule{Name: "a", Cron: "@every 1s", Tasks: "x[", Job: job}, "without its ]"},
+		{jobs.Schedule{Name: "a", Cron: "@every 1s", Task: "t"}, "needs a command"},
+		{jobs.Schedule{Name: "a", Cron: "@every 1s", Task: "t", Terminate: true, Job: job}, "runs no command"},
+	}
+	for _, tt := range tests {
+		if err := tt.s.Validate(); err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("Validate(%+v) = %v, want an error with %q", tt.s, err, tt.want)
+		}
+	}
+	ok := jobs.Schedule{Name: "nightly", Cron: "0 3 * * *", TZ: "Europe/Paris", Tasks: "**", Terminate: true}
+	if err := ok.Validate(); err != nil {
+		t.Errorf("Validate(%+v) = %v", ok, err)
+	}
+}
+
+// TestScheduleEachTickOnceAcrossWorkers: @every 2s, three workers started
+// at different times, for 10 s: 5 ± 1 runs, each tick once, counted from
+// the commands themselves.
+func TestScheduleEachTickOnceAcrossWorkers(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	err := s.prod.SetSchedule(ctx, jobs.Schedule{Name: "ticks", Cron: "@every 2s", Task: "sched",
+		Job: &jobs.Job{Command: "date +%s >> ~/ticks"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fast := func(c *jobs.WorkerConfig) { c.ReapEvery = 500 * time.Millisecond }
+	start := time.Now()
+	s.startWorker(t, fast)
+	time.Sleep(1300 * time.Millisecond)
+	s.startWorker(t, fast)
+	time.Sleep(1900 * time.Millisecond)
+	s.startWorker(t, fast)
+	time.Sleep(time.Until(start.Add(10 * time.Second)))
+	if err := s.prod.Unschedule(ctx, "ticks"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second) // one reload: no worker ticks any more
+	ids := tickJobs(t, s, "sched:ticks:")
+	waitFor(t, 20*time.Second, "the tick jobs to end", func() bool {
+		for _, id := range ids {
+			if info := taskInfo(t, s.rdb, id); len(info.Result) == 0 {
+				return false
+			}
+		}
+		return true
+	})
+	r := s.run1(t, jobs.Job{TaskID: "sched", Command: "cat ~/ticks"})
+	lines := strings.Fields(r.Output)
+	t.Logf("ticks run: %q; tick jobs: %q", lines, ids)
+	if len(lines) < 4 || len(lines) > 6 {
+		t.Errorf("%d runs in 10 s of @every 2s, want 5 ± 1", len(lines))
+	}
+	if len(lines) != len(ids) {
+		t.Errorf("%d runs, %d tick jobs: a tick ran twice or not at all", len(lines), len(ids))
+	}
+	if uniq := slices.Compact(slices.Sorted(slices.Values(lines))); len(uniq) != len(lines) {
+		t.Errorf("two runs in the same second: %q", lines)
+	}
+	for _, id := range ids {
+		sec := id[strings.LastIndex(id, ":")+1:]
+		if n := len(sec); n == 0 || (sec[n-1]-'0')%2 != 0 {
+			t.Errorf("tick job %s: not on the 2 s grid", id)
+		}
+	}
+}
+
+// tickJobs lists the ids of the jobs whose id starts with prefix, in the
+// default queue.
+func tickJobs(t *testing.T, s *stack, prefix string) []string {
+	t.Helper()
+	insp := asynq.NewInspectorFromRedisClient(s.rdb)
+	var ids []string
+	for _, list := range []func(string, ...asynq.ListOption) ([]*asynq.TaskInfo, error){
+		insp.ListPendingTasks, insp.ListActiveTasks, insp.ListScheduledTasks, insp.ListRetryTasks, insp.ListCompletedTasks, insp.ListArchivedTasks,
+	} {
+		infos, err := list(jobs.DefaultQueue, asynq.PageSize(1000))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, info := range infos {
+			if strings.HasPrefix(info.ID, prefix) {
+				ids = append(ids, info.ID)
+			}
+		}
+	}
+	slices.Sort(ids)
+	return slices.Compact(ids)
+}
+
+// TestScheduleChangedAndRemovedWhileWorkersRun: a changed schedule runs
+// its new command from the next reload on, a removed one stops, without a
+// restart.
+func TestScheduleChangedAndRemovedWhileWorkersRun(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	fast := func(c *jobs.WorkerConfig) { c.ReapEvery = 300 * time.Millisecond }
+	s.startWorker(t, fast)
+	s.startWorker(t, fast)
+	set := func(cmd string) {
+		t.Helper()
+		if err := s.prod.SetSchedule(ctx, jobs.Schedule{Name: "chg", Cron: "@every 1s", Task: "chg", Job: &jobs.Job{Command: cmd}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	log := func() []string {
+		r := s.run1(t, jobs.Job{TaskID: "chg", Command: "cat ~/log 2>/dev/null; true"})
+		return strings.Fields(r.Output)
+	}
+	count := func(lines []string, w string) (n int) {
+		for _, l := range lines {
+			if l == w {
+				n++
+			}
+		}
+		return n
+	}
+	set("echo a >> ~/log")
+	waitFor(t, 15*time.Second, "two runs of the schedule", func() bool { return count(log(), "a") >= 2 })
+	set("echo b >> ~/log")
+	waitFor(t, 15*time.Second, "three runs of the changed schedule", func() bool { return count(log(), "b") >= 3 })
+	if l := log(); l[len(l)-1] != "b" || l[len(l)-2] != "b" {
+		t.Errorf("the old command still runs after the change: %q", l)
+	}
+	if err := s.prod.Unschedule(ctx, "chg"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second) // a reload, and a tick in flight
+	n := len(log())
+	time.Sleep(2500 * time.Millisecond)
+	if got := len(log()); got != n {
+		t.Errorf("the removed schedule still runs: %d runs, then %d", n, got)
+	}
+	if err := s.prod.Unschedule(ctx, "chg"); err == nil {
+		t.Errorf("Unschedule of a removed schedule: no error")
+	}
+}
+
+// TestScheduleTerminateTickOnce: a terminate schedule's tick job lives in
+// the maintenance queue. A second worker firing the same tick finds it
+// there and does nothing: it does not cancel again the task's jobs
+// enqueued since, and the schedule's last run finds its job.
+func TestScheduleTerminateTickOnce(t *testing.T) {
+	s := newStack(t, stackOptions{}) // no worker: the jobs stay where they are
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	d := jobs.Schedule{Name: "term", Cron: "@every 1h", Task: "tt", Terminate: true}
+	if err := s.prod.SetSchedule(ctx, d); err != nil {
+		t.Fatal(err)
+	}
+	sch := jobs.NewScheduler(s.prod, sandboxpool.NewIndex(s.rdb, "boxq:"), time.Hour, time.Now, slog.New(slog.DiscardHandler))
+	tick := time.Now().Truncate(time.Hour)
+	jobs.FireSchedule(ctx, sch, d, tick)
+	// After the tick: the task's next jobs, the second waiting its turn.
+	var ids []string
+	for range 2 {
+		e, err := s.prod.Enqueue(ctx, jobs.Job{TaskID: "tt", Command: "true"}, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, e.ID)
+	}
+	jobs.FireSchedule(ctx, sch, d, tick) // another worker, the same tick
+	for _, id := range ids {
+		st, err := s.prod.Status(ctx, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.State == jobs.StateDone {
+			t.Errorf("job %s, enqueued after the tick, has a result: %+v (the tick ran twice)", id, st.Result)
+		}
+	}
+	sts, err := s.prod.Schedules(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(sts) != 1 || sts[0].Last == nil || len(sts[0].Last.Jobs) != 1 {
+		t.Fatalf("schedules: %+v, want term's last run with its job", sts)
+	}
+	if n := sts[0].Results["gone"]; n > 0 || len(sts[0].Results) != 1 {
+		t.Errorf("the last run's results: %v, want the terminate job's state (not gone)", sts[0].Results)
+	}
+}
