@@ -1,5 +1,5 @@
-# One image for the three programs: worker, enqueue and the reference
-# gateway. docker-compose.yml runs them; `docker build -t boxq .` alone works
+# One image for the four programs: worker, enqueue, the reference gateway
+# and the HTTP API. docker-compose.yml runs them; `docker build -t boxq .` alone works
 # too, e.g. `docker run --rm boxq worker -h`.
 
 # Build: static binaries (no cgo), so the runtime image needs no Go and no libc
@@ -10,7 +10,7 @@ WORKDIR /src
 COPY go.mod go.sum ./
 RUN go mod download
 COPY . .
-RUN CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' -o /out/ ./cmd/worker ./cmd/enqueue ./cmd/gateway
+RUN CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' -o /out/ ./cmd/worker ./cmd/enqueue ./cmd/gateway ./cmd/api
 
 # Run: bash runs every command of a sandbox (wrap/ builds bash scripts),
 # bubblewrap isolates them when the container may create namespaces (see

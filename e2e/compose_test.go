@@ -188,6 +188,7 @@ const (
 	svcRedis   = "redis"
 	svcGateway = "gateway"
 	svcEnqueue = "enqueue"
+	svcAPI     = "api"
 )
 
 var svcWorkers = []string{"worker-1", "worker-2"}
@@ -208,7 +209,7 @@ func TestComposeFile(t *testing.T) {
 		for name := range c.Services {
 			got = append(got, name)
 		}
-		want := append([]string{svcRedis, svcGateway, svcEnqueue}, svcWorkers...)
+		want := append([]string{svcRedis, svcGateway, svcEnqueue, svcAPI}, svcWorkers...)
 		slices.Sort(got)
 		slices.Sort(want)
 		if diff := cmp.Diff(got, want); diff != "" {
@@ -333,6 +334,38 @@ func TestComposeFile(t *testing.T) {
 			if err != nil || grace <= 25*time.Second {
 				t.Errorf("%s: stop_grace_period %q, want more than 25s", name, w.StopGracePeriod)
 			}
+		}
+	})
+
+	t.Run("api", func(t *testing.T) {
+		a := c.service(t, svcAPI)
+		argv := a.argv()
+		if argv[0] != progAPI {
+			t.Fatalf("command %q, want api ...", argv)
+		}
+		addr, ok := flagValue(argv, "addr")
+		if host, _, err := net.SplitHostPort(addr); !ok || err != nil || (host != "" && host != "0.0.0.0") {
+			t.Errorf("-addr %q: want :PORT, published by Docker", addr)
+		}
+		// Not on loopback: the API refuses to start without a token.
+		tok := a.Environment["BOXQ_API_TOKEN"]
+		if !strings.HasPrefix(tok, "${BOXQ_API_TOKEN:-") || interpolate(tok, noenv) == "" {
+			t.Errorf("BOXQ_API_TOKEN %q, want ${BOXQ_API_TOKEN:-default}", tok)
+		}
+		if a.Environment["REDIS_URL"] != redisURL {
+			t.Errorf("REDIS_URL %q, want %q", a.Environment["REDIS_URL"], redisURL)
+		}
+		if want := "127.0.0.1:8080:" + portOf(t, addr); !slices.Equal(a.Ports, []string{want}) {
+			t.Errorf("ports %q, want [%s]: loopback only", a.Ports, want)
+		}
+		if !slices.Contains(a.Networks, "queue") || slices.Contains(a.Networks, gw.Networks[0]) {
+			t.Errorf("networks %q: want Redis's, not the gateway's", a.Networks)
+		}
+		if a.DependsOn[svcRedis].Condition != "service_healthy" {
+			t.Errorf("depends_on redis: %+v, want service_healthy", a.DependsOn[svcRedis])
+		}
+		if _, port := healthcheck(t, a, "127.0.0.1:1"); port != portOf(t, addr) {
+			t.Errorf("health check probes port %s, -addr is %s", port, addr)
 		}
 	})
 

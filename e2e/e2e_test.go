@@ -173,6 +173,35 @@ func TestStack(t *testing.T) {
 		checkDashboard(t, workers[0].addr, httpToken, "default")
 	})
 
+	t.Run("api", func(t *testing.T) {
+		as := c.service(t, svcAPI)
+		addr := freeAddr(t)
+		e := env(as)
+		e["REDIS_URL"] = redisURL
+		e["BOXQ_API_TOKEN"] = token
+		api := start(t, svcAPI, withFlag(t, as.argv(), "addr", addr), e)
+		waitHealthy(t, api, addr, startLimit)
+		checkHealthcheck(t, as, addr)
+		req, err := http.NewRequest("POST", "http://"+addr+"/v1/jobs?wait=60s", strings.NewReader(`{"task_id":"e2e-api","command":"cd /tmp && echo via api"}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Authorization", "Bearer "+token)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var r jobs.Result
+		err = json.NewDecoder(resp.Body).Decode(&r)
+		resp.Body.Close()
+		if err != nil || resp.StatusCode != http.StatusOK || r.Status != jobs.StatusCompleted || r.Output != "via api\n" || r.Cwd != "/tmp" {
+			t.Errorf("POST /v1/jobs?wait: %d %+v %v; want 200 with the completed result", resp.StatusCode, r, err)
+		}
+		if code := api.stop(t, stopLimit); code != 0 {
+			t.Errorf("api exited %d after SIGTERM, want 0\n%s", code, api.out.String())
+		}
+	})
+
 	// SIGTERM, as `docker compose down` sends: the workers first, as
 	// Compose stops dependents before what they depend on.
 	for _, p := range []*proc{workers[0].proc, workers[1].proc, gw} {

@@ -44,9 +44,10 @@ const (
 	progWorker  = "worker"
 	progEnqueue = "enqueue"
 	progGateway = "gateway"
+	progAPI     = "api"
 )
 
-var programs = []string{progWorker, progEnqueue, progGateway}
+var programs = []string{progWorker, progEnqueue, progGateway, progAPI}
 
 // built holds the programs, compiled once per test binary on first use. It
 // is package state by necessity: it outlives any single test.

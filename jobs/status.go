@@ -263,3 +263,37 @@ func (c *WaitCounts) add(kind string) {
 		c.Schedule++
 	}
 }
+
+// TaskSequence is where a task's sequence stands in one queue.
+type TaskSequence struct {
+	Queue string `json:"queue"`
+	// Head is the job whose turn it is ("" none).
+	Head string `json:"head,omitempty"`
+	// Waiting counts the jobs behind the head.
+	Waiting int64 `json:"waiting"`
+}
+
+// TaskSequences returns taskID's sequences that hold a job, in every
+// queue.
+func (p *Producer) TaskSequences(ctx context.Context, taskID string) ([]TaskSequence, error) {
+	queues, err := p.insp.Queues()
+	if err != nil {
+		return nil, fmt.Errorf("jobs: list queues: %w", err)
+	}
+	var out []TaskSequence
+	for _, q := range queues {
+		seq := p.store.sequence(q, taskID)
+		head, err := p.rdb.HGet(ctx, seq.key(), "head").Result()
+		if err != nil && !errors.Is(err, redis.Nil) {
+			return nil, fmt.Errorf("jobs: read the sequence of task %q: %w", taskID, err)
+		}
+		n, err := p.rdb.LLen(ctx, seq.waitKey()).Result()
+		if err != nil {
+			return nil, fmt.Errorf("jobs: read the sequence of task %q: %w", taskID, err)
+		}
+		if head != "" || n > 0 {
+			out = append(out, TaskSequence{Queue: q, Head: head, Waiting: n})
+		}
+	}
+	return out, nil
+}

@@ -37,7 +37,13 @@ func taskKey(queue, id string) string {
 //
 // KEYS: seqLib's, 4 the job's task hash. ARGV: seqLib's (task "" for a job
 // in no sequence), 6 result, 7 notify channel ("" none), 8 job id, 9 owner
-// token ("" unfenced).
+// token ("" unfenced), 10 the queue's done channel (doneChannel).
+//
+// Besides the result itself on the enqueuer's notify channel, the job id
+// goes on its queue's done channel, so that any listener hears of any job,
+// whoever enqueued it (a Hub). Only the id: a listener that waits for the
+// job reads the result, and one that does not pays a few bytes, not the
+// output. A script's PUBLISH reaches every node of a Redis Cluster.
 var resultScript = redis.NewScript(seqLib + `
 local tk = KEYS[4]
 local wrote = 3
@@ -50,8 +56,9 @@ if redis.call('EXISTS', tk) == 1 then
 		wrote = 1
 	end
 end
-if wrote == 1 and ARGV[7] ~= '' then
-	redis.call('PUBLISH', ARGV[7], ARGV[6])
+if wrote == 1 then
+	if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[6]) end
+	redis.call('PUBLISH', ARGV[10], ARGV[8])
 end
 if TASK ~= '' and redis.call('HGET', SEQ, 'head') == ARGV[8] then handover() end
 return wrote
@@ -79,8 +86,12 @@ type resultWrite struct {
 
 func (w resultWrite) keysArgs(prefix string) ([]string, []any) {
 	q := sequence{queue: w.queue, task: w.seqTask, prefix: prefix}
-	return q.keys(taskKey(w.queue, w.jobID)), q.args(time.Now(), w.data, w.notify, w.jobID, w.owner)
+	return q.keys(taskKey(w.queue, w.jobID)), q.args(time.Now(), w.data, w.notify, w.jobID, w.owner, doneChannel(prefix, w.queue))
 }
+
+// doneChannel is the pub/sub channel on which the ids of a queue's jobs
+// are published as their results are written.
+func doneChannel(prefix, queue string) string { return prefix + "done:" + queue }
 
 func resultErr(jobID string, n int64, err error) error {
 	switch {
