@@ -68,7 +68,8 @@ def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30)
 
 
 class Stack:
-    def __init__(self, bindir: pathlib.Path, start_wait: str | None, isolation: str, gateway_args: tuple = ()) -> None:
+    def __init__(self, bindir: pathlib.Path, start_wait: str | None, isolation: str, gateway_args: tuple = (),
+                 worker_poll: str | None = None) -> None:
         self.dir = tempfile.mkdtemp(prefix="boxq-bench-")
         self.procs: list[subprocess.Popen] = []
         rport, gport, aport = free_port(), free_port(), free_port()
@@ -84,8 +85,11 @@ class Stack:
             gw += ["-start-wait", start_wait]
         gw += list(gateway_args)
         self._start(gw, env, gport, "gateway")
-        w = subprocess.Popen([str(bindir / "worker"), "-redis", redis_url, "-gateway", self.gateway,
-                              "-log-level", "warn", "-log-format", "json"], env=env, stderr=subprocess.DEVNULL)
+        wargs = [str(bindir / "worker"), "-redis", redis_url, "-gateway", self.gateway,
+                 "-log-level", "warn", "-log-format", "json"]
+        if worker_poll:
+            wargs += ["-poll-interval", worker_poll]
+        w = subprocess.Popen(wargs, env=env, stderr=subprocess.DEVNULL)
         self.procs.append(w)
         self.api_proc = self._start([str(bindir / "api"), "-addr", "127.0.0.1:%d" % aport, "-redis", redis_url,
                      "-log-level", "warn", "-log-format", "json"], env, aport, "api")
@@ -172,6 +176,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--isolation", default="auto", help="the gateway's -isolation")
+    ap.add_argument("--worker-poll", help="the worker's -poll-interval (default: its own, 5ms): pickup latency vs idle Redis load")
     ap.add_argument("--bin", help="directory with built gateway, worker and api (default: go build here)")
     args = ap.parse_args()
     if shutil.which("redis-server") is None:
@@ -187,7 +192,7 @@ def main() -> None:
         print("cmd/gateway has no -start-wait flag here: measuring the default setting only", file=sys.stderr)
     out = {}
     for name, sw in settings:
-        stack = Stack(bindir, sw, args.isolation)
+        stack = Stack(bindir, sw, args.isolation, worker_poll=args.worker_poll)
         try:
             out[name] = measure(stack, args.runs)
         finally:
@@ -196,7 +201,7 @@ def main() -> None:
     for name, res in out.items():
         for k, v in res.items():
             print("%-20s %-8s %9.1f %9.1f" % (name, k, v["p50_ms"], v["p99_ms"]))
-    print(json.dumps({"runs": args.runs, "isolation": args.isolation, "results": out}))
+    print(json.dumps({"runs": args.runs, "isolation": args.isolation, "worker_poll": args.worker_poll or "5ms", "results": out}))
 
 
 if __name__ == "__main__":
