@@ -228,6 +228,15 @@ func (s *Server) prepareRuntime(id, dir string, req createSpec, img *image.Image
 		dirs.image = &imageRun{root: rt.rootfs, env: img.Env, uid: uid, gid: gid, mapUser: s.launcher.user != nil}
 	}
 	spec := limits.Spec{MemoryMiB: req.memoryMiB, CPU: req.cpu, Pids: s.cfg.MaxPids}
+	if spec.MemoryMiB > 0 {
+		// The disk's tmpfs pages are charged to the memory cgroup of the
+		// process writing them, stay charged after it exits, and cannot be
+		// reclaimed (no swap). Within memoryMiB alone, a disk filled past it
+		// would be an OOM kill instead of ENOSPC, and every later command
+		// of the sandbox (bash itself) would be killed too. The group gets
+		// room for a full disk on top of memoryMiB.
+		spec.MemoryMiB += rt.diskMiB
+	}
 	if res.cgroups != nil && (spec.MemoryMiB > 0 || spec.CPU > 0 || spec.Pids > 0) {
 		g, err := res.cgroups.New(id, spec)
 		if err != nil {

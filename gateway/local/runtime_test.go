@@ -334,6 +334,28 @@ func TestDiskLimit(t *testing.T) {
 	}
 }
 
+// TestFullDiskIsNotAnOOM: a tmpfs disk's pages count as the sandbox's
+// memory. Filling a disk larger than memoryMiB fails the write for space,
+// and the sandbox's later commands still run.
+func TestFullDiskIsNotAnOOM(t *testing.T) {
+	g := limitedGateway(t, Config{})
+	if !g.srv.res.holds.Memory || !g.srv.res.holds.Disk {
+		t.Skip("no memory controller or no disks")
+	}
+	sb := g.create(t, gateway.CreateRequest{MemoryMiB: 64, DiskMiB: 96}, "")
+	st := g.exec(t, sb, gateway.StartRequest{Command: `head -c 128M /dev/zero > ~/f; echo "rc=$?"`, TimeoutMs: 60000})
+	if !strings.Contains(st.Output, "No space left on device") || !strings.Contains(st.Output, "rc=1") {
+		t.Fatalf("128 MiB onto a 96 MiB disk with memoryMiB 64: rc %v %q; want the write to fail for space", st.ReturnCode, st.Output)
+	}
+	// The full disk leaves the processes their memoryMiB.
+	if got := g.mustRun(t, sb, "head -c 32M /dev/zero | tail > /dev/null; echo fine"); got != "fine\n" {
+		t.Errorf("after the disk filled up: %q", got)
+	}
+	if info := g.list(t)[sb]; info.Limits == nil || !info.Limits.Memory || !info.Limits.Disk {
+		t.Errorf("listed limits %+v, want memory and disk held", info.Limits)
+	}
+}
+
 func TestImageSnapshotKeepsWrites(t *testing.T) {
 	requireRoot(t)
 	g := newGateway(t, Config{Isolation: IsolationBwrap, ImagesDir: testImages(t)})
