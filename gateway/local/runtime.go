@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -221,6 +222,13 @@ func (s *Server) prepareRuntime(id, dir string, req createSpec, img *image.Image
 				return rt, dirs, err
 			}
 		}
+		// A container runtime makes a WorkingDir the image lacks; without
+		// it every exec's chdir would fail.
+		if img.WorkingDir != "" {
+			if err := mkdirInRoot(rt.rootfs, img.WorkingDir, s.launcher.user); err != nil {
+				return rt, dirs, &apiError{status: http.StatusBadRequest, msg: fmt.Sprintf("image %q: WorkingDir %q: %v", req.image, img.WorkingDir, err)}
+			}
+		}
 		uid, gid, err := imageUser(img.Rootfs, img.User)
 		if err != nil {
 			return rt, dirs, &apiError{status: http.StatusBadRequest, msg: fmt.Sprintf("image %q: %v", req.image, err)}
@@ -332,6 +340,48 @@ func (s *Server) handleImages(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	writeJSON(w, http.StatusOK, resp)
+}
+
+// mkdirInRoot makes dir and its missing parents in an image sandbox's root,
+// every part resolved inside root as the sandbox would see it
+// (RESOLVE_IN_ROOT): an image's symlinks cannot lead the gateway, root on the
+// host, out of it. New directories are own's (root in the sandbox).
+func mkdirInRoot(root, dir string, own *owner) error {
+	rfd, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(rfd)
+	in := func(p string) (int, error) {
+		return unix.Openat2(rfd, p, &unix.OpenHow{Flags: unix.O_PATH | unix.O_DIRECTORY | unix.O_CLOEXEC, Resolve: unix.RESOLVE_IN_ROOT | unix.RESOLVE_NO_MAGICLINKS})
+	}
+	parts := strings.Split(strings.Trim(path.Clean("/"+dir), "/"), "/")
+	for i, part := range parts {
+		if part == "" {
+			continue
+		}
+		fd, err := in(strings.Join(parts[:i+1], "/"))
+		if err == nil {
+			unix.Close(fd)
+			continue
+		}
+		if !errors.Is(err, unix.ENOENT) {
+			return err
+		}
+		pfd, err := in(strings.Join(parts[:i], "/") + "/.")
+		if err != nil {
+			return err
+		}
+		err = unix.Mkdirat(pfd, part, 0o755)
+		if err == nil && own != nil {
+			err = unix.Fchownat(pfd, part, own.uid, own.gid, unix.AT_SYMLINK_NOFOLLOW)
+		}
+		unix.Close(pfd)
+		if err != nil {
+			return err // EEXIST: a dangling symlink in the way
+		}
+	}
+	return nil
 }
 
 // imageRun is how an exec runs in an image: its root and the config a

@@ -410,6 +410,50 @@ func TestHostileImageIs400(t *testing.T) {
 	}
 }
 
+// TestImageWorkingDirMade: a WorkingDir the image lacks is made, as a
+// container runtime does, and inside the image even through its symlinks.
+func TestImageWorkingDirMade(t *testing.T) {
+	requireRoot(t)
+	dir := t.TempDir()
+	outside := t.TempDir() // stands for the host
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	if err := tw.WriteHeader(&tar.Header{Name: "esc", Typeflag: tar.TypeSymlink, Linkname: outside, Mode: 0o777}); err != nil {
+		t.Fatal(err)
+	}
+	tw.Close()
+	base := imagetest.Build(t, imagetest.Spec{Marker: "w", Tools: imagetest.Tools})
+	deep, err := mutate.Config(base, v1.Config{WorkingDir: "/work/deep", Env: []string{"PATH=/usr/bin:/bin"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	esc, err := mutate.AppendLayers(base, imagetest.RawLayer(t, buf.Bytes()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if esc, err = mutate.Config(esc, v1.Config{WorkingDir: "/esc/made", Env: []string{"PATH=/usr/bin:/bin"}}); err != nil {
+		t.Fatal(err)
+	}
+	imagetest.WriteTarball(t, filepath.Join(dir, "w.tar"), map[string]v1.Image{"deep:1": deep, "esc:1": esc})
+	g := newGateway(t, Config{Isolation: IsolationBwrap, ImagesDir: dir})
+
+	sb := g.create(t, gateway.CreateRequest{Image: "deep:1"}, "")
+	if got := g.mustRun(t, sb, "pwd; touch f && echo writable"); got != "/work/deep\nwritable\n" {
+		t.Errorf("WorkingDir /work/deep, absent from the image: %q", got)
+	}
+	r := g.do(t, "POST", "/v1/sandboxes", gateway.CreateRequest{Image: "esc:1"})
+	if _, err := os.Stat(filepath.Join(outside, "made")); err == nil {
+		t.Errorf("the gateway made the WorkingDir through the image's symlink, on the host")
+	}
+	if r.status == http.StatusOK {
+		var cr gateway.CreateResponse
+		decode(t, "create", r, http.StatusOK, &cr)
+		if got := g.mustRun(t, cr.ID, "pwd"); got != "/esc/made\n" {
+			t.Errorf("esc sandbox: %q", got)
+		}
+	}
+}
+
 // TestLimitsSaidOnceAtStart: what the gateway cannot enforce it says at
 // start, once, and the list agrees per sandbox. (This embedded gateway has
 // no cgroup v1 shim: on a v1 machine it enforces no cgroup limit.)
