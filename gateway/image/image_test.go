@@ -576,3 +576,32 @@ func TestStartingStoreKeepsAnUnpackUnderWay(t *testing.T) {
 	}
 	mustNotExist(t, crashed)
 }
+
+// TestOwnerOfImplicitDirs: a layer may list a file without its parent
+// directories; those made for it are the Owner's too (else the sandbox, root
+// in its user namespace only over the Owner's files, could not write there).
+func TestOwnerOfImplicitDirs(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("chown needs root")
+	}
+	img, err := mutate.AppendLayers(empty.Image, imagetest.RawLayer(t, hostileTar(t, reg("usr/lib/python3/site.py", "x"))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	imagetest.WriteTarball(t, filepath.Join(dir, "a.tar"), map[string]v1.Image{"implicit:1": img})
+	s := newStore(t, Config{Dir: dir, Owner: &Owner{UID: 10001, GID: 10002}})
+	im, err := s.Resolve(context.Background(), "implicit:1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{"usr", "usr/lib", "usr/lib/python3", "usr/lib/python3/site.py"} {
+		var st syscall.Stat_t
+		if err := syscall.Lstat(filepath.Join(im.Rootfs, p), &st); err != nil {
+			t.Fatal(err)
+		}
+		if st.Uid != 10001 || st.Gid != 10002 {
+			t.Errorf("%s: owner %d:%d, want 10001:10002", p, st.Uid, st.Gid)
+		}
+	}
+}
