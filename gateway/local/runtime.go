@@ -223,8 +223,9 @@ func (s *Server) prepareRuntime(id, dir string, req createSpec, img *image.Image
 			}
 		}
 		// A container runtime makes a WorkingDir the image lacks; without
-		// it every exec's chdir would fail.
-		if img.WorkingDir != "" {
+		// it every exec's chdir would fail. (Only when it is the cwd: one
+		// a restored sandbox deleted stays deleted otherwise.)
+		if img.WorkingDir != "" && req.cwd == img.WorkingDir {
 			if err := mkdirInRoot(rt.rootfs, img.WorkingDir, s.launcher.user); err != nil {
 				return rt, dirs, &apiError{status: http.StatusBadRequest, msg: fmt.Sprintf("image %q: WorkingDir %q: %v", req.image, img.WorkingDir, err)}
 			}
