@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -450,6 +451,75 @@ func TestImageWorkingDirMade(t *testing.T) {
 		decode(t, "create", r, http.StatusOK, &cr)
 		if got := g.mustRun(t, cr.ID, "pwd"); got != "/esc/made\n" {
 			t.Errorf("esc sandbox: %q", got)
+		}
+	}
+}
+
+// TestCreateEndingAfterCloseLeavesNoMounts: a create still unpacking its
+// image when the gateway closes ends as an orphan; its overlay and disk are
+// unmounted, not left behind. (The image's index.json is a FIFO: the
+// create waits on it until the test writes it.)
+func TestCreateEndingAfterCloseLeavesNoMounts(t *testing.T) {
+	requireRoot(t)
+	dir := t.TempDir()
+	lay := filepath.Join(dir, "gated")
+	imagetest.WriteLayout(t, lay, map[string]v1.Image{"1": imagetest.Build(t, imagetest.Spec{Marker: "g"})})
+	index := filepath.Join(lay, "index.json")
+	body, err := os.ReadFile(index)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(index); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mkfifo(index, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	g := newGateway(t, Config{Isolation: IsolationBwrap, ImagesDir: dir})
+	if !g.srv.res.holds.Disk {
+		t.Skip("no disks here")
+	}
+	t.Cleanup(func() { _ = limits.UnmountUnder(g.srv.sandboxesDir) })
+
+	created := make(chan response, 1)
+	go func() {
+		r, err := g.send("POST", "/v1/sandboxes", gateway.CreateRequest{Image: "gated:1", DiskMiB: 8}, "")
+		if err != nil {
+			r.status, r.body = -1, []byte(err.Error())
+		}
+		created <- r
+	}()
+	waitFor(t, 30*time.Second, "the create to be under way", func() bool {
+		g.srv.mu.Lock()
+		defer g.srv.mu.Unlock()
+		return g.srv.creating == 1
+	})
+	if err := g.srv.Close(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	// Open the gate: the FIFO gets the index once, the file itself after.
+	f, err := os.OpenFile(index, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(index+".real", body, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(index+".real", index); err != nil {
+		t.Fatal(err)
+	}
+	f.Write(body)
+	f.Close()
+	if r := <-created; r.status == http.StatusOK {
+		t.Fatalf("a create ending after Close answered %d %s", r.status, r.body)
+	}
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) > 4 && strings.HasPrefix(f[4], g.srv.sandboxesDir+"/") {
+			t.Errorf("left mounted after the orphan create: %s", f[4])
 		}
 	}
 }
