@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"net/http"
 	"os"
 	"os/exec"
@@ -480,11 +479,6 @@ func (r *imageRun) bwrapArgs() []string {
 // the image as opaque (an xattr). A snapshot of an image sandbox keeps its
 // upper layer, so copies of it (copyTree) keep both, or deleted files would
 // come back from the image.
-
-func isWhiteout(fi fs.FileInfo) bool {
-	st, ok := fi.Sys().(*syscall.Stat_t)
-	return ok && fi.Mode()&fs.ModeCharDevice != 0 && st.Rdev == 0
-}
 
 func makeWhiteout(p string) error {
 	return unix.Mknod(p, unix.S_IFCHR, 0) // mode 0, device 0:0, as overlayfs makes them
