@@ -73,8 +73,8 @@ image that cannot be resolved is a 400, unless -image-fallback host. Without
 an image source the host's root is used, as before. Images must contain bash.
 
 Limits: memoryMiB, cpu and -max-pids are enforced with cgroups (v2 where
-delegated, else v1), diskMiB with a per-sandbox tmpfs (its pages count as
-memory); both need root. What cannot be enforced is logged at start, and
+delegated, else v1), diskMiB with a per-sandbox tmpfs (its pages are memory:
+the memory limit is memoryMiB + diskMiB); both need root. What cannot be enforced is logged at start, and
 GET /v1/sandboxes says per sandbox which limits hold.
 
 Environment:

@@ -152,9 +152,15 @@ func (x *extractor) parent(name string) (int, string, error) {
 		prefix := strings.Join(parts[:i+1], "/")
 		next, err := x.openInRoot(prefix)
 		if errors.Is(err, unix.ENOENT) {
-			if err := unix.Mkdirat(fd, part, 0o755); err != nil && !errors.Is(err, unix.EEXIST) {
+			merr := unix.Mkdirat(fd, part, 0o755)
+			if merr == nil && x.lim.owner != nil {
+				// The Owner's like the rest, or the sandbox (root
+				// only over the Owner's files) could not write here.
+				merr = unix.Fchownat(fd, part, x.lim.owner.UID, x.lim.owner.GID, unix.AT_SYMLINK_NOFOLLOW)
+			}
+			if merr != nil && !errors.Is(merr, unix.EEXIST) {
 				unix.Close(fd)
-				return -1, "", err
+				return -1, "", merr
 			}
 			next, err = x.openInRoot(prefix)
 		}

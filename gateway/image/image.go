@@ -151,10 +151,23 @@ func New(cfg Config) (*Store, error) {
 			return nil, fmt.Errorf("image: cache dir: %w", err)
 		}
 	}
-	// Leftovers of an unpack interrupted by a crash.
+	// Leftovers of an unpack interrupted by a crash. Not an unpack under
+	// way in another process sharing the cache: it holds a lock on its
+	// directory (unpackCached), which a crash releases.
 	if ents, err := os.ReadDir(filepath.Join(cfg.CacheDir, "tmp")); err == nil {
 		for _, e := range ents {
-			_ = os.RemoveAll(filepath.Join(cfg.CacheDir, "tmp", e.Name()))
+			p := filepath.Join(cfg.CacheDir, "tmp", e.Name())
+			fd, err := unix.Open(p, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0)
+			if err == nil {
+				if unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB) != nil {
+					unix.Close(fd)
+					continue
+				}
+			}
+			_ = os.RemoveAll(p)
+			if err == nil {
+				unix.Close(fd)
+			}
 		}
 	}
 	return &Store{cfg: cfg, inflight: map[string]*unpack{}, scanMemo: map[string]scanned{}}, nil
@@ -299,6 +312,21 @@ func (s *Store) unpackCached(digest string, img v1.Image, ref, source string) (I
 		return Info{}, fmt.Errorf("unpack: %w", err)
 	}
 	defer os.RemoveAll(tmp)
+	// Held until the tree is renamed into place: another gateway starting
+	// on this cache (New) must not take it for a crash's leftover.
+	lock, err := unix.Open(tmp, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return Info{}, fmt.Errorf("unpack: %w", err)
+	}
+	defer unix.Close(lock)
+	if err := unix.Flock(lock, unix.LOCK_EX); err != nil {
+		return Info{}, fmt.Errorf("unpack: lock %s: %w", tmp, err)
+	}
+	// (Removed as a leftover between its Mkdir and the lock: not ours.)
+	var held, now unix.Stat_t
+	if err := unix.Fstat(lock, &held); err != nil || unix.Stat(tmp, &now) != nil || held.Ino != now.Ino || held.Dev != now.Dev {
+		return Info{}, fmt.Errorf("unpack: %s was removed by another gateway starting on the cache", tmp)
+	}
 
 	s.mu.Lock()
 	s.unpacks++

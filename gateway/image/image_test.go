@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -507,6 +508,100 @@ func TestOwner(t *testing.T) {
 	for _, s := range []*Store{plain, owned} {
 		if l, err := s.List(); err != nil || len(l) != 1 {
 			t.Errorf("List = %+v, %v; want its one tree", l, err)
+		}
+	}
+}
+
+// gatedImage holds its layers' contents back until gate is closed: an
+// unpack caught in the middle.
+type gatedImage struct {
+	v1.Image
+	gate chan struct{}
+}
+
+type gatedLayer struct {
+	v1.Layer
+	gate chan struct{}
+}
+
+func (g gatedImage) Layers() ([]v1.Layer, error) {
+	ls, err := g.Image.Layers()
+	out := make([]v1.Layer, len(ls))
+	for i, l := range ls {
+		out[i] = gatedLayer{l, g.gate}
+	}
+	return out, err
+}
+
+func (g gatedLayer) Uncompressed() (io.ReadCloser, error) {
+	<-g.gate
+	return g.Layer.Uncompressed()
+}
+
+// TestStartingStoreKeepsAnUnpackUnderWay: a second gateway starting on a
+// shared cache clears what crashed unpacks left, not an unpack under way.
+func TestStartingStoreKeepsAnUnpackUnderWay(t *testing.T) {
+	cache := t.TempDir()
+	s := newStore(t, Config{CacheDir: cache})
+	img := imagetest.Build(t, imagetest.Spec{Marker: "a"})
+	digest, err := img.ConfigName()
+	if err != nil {
+		t.Fatal(err)
+	}
+	crashed := filepath.Join(cache, "tmp", "crashed-leftover")
+	if err := os.MkdirAll(filepath.Join(crashed, "usr"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	gate := make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.unpackCached(digest.String(), gatedImage{img, gate}, "alpha:1", "test")
+		done <- err
+	}()
+	// Wait for the unpack's own directory to appear next to the leftover.
+	for {
+		ents, _ := os.ReadDir(filepath.Join(cache, "tmp"))
+		if len(ents) == 2 {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	newStore(t, Config{CacheDir: cache}) // another gateway starts
+	close(gate)
+	if err := <-done; err != nil {
+		t.Fatalf("the unpack under way failed when another store started on its cache: %v", err)
+	}
+	if got := readFile(t, filepath.Join(s.rootfsDir(digest.String()), "marker")); got != "a" {
+		t.Errorf("marker %q", got)
+	}
+	mustNotExist(t, crashed)
+}
+
+// TestOwnerOfImplicitDirs: a layer may list a file without its parent
+// directories; those made for it are the Owner's too (else the sandbox, root
+// in its user namespace only over the Owner's files, could not write there).
+func TestOwnerOfImplicitDirs(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("chown needs root")
+	}
+	img, err := mutate.AppendLayers(empty.Image, imagetest.RawLayer(t, hostileTar(t, reg("usr/lib/python3/site.py", "x"))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	imagetest.WriteTarball(t, filepath.Join(dir, "a.tar"), map[string]v1.Image{"implicit:1": img})
+	s := newStore(t, Config{Dir: dir, Owner: &Owner{UID: 10001, GID: 10002}})
+	im, err := s.Resolve(context.Background(), "implicit:1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{"usr", "usr/lib", "usr/lib/python3", "usr/lib/python3/site.py"} {
+		var st syscall.Stat_t
+		if err := syscall.Lstat(filepath.Join(im.Rootfs, p), &st); err != nil {
+			t.Fatal(err)
+		}
+		if st.Uid != 10001 || st.Gid != 10002 {
+			t.Errorf("%s: owner %d:%d, want 10001:10002", p, st.Uid, st.Gid)
 		}
 	}
 }

@@ -181,6 +181,7 @@ func (c *Controller) setupV2(own string) error {
 	if err := writeFile(filepath.Join(own, "cgroup.subtree_control"), ctl); err != nil {
 		return fmt.Errorf("not delegated: %w", err)
 	}
+	c.removeStale(own)
 	parent := filepath.Join(own, c.cfg.Name)
 	if err := c.cfg.mkdir(parent); err != nil && !errors.Is(err, os.ErrExist) {
 		return err
@@ -205,6 +206,7 @@ func (c *Controller) setupV1(mounts mountTable, self map[string]string) {
 			c.why = append(c.why, fmt.Sprintf("%s: not enforced: no cgroup v1 %s hierarchy and no delegated cgroup v2", ctl, ctl))
 			continue
 		}
+		c.removeStale(filepath.Join(c.cfg.CgroupRoot, m, self[ctl]))
 		parent := filepath.Join(c.cfg.CgroupRoot, m, self[ctl], c.cfg.Name)
 		if err := os.MkdirAll(parent, 0o755); err != nil {
 			c.why = append(c.why, fmt.Sprintf("%s: not enforced: cgroup v1: %v", ctl, err))
@@ -221,6 +223,58 @@ func (c *Controller) setupV1(mounts mountTable, self map[string]string) {
 			c.holds.Pids = true
 		}
 	}
+}
+
+// removeStale removes, under dir, the cgroups of gateways that are gone
+// (named boxq-PID-HEX by Detect, PID no longer running): a gateway killed
+// before Close leaves its sandboxes' groups behind, and the next one, in the
+// same cgroup, clears them. A group still holding processes is killed
+// first (its bwrap dies with the gateway anyway); a live gateway's are left.
+func (c *Controller) removeStale(dir string) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		pid, ok := stalePid(e.Name())
+		if !e.IsDir() || !ok || pid == os.Getpid() || syscall.Kill(pid, 0) != syscall.ESRCH {
+			continue
+		}
+		parent := filepath.Join(dir, e.Name())
+		subs, _ := os.ReadDir(parent)
+		g := &Group{c: c, fd: -1}
+		for _, sub := range subs {
+			if sub.IsDir() {
+				g.dirs = append(g.dirs, filepath.Join(parent, sub.Name()))
+			}
+		}
+		err := g.Remove()
+		if err == nil {
+			err = c.cfg.rmdir(parent)
+		}
+		if err != nil {
+			c.cfg.Logger.Warn("limits: cannot remove a stale cgroup of a gone gateway", "cgroup", parent, "error", err)
+		} else {
+			c.cfg.Logger.Info("limits: removed the stale cgroup of a gone gateway", "cgroup", parent)
+		}
+	}
+}
+
+// stalePid parses Detect's default name, boxq-PID-HEX.
+func stalePid(name string) (int, bool) {
+	rest, ok := strings.CutPrefix(name, "boxq-")
+	if !ok {
+		return 0, false
+	}
+	p, h, ok := strings.Cut(rest, "-")
+	if !ok || h == "" {
+		return 0, false
+	}
+	if _, err := hex.DecodeString(h); err != nil {
+		return 0, false
+	}
+	pid, err := strconv.Atoi(p)
+	return pid, err == nil && pid > 0
 }
 
 // Close removes the parent cgroups (they must be empty: remove the groups

@@ -2,6 +2,7 @@ package limits
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -459,5 +460,57 @@ func TestV2CloneIntoCgroup(t *testing.T) {
 	}
 	if err := cmd.Wait(); err == nil {
 		t.Error("bash survived Remove")
+	}
+}
+
+// TestV1StaleGroupsOfAGoneGatewayRemoved: a gateway killed with sandboxes
+// leaves its cgroups; the next Detect in the same cgroup removes them (and
+// kills what is still in them), and leaves a live gateway's alone.
+func TestV1StaleGroupsOfAGoneGatewayRemoved(t *testing.T) {
+	c := realV1(t, "memory")
+	dir := filepath.Dir(c.v1["memory"])
+	gone := exec.Command("true")
+	if err := gone.Run(); err != nil {
+		t.Fatal(err)
+	}
+	live := exec.Command("sleep", "600")
+	if err := live.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = live.Process.Kill(); _ = live.Wait() })
+	stale := filepath.Join(dir, fmt.Sprintf("boxq-%d-0badcafe", gone.Process.Pid))
+	alive := filepath.Join(dir, fmt.Sprintf("boxq-%d-0badcafe", live.Process.Pid))
+	for _, d := range []string{filepath.Join(stale, "sb1"), filepath.Join(stale, "sb2"), filepath.Join(alive, "sb3")} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() {
+		for _, d := range []string{filepath.Join(alive, "sb3"), alive, filepath.Join(stale, "sb1"), filepath.Join(stale, "sb2"), stale} {
+			_ = os.Remove(d)
+		}
+	})
+	// A process the gone gateway's sandbox left running.
+	orphan := exec.Command("sleep", "600")
+	if err := orphan.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = orphan.Process.Kill(); _ = orphan.Wait() })
+	if err := writeFile(filepath.Join(stale, "sb1", "cgroup.procs"), strconv.Itoa(orphan.Process.Pid)); err != nil {
+		t.Fatal(err)
+	}
+
+	c2, err := Detect(Config{Name: "boxq-test2-" + strconv.Itoa(os.Getpid())})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c2.Close() })
+	// (A v1 cgroup is removed only once no process is left in it: the
+	// orphan was killed.)
+	if _, err := os.Stat(stale); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the gone gateway's cgroup %s is still there: %v", stale, err)
+	}
+	if _, err := os.Stat(filepath.Join(alive, "sb3")); err != nil {
+		t.Errorf("a live gateway's cgroup was removed: %v", err)
 	}
 }

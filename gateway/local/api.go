@@ -190,6 +190,8 @@ func (s *Server) create(ctx context.Context, key string, spec createSpec) (strin
 	}
 	s.mu.Unlock()
 	if orphan {
+		// Its overlay, disk and cgroup first: removeTree cannot undo them.
+		_ = s.releaseRuntime(sb, false)
 		_ = removeTree(sb.dir)
 	}
 	return id, err

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -220,6 +221,14 @@ func (s *Server) prepareRuntime(id, dir string, req createSpec, img *image.Image
 				return rt, dirs, err
 			}
 		}
+		// A container runtime makes a WorkingDir the image lacks; without
+		// it every exec's chdir would fail. (Only when it is the cwd: one
+		// a restored sandbox deleted stays deleted otherwise.)
+		if img.WorkingDir != "" && req.cwd == img.WorkingDir {
+			if err := mkdirInRoot(rt.rootfs, img.WorkingDir, s.launcher.user); err != nil {
+				return rt, dirs, &apiError{status: http.StatusBadRequest, msg: fmt.Sprintf("image %q: WorkingDir %q: %v", req.image, img.WorkingDir, err)}
+			}
+		}
 		uid, gid, err := imageUser(img.Rootfs, img.User)
 		if err != nil {
 			return rt, dirs, &apiError{status: http.StatusBadRequest, msg: fmt.Sprintf("image %q: %v", req.image, err)}
@@ -227,6 +236,15 @@ func (s *Server) prepareRuntime(id, dir string, req createSpec, img *image.Image
 		dirs.image = &imageRun{root: rt.rootfs, env: img.Env, uid: uid, gid: gid, mapUser: s.launcher.user != nil}
 	}
 	spec := limits.Spec{MemoryMiB: req.memoryMiB, CPU: req.cpu, Pids: s.cfg.MaxPids}
+	if spec.MemoryMiB > 0 {
+		// The disk's tmpfs pages are charged to the memory cgroup of the
+		// process writing them, stay charged after it exits, and cannot be
+		// reclaimed (no swap). Within memoryMiB alone, a disk filled past it
+		// would be an OOM kill instead of ENOSPC, and every later command
+		// of the sandbox (bash itself) would be killed too. The group gets
+		// room for a full disk on top of memoryMiB.
+		spec.MemoryMiB += rt.diskMiB
+	}
 	if res.cgroups != nil && (spec.MemoryMiB > 0 || spec.CPU > 0 || spec.Pids > 0) {
 		g, err := res.cgroups.New(id, spec)
 		if err != nil {
@@ -322,6 +340,48 @@ func (s *Server) handleImages(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	writeJSON(w, http.StatusOK, resp)
+}
+
+// mkdirInRoot makes dir and its missing parents in an image sandbox's root,
+// every part resolved inside root as the sandbox would see it
+// (RESOLVE_IN_ROOT): an image's symlinks cannot lead the gateway, root on the
+// host, out of it. New directories are own's (root in the sandbox).
+func mkdirInRoot(root, dir string, own *owner) error {
+	rfd, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(rfd)
+	in := func(p string) (int, error) {
+		return unix.Openat2(rfd, p, &unix.OpenHow{Flags: unix.O_PATH | unix.O_DIRECTORY | unix.O_CLOEXEC, Resolve: unix.RESOLVE_IN_ROOT | unix.RESOLVE_NO_MAGICLINKS})
+	}
+	parts := strings.Split(strings.Trim(path.Clean("/"+dir), "/"), "/")
+	for i, part := range parts {
+		if part == "" {
+			continue
+		}
+		fd, err := in(strings.Join(parts[:i+1], "/"))
+		if err == nil {
+			unix.Close(fd)
+			continue
+		}
+		if !errors.Is(err, unix.ENOENT) {
+			return err
+		}
+		pfd, err := in(strings.Join(parts[:i], "/") + "/.")
+		if err != nil {
+			return err
+		}
+		err = unix.Mkdirat(pfd, part, 0o755)
+		if err == nil && own != nil {
+			err = unix.Fchownat(pfd, part, own.uid, own.gid, unix.AT_SYMLINK_NOFOLLOW)
+		}
+		unix.Close(pfd)
+		if err != nil {
+			return err // EEXIST: a dangling symlink in the way
+		}
+	}
+	return nil
 }
 
 // imageRun is how an exec runs in an image: its root and the config a

@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -334,6 +335,28 @@ func TestDiskLimit(t *testing.T) {
 	}
 }
 
+// TestFullDiskIsNotAnOOM: a tmpfs disk's pages count as the sandbox's
+// memory. Filling a disk larger than memoryMiB fails the write for space,
+// and the sandbox's later commands still run.
+func TestFullDiskIsNotAnOOM(t *testing.T) {
+	g := limitedGateway(t, Config{})
+	if !g.srv.res.holds.Memory || !g.srv.res.holds.Disk {
+		t.Skip("no memory controller or no disks")
+	}
+	sb := g.create(t, gateway.CreateRequest{MemoryMiB: 64, DiskMiB: 96}, "")
+	st := g.exec(t, sb, gateway.StartRequest{Command: `head -c 128M /dev/zero > ~/f; echo "rc=$?"`, TimeoutMs: 60000})
+	if !strings.Contains(st.Output, "No space left on device") || !strings.Contains(st.Output, "rc=1") {
+		t.Fatalf("128 MiB onto a 96 MiB disk with memoryMiB 64: rc %v %q; want the write to fail for space", st.ReturnCode, st.Output)
+	}
+	// The full disk leaves the processes their memoryMiB.
+	if got := g.mustRun(t, sb, "head -c 32M /dev/zero | tail > /dev/null; echo fine"); got != "fine\n" {
+		t.Errorf("after the disk filled up: %q", got)
+	}
+	if info := g.list(t)[sb]; info.Limits == nil || !info.Limits.Memory || !info.Limits.Disk {
+		t.Errorf("listed limits %+v, want memory and disk held", info.Limits)
+	}
+}
+
 func TestImageSnapshotKeepsWrites(t *testing.T) {
 	requireRoot(t)
 	g := newGateway(t, Config{Isolation: IsolationBwrap, ImagesDir: testImages(t)})
@@ -385,6 +408,119 @@ func TestHostileImageIs400(t *testing.T) {
 	r := g.do(t, "POST", "/v1/sandboxes", gateway.CreateRequest{Image: "bad:1"})
 	if r.status != http.StatusBadRequest || !strings.Contains(r.errorMessage(), "bad image") || !strings.Contains(r.errorMessage(), "unsafe tar path") {
 		t.Fatalf("create with a hostile image: %d %s; want 400 saying why", r.status, r.body)
+	}
+}
+
+// TestImageWorkingDirMade: a WorkingDir the image lacks is made, as a
+// container runtime does, and inside the image even through its symlinks.
+func TestImageWorkingDirMade(t *testing.T) {
+	requireRoot(t)
+	dir := t.TempDir()
+	outside := t.TempDir() // stands for the host
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	if err := tw.WriteHeader(&tar.Header{Name: "esc", Typeflag: tar.TypeSymlink, Linkname: outside, Mode: 0o777}); err != nil {
+		t.Fatal(err)
+	}
+	tw.Close()
+	base := imagetest.Build(t, imagetest.Spec{Marker: "w", Tools: imagetest.Tools})
+	deep, err := mutate.Config(base, v1.Config{WorkingDir: "/work/deep", Env: []string{"PATH=/usr/bin:/bin"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	esc, err := mutate.AppendLayers(base, imagetest.RawLayer(t, buf.Bytes()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if esc, err = mutate.Config(esc, v1.Config{WorkingDir: "/esc/made", Env: []string{"PATH=/usr/bin:/bin"}}); err != nil {
+		t.Fatal(err)
+	}
+	imagetest.WriteTarball(t, filepath.Join(dir, "w.tar"), map[string]v1.Image{"deep:1": deep, "esc:1": esc})
+	g := newGateway(t, Config{Isolation: IsolationBwrap, ImagesDir: dir})
+
+	sb := g.create(t, gateway.CreateRequest{Image: "deep:1"}, "")
+	if got := g.mustRun(t, sb, "pwd; touch f && echo writable"); got != "/work/deep\nwritable\n" {
+		t.Errorf("WorkingDir /work/deep, absent from the image: %q", got)
+	}
+	r := g.do(t, "POST", "/v1/sandboxes", gateway.CreateRequest{Image: "esc:1"})
+	if _, err := os.Stat(filepath.Join(outside, "made")); err == nil {
+		t.Errorf("the gateway made the WorkingDir through the image's symlink, on the host")
+	}
+	if r.status == http.StatusOK {
+		var cr gateway.CreateResponse
+		decode(t, "create", r, http.StatusOK, &cr)
+		if got := g.mustRun(t, cr.ID, "pwd"); got != "/esc/made\n" {
+			t.Errorf("esc sandbox: %q", got)
+		}
+	}
+}
+
+// TestCreateEndingAfterCloseLeavesNoMounts: a create still unpacking its
+// image when the gateway closes ends as an orphan; its overlay and disk are
+// unmounted, not left behind. (The image's index.json is a FIFO: the
+// create waits on it until the test writes it.)
+func TestCreateEndingAfterCloseLeavesNoMounts(t *testing.T) {
+	requireRoot(t)
+	dir := t.TempDir()
+	lay := filepath.Join(dir, "gated")
+	imagetest.WriteLayout(t, lay, map[string]v1.Image{"1": imagetest.Build(t, imagetest.Spec{Marker: "g"})})
+	index := filepath.Join(lay, "index.json")
+	body, err := os.ReadFile(index)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(index); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mkfifo(index, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	g := newGateway(t, Config{Isolation: IsolationBwrap, ImagesDir: dir})
+	if !g.srv.res.holds.Disk {
+		t.Skip("no disks here")
+	}
+	t.Cleanup(func() { _ = limits.UnmountUnder(g.srv.sandboxesDir) })
+
+	created := make(chan response, 1)
+	go func() {
+		r, err := g.send("POST", "/v1/sandboxes", gateway.CreateRequest{Image: "gated:1", DiskMiB: 8}, "")
+		if err != nil {
+			r.status, r.body = -1, []byte(err.Error())
+		}
+		created <- r
+	}()
+	waitFor(t, 30*time.Second, "the create to be under way", func() bool {
+		g.srv.mu.Lock()
+		defer g.srv.mu.Unlock()
+		return g.srv.creating == 1
+	})
+	if err := g.srv.Close(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	// Open the gate: the FIFO gets the index once, the file itself after.
+	f, err := os.OpenFile(index, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(index+".real", body, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(index+".real", index); err != nil {
+		t.Fatal(err)
+	}
+	f.Write(body)
+	f.Close()
+	if r := <-created; r.status == http.StatusOK {
+		t.Fatalf("a create ending after Close answered %d %s", r.status, r.body)
+	}
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) > 4 && strings.HasPrefix(f[4], g.srv.sandboxesDir+"/") {
+			t.Errorf("left mounted after the orphan create: %s", f[4])
+		}
 	}
 }
 
