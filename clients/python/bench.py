@@ -120,7 +120,7 @@ class Direct:
     def __init__(self, url: str, task: str) -> None:
         self.url = url
         body = {"image": "python:3.11", "cwd": "/root", "cpu": 1, "memoryMiB": 5120, "timeoutMs": 3_600_000,
-                "idleTimeoutMs": 300_000, "persistentFilesystem": False, "logicalKey": task}
+                "idleTimeoutMs": 300_000, "persistentFilesystem": True, "logicalKey": task}
         self.sandbox = self._req("POST", "/v1/sandboxes", body, {"x-idempotency-key": str(uuid.uuid4())}, 60)["id"]
 
     def _req(self, method, path, body=None, headers=None, timeout=10):
