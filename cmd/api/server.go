@@ -483,10 +483,14 @@ func (s *server) postBatch(w http.ResponseWriter, r *http.Request) {
 				perr = fmt.Errorf("invalid job: id %q repeats line %d: one id is one job", j.ID, first)
 			}
 		}
-		var e jobs.Enqueued
+		var (
+			e     jobs.Enqueued
+			added bool // j is in watch: a refused duplicate is not, its first line is
+		)
 		if perr == nil {
 			if watch != nil {
 				watch.Add(jobs.Enqueued{ID: j.ID, Queue: j.QueueName()})
+				added = true
 			}
 			e, perr = s.prod.Enqueue(ctx, j, "")
 			if perr != nil && ctx.Err() != nil {
@@ -495,7 +499,7 @@ func (s *server) postBatch(w http.ResponseWriter, r *http.Request) {
 		}
 		if perr != nil {
 			sum.Invalid++
-			if watch != nil && j.ID != "" {
+			if added {
 				watch.Remove(j.ID)
 			}
 			if err := enc.Encode(batchRefused{Line: sum.Lines, ID: j.ID, Error: perr.Error()}); err != nil {
