@@ -1,8 +1,13 @@
 package main
 
 import (
+	"maps"
+	"reflect"
+	"slices"
+
 	"bufio"
 	"encoding/json"
+	"github.com/boxq/boxq/jobs"
 	"net/http"
 	"strings"
 	"testing"
@@ -54,5 +59,47 @@ func TestAPIBatchDuplicateIDKeepsFirstResult(t *testing.T) {
 	}
 	if sum == nil || sum.Results != 1 || sum.Pending != 0 {
 		t.Errorf("summary: %+v; want 1 result, 0 pending", sum)
+	}
+}
+
+// TestOpenAPISchemasMatchTypes: each schema of the OpenAPI document lists
+// exactly the JSON fields of the Go type the API reads or writes for it,
+// so that a client generated from the document can send every field the
+// API takes (Job has additionalProperties: false) and read every field
+// it answers.
+func TestOpenAPISchemasMatchTypes(t *testing.T) {
+	var doc struct {
+		Components struct {
+			Schemas map[string]struct {
+				Properties map[string]json.RawMessage `json:"properties"`
+			} `json:"schemas"`
+		} `json:"components"`
+	}
+	if err := json.Unmarshal(openAPI, &doc); err != nil {
+		t.Fatal(err)
+	}
+	for name, typ := range map[string]reflect.Type{
+		"Job":              reflect.TypeFor[jobs.Job](),
+		"Result":           reflect.TypeFor[jobs.Result](),
+		"JobStatus":        reflect.TypeFor[jobs.JobStatus](),
+		"Enqueued":         reflect.TypeFor[enqueuedJSON](),
+		"Task":             reflect.TypeFor[taskJSON](),
+		"TerminateOutcome": reflect.TypeFor[jobs.TerminateOutcome](),
+	} {
+		var fields []string
+		for f := range typ.Fields() {
+			tag, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+			// A status with a result is answered as the result (200),
+			// never as a JobStatus.
+			if tag != "" && tag != "-" && !(name == "JobStatus" && tag == "result") {
+				fields = append(fields, tag)
+			}
+		}
+		documented := slices.Collect(maps.Keys(doc.Components.Schemas[name].Properties))
+		slices.Sort(fields)
+		slices.Sort(documented)
+		if !slices.Equal(fields, documented) {
+			t.Errorf("schema %s lists %q; the API's %v has %q", name, documented, typ, fields)
+		}
 	}
 }
