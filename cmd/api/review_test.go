@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"github.com/boxq/boxq/jobs"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 )
@@ -101,5 +102,40 @@ func TestOpenAPISchemasMatchTypes(t *testing.T) {
 		if !slices.Equal(fields, documented) {
 			t.Errorf("schema %s lists %q; the API's %v has %q", name, documented, typ, fields)
 		}
+	}
+}
+
+// TestRouteWrongMethodIs405: a served path asked with another method is
+// 405 with an Allow header naming the methods it takes, not a 404 that
+// says the route does not exist; an unknown path stays 404.
+func TestRouteWrongMethodIs405(t *testing.T) {
+	h := httptest.NewServer((&server{}).handler())
+	defer h.Close()
+	for _, c := range []struct{ method, path, allow string }{
+		{"POST", "/v1/jobs/j1", "GET, HEAD"},
+		{"DELETE", "/v1/jobs/j1", "GET, HEAD"},
+		{"GET", "/v1/jobs", "POST"},
+		{"PUT", "/v1/jobs/j1/cancel", "POST"},
+		{"POST", "/healthz", "GET, HEAD"},
+	} {
+		req, _ := http.NewRequest(c.method, h.URL+c.path, nil)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var e struct{ Error string }
+		_ = json.NewDecoder(resp.Body).Decode(&e)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusMethodNotAllowed || resp.Header.Get("Allow") != c.allow || e.Error == "" {
+			t.Errorf("%s %s: %d Allow %q %q; want 405 Allow %q with an error", c.method, c.path, resp.StatusCode, resp.Header.Get("Allow"), e.Error, c.allow)
+		}
+	}
+	resp, err := http.Get(h.URL + "/v2/nothing")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotFound {
+		t.Errorf("GET /v2/nothing: %d; want 404", resp.StatusCode)
 	}
 }

@@ -79,11 +79,35 @@ func (s *server) handler() http.Handler {
 			mux.Handle(rt.method+" "+rt.path, s.auth(h))
 		}
 	}
-	// Unknown paths answer in JSON like the rest.
+	// Unknown routes answer in JSON like the rest. This catch-all also
+	// takes a known path asked with another method (the mux prefers it to
+	// its own 405): that is a 405 naming the methods the path takes.
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		if allow := allowed(mux, r); allow != "" {
+			w.Header().Set("Allow", allow)
+			writeError(w, http.StatusMethodNotAllowed, fmt.Sprintf("%s %s: this route takes %s (see /v1/openapi.json)", r.Method, r.URL.Path, allow))
+			return
+		}
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no such route: %s %s (see /v1/openapi.json)", r.Method, r.URL.Path))
 	})
 	return mux
+}
+
+// allowed returns the methods (an Allow header) for which mux has a route
+// of r's path other than the catch-all, "" none.
+func allowed(mux *http.ServeMux, r *http.Request) string {
+	var allow []string
+	for _, m := range []string{"GET", "POST"} {
+		probe := r.Clone(r.Context())
+		probe.Method = m
+		if _, pattern := mux.Handler(probe); pattern != "/" && pattern != "" {
+			allow = append(allow, m)
+			if m == "GET" {
+				allow = append(allow, "HEAD") // the mux serves HEAD with GET
+			}
+		}
+	}
+	return strings.Join(allow, ", ")
 }
 
 // auth checks the bearer token, in constant time.
