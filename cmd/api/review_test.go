@@ -4,6 +4,7 @@ import (
 	"maps"
 	"reflect"
 	"slices"
+	"strconv"
 
 	"bufio"
 	"encoding/json"
@@ -137,5 +138,44 @@ func TestRouteWrongMethodIs405(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusNotFound {
 		t.Errorf("GET /v2/nothing: %d; want 404", resp.StatusCode)
+	}
+}
+
+// TestAPIRedisDownIsDocumented: with Redis gone, each /v1 route answers
+// 503 with an error, and the OpenAPI document lists that answer for it.
+func TestAPIRedisDownIsDocumented(t *testing.T) {
+	st := newAPIStack(t, "")
+	var doc struct {
+		Paths map[string]map[string]struct {
+			Responses map[string]json.RawMessage `json:"responses"`
+		} `json:"paths"`
+	}
+	if err := json.Unmarshal(openAPI, &doc); err != nil {
+		t.Fatal(err)
+	}
+	st.rdb.Close()
+	for _, rt := range routes {
+		if rt.public {
+			continue
+		}
+		path := strings.NewReplacer("{id}", "j-down", "{task}", "t-down").Replace(rt.path)
+		body := ""
+		if rt.method == "POST" {
+			body = `{"task_id":"t-down","command":"true"}`
+		}
+		// A batch has begun its 200 before it enqueues: each line it
+		// could not enqueue says why.
+		want := http.StatusServiceUnavailable
+		if rt.path == "/v1/jobs/batch" {
+			want = http.StatusOK
+		}
+		var e struct{ Error string }
+		code := do(t, http.DefaultClient, rt.method, st.url+path, "", body, &e)
+		if code != want || e.Error == "" {
+			t.Errorf("%s %s with Redis down: %d %q; want %d with an error", rt.method, path, code, e.Error, want)
+		}
+		if _, ok := doc.Paths[rt.path][strings.ToLower(rt.method)].Responses[strconv.Itoa(code)]; !ok {
+			t.Errorf("%s %s answers %d; the OpenAPI document does not list it", rt.method, rt.path, code)
+		}
 	}
 }
