@@ -33,3 +33,8 @@ func FireSchedule(ctx context.Context, s *Scheduler, d Schedule, tick time.Time)
 // when a delayed job has joined its task's sequence to wait, before asynq
 // puts it back (the job is still active).
 func SetAfterJoinDue(cfg *WorkerConfig, f func(jobID string)) { cfg.afterJoinDue = f }
+
+// SetHubAfterLookup installs a fault point in h's watches: f runs after a
+// watch has read the jobs it was told had ended, before it sends those
+// that had not back to waiting.
+func SetHubAfterLookup(h *Hub, f func()) { h.afterLookup = f }

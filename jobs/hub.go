@@ -32,6 +32,9 @@ type Hub struct {
 	quit chan struct{}
 	done chan struct{}
 
+	// afterLookup is a fault point for tests (SetHubAfterLookup).
+	afterLookup func()
+
 	mu sync.Mutex
 	// byID lists the watches that wait for each job id: mostly one, so a
 	// slice, not a set (a batch of 100,000 jobs holds 100,000 of them).
@@ -180,7 +183,8 @@ type Watch struct {
 
 type watched struct {
 	queue      string
-	marked     bool      // in endedIDs
+	marked     bool      // in endedIDs, or being looked up
+	again      bool      // notified while being looked up: look it up again
 	archivedAt time.Time // when first seen archived without a result
 }
 
@@ -223,7 +227,16 @@ func (w *Watch) ended(queue, id string) {
 
 func (w *Watch) markLocked(queue, id string) {
 	pj, ok := w.pending[id]
-	if !ok || pj.marked || pj.queue != queue {
+	if !ok || pj.queue != queue {
+		return
+	}
+	if pj.marked {
+		// A lookup of it may be under way and may have read it before
+		// this end: it must not send it back to waiting.
+		if !pj.again {
+			pj.again = true
+			w.pending[id] = pj
+		}
 		return
 	}
 	pj.marked = true
@@ -319,6 +332,8 @@ func (w *Watch) lookUp(ctx context.Context, batch []string) error {
 	for _, id := range batch {
 		if pj, ok := w.pending[id]; ok {
 			byQueue[pj.queue] = append(byQueue[pj.queue], id)
+			pj.again = false // a notification from now on counts
+			w.pending[id] = pj
 		}
 	}
 	w.mu.Unlock()
@@ -343,10 +358,22 @@ func (w *Watch) lookUp(ctx context.Context, batch []string) error {
 			}
 		}
 	}
+	if w.h.afterLookup != nil {
+		w.h.afterLookup()
+	}
 	done := make([]string, 0, len(found))
 	w.mu.Lock()
 	for _, id := range wait {
-		if pj, ok := w.pending[id]; ok {
+		pj, ok := w.pending[id]
+		switch {
+		case !ok:
+		case pj.again:
+			// Notified during the lookup: it may have ended after it
+			// was read. Look it up again rather than miss the end.
+			pj.again = false
+			w.pending[id] = pj
+			w.endedIDs = append(w.endedIDs, id)
+		default:
 			pj.marked = false
 			w.pending[id] = pj
 		}

@@ -79,11 +79,35 @@ func (s *server) handler() http.Handler {
 			mux.Handle(rt.method+" "+rt.path, s.auth(h))
 		}
 	}
-	// Unknown paths answer in JSON like the rest.
+	// Unknown routes answer in JSON like the rest. This catch-all also
+	// takes a known path asked with another method (the mux prefers it to
+	// its own 405): that is a 405 naming the methods the path takes.
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		if allow := allowed(mux, r); allow != "" {
+			w.Header().Set("Allow", allow)
+			writeError(w, http.StatusMethodNotAllowed, fmt.Sprintf("%s %s: this route takes %s (see /v1/openapi.json)", r.Method, r.URL.Path, allow))
+			return
+		}
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no such route: %s %s (see /v1/openapi.json)", r.Method, r.URL.Path))
 	})
 	return mux
+}
+
+// allowed returns the methods (an Allow header) for which mux has a route
+// of r's path other than the catch-all, "" none.
+func allowed(mux *http.ServeMux, r *http.Request) string {
+	var allow []string
+	for _, m := range []string{"GET", "POST"} {
+		probe := r.Clone(r.Context())
+		probe.Method = m
+		if _, pattern := mux.Handler(probe); pattern != "/" && pattern != "" {
+			allow = append(allow, m)
+			if m == "GET" {
+				allow = append(allow, "HEAD") // the mux serves HEAD with GET
+			}
+		}
+	}
+	return strings.Join(allow, ", ")
 }
 
 // auth checks the bearer token, in constant time.
@@ -483,10 +507,14 @@ func (s *server) postBatch(w http.ResponseWriter, r *http.Request) {
 				perr = fmt.Errorf("invalid job: id %q repeats line %d: one id is one job", j.ID, first)
 			}
 		}
-		var e jobs.Enqueued
+		var (
+			e     jobs.Enqueued
+			added bool // j is in watch: a refused duplicate is not, its first line is
+		)
 		if perr == nil {
 			if watch != nil {
 				watch.Add(jobs.Enqueued{ID: j.ID, Queue: j.QueueName()})
+				added = true
 			}
 			e, perr = s.prod.Enqueue(ctx, j, "")
 			if perr != nil && ctx.Err() != nil {
@@ -495,7 +523,7 @@ func (s *server) postBatch(w http.ResponseWriter, r *http.Request) {
 		}
 		if perr != nil {
 			sum.Invalid++
-			if watch != nil && j.ID != "" {
+			if added {
 				watch.Remove(j.ID)
 			}
 			if err := enc.Encode(batchRefused{Line: sum.Lines, ID: j.ID, Error: perr.Error()}); err != nil {

@@ -10,6 +10,7 @@ switches to boxq by changing the constructor::
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Dict, Optional
 
 from .client import BoxqError, Client
@@ -55,9 +56,14 @@ class BoxqEnvironment:
         and ignored."""
         start = cwd or self._first_cwd
         t = timeout or self.timeout
+        # The id is chosen here, so that an interrupt while the API enqueues
+        # the job (before its answer is read) can cancel it too.
+        job_id = str(uuid.uuid4())
         try:
-            job_id = self.client.submit(self.task_id, command, cwd=start, timeout=t, stdin=stdin_data,
-                                        image=self.image, persistent=self.persistent)
+            self.client.submit(self.task_id, command, cwd=start, timeout=t, stdin=stdin_data,
+                               image=self.image, persistent=self.persistent, id=job_id)
+        except KeyboardInterrupt:
+            return self._interrupted(job_id)
         except BoxqError as e:
             return {"output": "boxq: %s" % e.message, "returncode": 1}
         self._first_cwd = None

@@ -42,3 +42,23 @@ def test_keyboard_interrupt_is_130(api_url, task_id):
     assert r["returncode"] == 130
     # The task goes on: its next command runs.
     assert env.execute("echo next") == {"output": "next\n", "returncode": 0}
+
+
+def test_keyboard_interrupt_during_submit_cancels_the_job(api_url, task_id):
+    """An interrupt that lands while the job is being submitted (the API
+    has enqueued it, its answer is not read yet) still cancels the job and
+    returns 130, as one while waiting does."""
+    from boxq import Client
+
+    submitted = []
+
+    class InterruptedOnAnswer(Client):
+        def submit(self, *args, **kw):
+            submitted.append(super().submit(*args, **kw))
+            raise KeyboardInterrupt
+
+    env = BoxqEnvironment(task_id, client=InterruptedOnAnswer(api_url, TOKEN))
+    r = env.execute("sleep 30")
+    assert r["returncode"] == 130
+    res = env.client.result(submitted[0], wait=30)
+    assert (res.status, res.returncode) == ("cancelled", 130)
