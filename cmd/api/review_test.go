@@ -1,18 +1,20 @@
 package main
 
 import (
+	"bufio"
+	"encoding/json"
 	"maps"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
 	"reflect"
 	"slices"
 	"strconv"
-
-	"bufio"
-	"encoding/json"
-	"github.com/boxq/boxq/jobs"
-	"net/http"
-	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/boxq/boxq/jobs"
 )
 
 // TestAPIBatchDuplicateIDKeepsFirstResult: a batch whose second line
@@ -176,6 +178,24 @@ func TestAPIRedisDownIsDocumented(t *testing.T) {
 		}
 		if _, ok := doc.Paths[rt.path][strings.ToLower(rt.method)].Responses[strconv.Itoa(code)]; !ok {
 			t.Errorf("%s %s answers %d; the OpenAPI document does not list it", rt.method, rt.path, code)
+		}
+	}
+}
+
+// TestWaitParamRefusesNonNumbers: ?wait= takes a duration or seconds in
+// range; NaN, infinities and out-of-range numbers are refused before any
+// float-to-duration conversion (whose result differs by CPU).
+func TestWaitParamRefusesNonNumbers(t *testing.T) {
+	for v, want := range map[string]time.Duration{"": 0, "30s": 30 * time.Second, "1.5": 1500 * time.Millisecond, "250ms": 250 * time.Millisecond} {
+		r := httptest.NewRequest("GET", "/v1/jobs/x?wait="+url.QueryEscape(v), nil)
+		if d, err := waitParam(r); err != nil || d != want {
+			t.Errorf("wait=%q: %v, %v; want %v", v, d, err, want)
+		}
+	}
+	for _, v := range []string{"NaN", "nan", "Inf", "-Inf", "1e300", "-1", "-0.5", "abc", "90000"} {
+		r := httptest.NewRequest("GET", "/v1/jobs/x?wait="+url.QueryEscape(v), nil)
+		if d, err := waitParam(r); err == nil {
+			t.Errorf("wait=%q accepted as %v; want an error", v, d)
 		}
 	}
 }

@@ -161,6 +161,11 @@ func waitParam(r *http.Request) (time.Duration, error) {
 		if nerr != nil {
 			return 0, fmt.Errorf("wait=%q: want a duration such as 30s or 2m, or seconds", v)
 		}
+		// Range-checked before the conversion: NaN and out-of-range
+		// floats convert to whatever the CPU makes of them.
+		if !(secs >= 0 && secs <= maxWait.Seconds()) {
+			return 0, fmt.Errorf("wait=%q: want between 0 and %v", v, maxWait)
+		}
 		d = time.Duration(secs * float64(time.Second))
 	}
 	if d < 0 || d > maxWait {

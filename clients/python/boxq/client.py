@@ -133,7 +133,9 @@ JobLike = Mapping[str, Any]
 
 
 def _seconds(d: Optional[float]) -> str:
-    return "%gs" % d if d is not None else ""
+    # Milliseconds, never an exponent ("%g" writes 1e-05, which the server
+    # refuses); a wait below a millisecond is no wait.
+    return "%dms" % round(max(d, 0) * 1000) if d is not None else ""
 
 
 class Client:
