@@ -181,7 +181,9 @@ func (p *Producer) idElsewhere(ctx context.Context, jobID, queue string) (string
 	}
 	var others []string
 	for _, q := range p.queues {
-		if q != queue {
+		// The maintenance queue holds no exec job (Validate refuses it):
+		// looking there would cost every enqueue a round trip.
+		if q != queue && q != MaintenanceQueue {
 			others = append(others, q)
 		}
 	}
