@@ -71,8 +71,17 @@ func exitCode(err error) int {
 	return 0
 }
 
+// TestV1ShimJoinsBeforeExec runs both shims: the shell one (the default
+// where /bin/sh exists) and the Go one of the gateway binary (RunShim).
 func TestV1ShimJoinsBeforeExec(t *testing.T) {
+	for name, shell := range map[string]string{"sh": "/bin/sh", "go": ""} {
+		t.Run(name, func(t *testing.T) { testV1ShimJoinsBeforeExec(t, shell) })
+	}
+}
+
+func testV1ShimJoinsBeforeExec(t *testing.T, shell string) {
 	c := realV1(t, "memory", "pids", "cpu")
+	c.cfg.Shell = shell
 	g := newGroup(t, c, Spec{MemoryMiB: 256, CPU: 0.5, Pids: 64})
 	cmd := exec.Command("cat", "/proc/self/cgroup")
 	g.Wrap(cmd)
