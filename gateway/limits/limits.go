@@ -59,8 +59,8 @@ type Config struct {
 	// (default /bin/sh if it exists; "-": always the Go shim of
 	// ShimPath). A shell starts in about 1 ms; the gateway binary, with
 	// its runtime and its packages' init, in about 8: every exec pays it.
-	Shell string
-	Logger   *slog.Logger
+	Shell  string
+	Logger *slog.Logger
 	// mkdir and rmdir make and remove a cgroup directory: a fake tree's
 	// need their control files made, and are not empty.
 	mkdir func(string) error
