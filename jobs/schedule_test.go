@@ -206,9 +206,9 @@ func TestScheduleEachTickOnceAcrossWorkers(t *testing.T) {
 	if len(lines) != len(ids) {
 		t.Errorf("%d runs, %d tick jobs: a tick ran twice or not at all", len(lines), len(ids))
 	}
-	if uniq := slices.Compact(slices.Sorted(slices.Values(lines))); len(uniq) != len(lines) {
-		t.Errorf("two runs in the same second: %q", lines)
-	}
+	// No check on the seconds the commands printed: on a loaded machine a
+	// tick's job can start a tick late and print its neighbour's second.
+	// A tick run twice shows above as one run more than there are tick jobs.
 	for _, id := range ids {
 		sec := id[strings.LastIndex(id, ":")+1:]
 		if n := len(sec); n == 0 || (sec[n-1]-'0')%2 != 0 {
