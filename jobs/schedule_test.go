@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -206,9 +207,25 @@ func TestScheduleEachTickOnceAcrossWorkers(t *testing.T) {
 	if len(lines) != len(ids) {
 		t.Errorf("%d runs, %d tick jobs: a tick ran twice or not at all", len(lines), len(ids))
 	}
-	// No check on the seconds the commands printed: on a loaded machine a
-	// tick's job can start a tick late and print its neighbour's second.
-	// A tick run twice shows above as one run more than there are tick jobs.
+	// The seconds the commands printed, against the ticks: a loaded
+	// machine may run a tick's job late (it then prints a later tick's
+	// second), never early. Sorted, the i-th run is at or after the i-th
+	// tick: a run before its tick, or two runs for one tick while another
+	// tick never ran, breaks that.
+	ticks := make([]string, len(ids))
+	for i, id := range ids {
+		ticks[i] = id[strings.LastIndex(id, ":")+1:]
+	}
+	runs := slices.Sorted(slices.Values(lines))
+	for i := range min(len(runs), len(ticks)) {
+		run, rerr := strconv.ParseInt(runs[i], 10, 64)
+		tick, terr := strconv.ParseInt(ticks[i], 10, 64)
+		if rerr != nil || terr != nil {
+			t.Errorf("run %q, tick %q: not both seconds", runs[i], ticks[i])
+		} else if run < tick {
+			t.Errorf("run %d printed second %d, before tick %d", i, run, tick)
+		}
+	}
 	for _, id := range ids {
 		sec := id[strings.LastIndex(id, ":")+1:]
 		if n := len(sec); n == 0 || (sec[n-1]-'0')%2 != 0 {
