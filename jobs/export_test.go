@@ -38,3 +38,15 @@ func SetAfterJoinDue(cfg *WorkerConfig, f func(jobID string)) { cfg.afterJoinDue
 // watch has read the jobs it was told had ended, before it sends those
 // that had not back to waiting.
 func SetHubAfterLookup(h *Hub, f func()) { h.afterLookup = f }
+
+// IdleWaits is how many times w's idle worker began to wait for a wake-up
+// (wake.go); -1 when it polls instead.
+func IdleWaits(w *Worker) int64 {
+	if w.waker == nil {
+		return -1
+	}
+	return w.waker.waits.Load()
+}
+
+// WakeChannel is the pub/sub channel of queue's wake-ups.
+func WakeChannel(prefix, queue string) string { return wakeChannel(prefix, queue) }

@@ -95,6 +95,13 @@ func newStack(t *testing.T, o stackOptions) *stack {
 // startWorker runs a worker until the test ends or stop is called.
 func (s *stack) startWorker(t *testing.T, mod func(*jobs.WorkerConfig)) (stop func()) {
 	t.Helper()
+	_, stop = s.startWorkerW(t, mod)
+	return stop
+}
+
+// startWorkerW is startWorker, with the worker.
+func (s *stack) startWorkerW(t *testing.T, mod func(*jobs.WorkerConfig)) (w *jobs.Worker, stop func()) {
+	t.Helper()
 	cfg := jobs.WorkerConfig{
 		Redis: s.rdb, Gateway: s.client, Pool: s.pool, Concurrency: 32,
 		ShutdownTimeout: 2 * time.Second, ReapEvery: -1,
@@ -122,7 +129,7 @@ func (s *stack) startWorker(t *testing.T, mod func(*jobs.WorkerConfig)) (stop fu
 		})
 	}
 	t.Cleanup(stop)
-	return stop
+	return w, stop
 }
 
 // runJobs enqueues the jobs and waits (bounded) for every result, returned

@@ -150,6 +150,10 @@ func (p *Producer) Enqueue(ctx context.Context, j Job, notify string) (Enqueued,
 		return Enqueued{}, fmt.Errorf("jobs: enqueue %s: %w", j.ID, err)
 	}
 	p.knowQueue(e.Queue)
+	if place != joinWait {
+		// Runnable: an idle worker of the queue takes it now (wake.go).
+		wake(ctx, p.rdb, p.cfg.Prefix, e.Queue)
+	}
 	if p.faults.beforeConfirm != nil {
 		p.faults.beforeConfirm()
 	}
@@ -270,6 +274,7 @@ func (p *Producer) terminate(ctx context.Context, taskID string, ifIdle bool, op
 	if err != nil {
 		return "", fmt.Errorf("jobs: enqueue terminate of %q: %w", taskID, err)
 	}
+	wake(ctx, p.rdb, p.cfg.Prefix, MaintenanceQueue)
 	return info.ID, nil
 }
 

@@ -74,8 +74,9 @@ const goneHeadGrace = 2 * slowEnqueue
 const DefaultSeqRepairAfter = 30 * time.Second
 
 // promoteLua defines promote, which makes a parked (or put back: "retry")
-// job runnable, as asynq's forwarder does. It needs P (asynq's key prefix
-// of the queue) and NOWNS (now, ns).
+// job runnable, as asynq's forwarder does, and wakes the queue's idle
+// workers (wake.go). It needs P (asynq's key prefix of the queue), NOWNS
+// (now, ns) and WAKE (wakeLua).
 const promoteLua = `
 local function promote(id)
 	local tk = P .. 't:' .. id
@@ -83,6 +84,7 @@ local function promote(id)
 	if (st == 'scheduled' or st == 'retry') and redis.call('ZREM', P .. st, id) == 1 then
 		redis.call('LPUSH', P .. 'pending', id)
 		redis.call('HSET', tk, 'state', 'pending', 'pending_since', NOWNS)
+		redis.call('PUBLISH', WAKE, '')
 	end
 end
 `
@@ -102,7 +104,7 @@ local P, LATE, NOWNS, PARK, TASK = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]),
 local T = redis.call('TIME')
 local NOWMS = tonumber(T[1]) * 1000 + math.floor(tonumber(T[2]) / 1000)
 local SEQ, SEQW, HEADS = KEYS[1], KEYS[2], KEYS[3]
-` + promoteLua + `
+` + wakeLua + promoteLua + `
 -- settle makes a job that has just been given its result while it waited
 -- runnable, so that a worker acks it. One that asynq has active (a delayed
 -- job between its join and its return to the retry set, delayed.go) would
@@ -329,7 +331,8 @@ return 1
 // ns, 3 job id.
 var seqEndedScript = redis.NewScript(`
 local P, NOWNS = ARGV[1], ARGV[2]
-` + promoteLua + `
+local LATE = string.sub(KEYS[1], 1, #KEYS[1] - #':ended')
+` + wakeLua + promoteLua + `
 if redis.call('HGET', P .. 't:' .. ARGV[3], 'state') == 'active' then return 0 end
 promote(ARGV[3])
 redis.call('ZREM', KEYS[1], ARGV[3])

@@ -17,13 +17,12 @@ import (
 )
 
 // DefaultTaskCheckInterval is WorkerConfig.TaskCheckInterval's default.
-// Measured with cmd/bench on a 2-core machine (docs/PERFORMANCE.md): an
-// idle worker picks a job up after 0.55 intervals on average, and costs
-// Redis one dequeue script (three commands) per interval. 5ms: round trip
-// of a 10 ms command p50 18 ms, ~520 commands/s, 1.3% of a Redis core per
-// idle worker; 10ms: 22 ms, ~280/s, 1.0%. Fleets of many mostly idle
-// workers may want 50ms or more.
-const DefaultTaskCheckInterval = 5 * time.Millisecond
+// An idle worker is woken when a job becomes runnable (wake.go), so the
+// interval is only the safety net for what publishes no wake-up (asynqmon's
+// "run now", a plain asynq client's enqueue, a wake-up lost in a
+// reconnect): such a job waits a second at most. An idle worker costs
+// Redis one dequeue round (three commands per queue) per interval.
+const DefaultTaskCheckInterval = time.Second
 
 // WorkerConfig configures a Worker. Zero values take the documented defaults.
 type WorkerConfig struct {
@@ -40,11 +39,15 @@ type WorkerConfig struct {
 	// {"default": 1}. The worker also serves MaintenanceQueue, whatever
 	// Queues says, with the weight of all of them together.
 	Queues map[string]int
-	// TaskCheckInterval is how long an idle worker waits before asking
-	// Redis for a job again (asynq sleeps a random 0.5 to 1.5 intervals):
-	// the main term of pickup latency on an idle worker (about half an
-	// interval on average) against the idle load on Redis (one dequeue
-	// script per interval per worker). Default DefaultTaskCheckInterval.
+	// TaskCheckInterval is how long an idle worker waits for a wake-up
+	// before it asks Redis for a job anyway. Enqueues, a task's next turn
+	// and asynq's forwarder wake it at once (wake.go); this bounds the
+	// pickup of a job made runnable otherwise, against the idle load on
+	// Redis (one dequeue round per interval per worker). With a Redis
+	// client the worker cannot copy (not a go-redis Client, ClusterClient
+	// or Ring) there are no wake-ups, and asynq polls every interval
+	// (sleeping a random 0.5 to 1.5 of it): then pickup takes about half
+	// an interval. Default DefaultTaskCheckInterval.
 	TaskCheckInterval time.Duration
 	// DelayedTaskCheckInterval is how often retries and capacity waits are
 	// moved back to their queue. Default 500ms.
@@ -175,6 +178,10 @@ type Worker struct {
 	client   *asynq.Client
 	stopping chan struct{}
 	cancels  *cancelWatch
+	// waker and asynqRedis: asynq's own client and its wake-up hook
+	// (wake.go); nil when the worker polls.
+	waker      *waker
+	asynqRedis redis.UniversalClient
 	handlers sync.WaitGroup // handlers still running, aborted ones included
 }
 
@@ -199,10 +206,25 @@ func NewWorker(cfg WorkerConfig) (*Worker, error) {
 	}
 	served[MaintenanceQueue] = total
 	capLog := &everyLog{every: cfg.CapacityLogEvery}
-	w.srv = asynq.NewServerFromRedisClient(cfg.Redis, asynq.Config{
+	// asynq gets a client of its own, whose hook makes an idle worker wait
+	// for a wake-up instead of polling (wake.go).
+	asynqRedis, checkEvery := cfg.Redis, cfg.TaskCheckInterval
+	if own, ok := ownClient(cfg.Redis); ok {
+		servedNames := make([]string, 0, len(served))
+		for q := range served {
+			servedNames = append(servedNames, q)
+		}
+		w.waker = newWaker(own, cfg.Prefix, servedNames, cfg.TaskCheckInterval, w.stopping)
+		own.AddHook(w.waker)
+		w.asynqRedis = own
+		asynqRedis, checkEvery = own, wakePause
+	} else {
+		log.Warn("the Redis client is of a kind the worker cannot copy: no wake-ups, the worker polls for jobs every -poll-interval", "poll_interval", cfg.TaskCheckInterval)
+	}
+	w.srv = asynq.NewServerFromRedisClient(asynqRedis, asynq.Config{
 		Concurrency:              cfg.Concurrency,
 		Queues:                   served,
-		TaskCheckInterval:        cfg.TaskCheckInterval,
+		TaskCheckInterval:        checkEvery,
 		DelayedTaskCheckInterval: cfg.DelayedTaskCheckInterval,
 		ShutdownTimeout:          cfg.ShutdownTimeout,
 		IsFailure:                isFailure,
@@ -326,9 +348,15 @@ func (w *Worker) Run(ctx context.Context) error {
 	cancelSub := w.cfg.Redis.Subscribe(watchCtx, asynqCancelChannel)
 	var watching sync.WaitGroup
 	watching.Go(func() { w.cancels.run(watchCtx, cancelSub) })
+	if w.waker != nil {
+		watching.Go(func() { w.waker.listen(watchCtx, w.cfg.Redis) })
+	}
 	defer func() {
 		stopWatch()
 		watching.Wait()
+		if w.asynqRedis != nil {
+			w.asynqRedis.Close() // asynq is done with it
+		}
 	}()
 	if err := w.srv.Start(w.mux); err != nil {
 		return fmt.Errorf("jobs: start worker: %w", err)

@@ -80,7 +80,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	queues := fs.String("queues", "default=1", "asynq `queues` to serve with their weights, as in 'default=3,batch=1'")
 	dev := fs.Bool("dev", false, "embedded Redis and reference gateway: no Redis or gateway needed")
 	maxSandboxes := fs.Int("max-sandboxes", 0, "cap on live sandboxes across all workers (0: no cap)")
-	pollInterval := fs.Duration("poll-interval", jobs.DefaultTaskCheckInterval, "how often an idle worker checks Redis for jobs: pickup latency vs idle Redis load")
+	pollInterval := fs.Duration("poll-interval", jobs.DefaultTaskCheckInterval, "how long an idle worker waits for a wake-up before it checks Redis for jobs anyway (enqueues wake it at once): the pickup of jobs made runnable without a wake-up vs idle Redis load")
 	shutdownTimeout := fs.Duration("shutdown-timeout", 25*time.Second, "on SIGTERM, how long running jobs may finish; the rest are re-attached by another worker")
 	logFormat := fs.String("log-format", "auto", "log format: auto (text on a terminal, else json), text or json")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn or error")

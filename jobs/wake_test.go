@@ -1,0 +1,129 @@
+package jobs_test
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/hibiken/asynq"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/boxq/boxq/jobs"
+)
+
+// idleWorker starts a worker that polls every poll when nothing wakes it,
+// and waits until it is idle: waiting for a wake-up.
+func (s *stack) idleWorker(t *testing.T, poll time.Duration) (*jobs.Worker, func()) {
+	t.Helper()
+	w, stop := s.startWorkerW(t, func(c *jobs.WorkerConfig) { c.TaskCheckInterval = poll })
+	if jobs.IdleWaits(w) < 0 {
+		t.Fatal("the worker has no wake-ups: it polls")
+	}
+	waitFor(t, 20*time.Second, "the worker to wait for a wake-up", func() bool { return jobs.IdleWaits(w) > 0 })
+	return w, stop
+}
+
+// TestIdleWorkerWakesOnEnqueue: a worker that would poll Redis once in 10
+// minutes picks up, at once, every way a job becomes runnable: an enqueue,
+// a task's next command when the one before it ends (the sequence's
+// hand-over), a delayed job falling due (asynq's forwarder), a terminate.
+// Each ends well within the test's minute: only a wake-up explains that.
+func TestIdleWorkerWakesOnEnqueue(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.idleWorker(t, 10*time.Minute)
+
+	if r := s.run1(t, jobs.Job{TaskID: "wake", Command: "echo one"}); r.Status != jobs.StatusCompleted || r.Output != "one\n" {
+		t.Fatalf("enqueued job: %+v", r)
+	}
+
+	// Three commands of one task: the second and third are parked behind
+	// the first, and each is made runnable when the one before it ends.
+	var chain []jobs.Job
+	for i := range 3 {
+		chain = append(chain, jobs.Job{ID: fmt.Sprintf("wake-chain-%d-%s", i, randID()), TaskID: "wake-chain", Command: fmt.Sprintf("sleep 0.2; echo %d", i)})
+	}
+	res := s.runJobs(t, 60*time.Second, chain...)
+	for i, j := range chain {
+		if r := res[j.ID]; r.Status != jobs.StatusCompleted || r.Output != fmt.Sprintf("%d\n", i) {
+			t.Errorf("chained job %d: %+v", i, r)
+		}
+	}
+
+	at := time.Now().Add(time.Second)
+	if r := s.run1(t, jobs.Job{TaskID: "wake", Command: "echo later", RunAt: &at}); r.Status != jobs.StatusCompleted || r.Output != "later\n" {
+		t.Errorf("delayed job: %+v", r)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	id, err := s.prod.Terminate(ctx, "wake", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 60*time.Second, "the terminate to run", func() bool {
+		info, err := asynq.NewInspectorFromRedisClient(s.rdb).GetTaskInfo(jobs.MaintenanceQueue, id)
+		return err == nil && info.State == asynq.TaskStateCompleted
+	})
+}
+
+// TestIdleWorkerIsQuiet: an idle worker asks Redis for jobs once per poll
+// interval, not in a loop: over 1.5 s at a 300 ms interval it begins at
+// most 1.5/0.3 + 2 waits (a slow machine makes fewer, never more), and at
+// least one (the safety net polls).
+func TestIdleWorkerIsQuiet(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	w, _ := s.idleWorker(t, 300*time.Millisecond)
+	before := jobs.IdleWaits(w)
+	time.Sleep(1500 * time.Millisecond)
+	n := jobs.IdleWaits(w) - before
+	t.Logf("%d idle rounds in 1.5 s at a 300 ms interval", n)
+	if n < 1 || n > 7 {
+		t.Errorf("%d idle rounds in 1.5 s at a 300 ms interval, want 1 to 7", n)
+	}
+}
+
+// TestIdleWorkerStops: a worker waiting for a wake-up (10 minutes at most)
+// stops at once when told to: stop fails the test after 30 s.
+func TestIdleWorkerStops(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	_, stop := s.idleWorker(t, 10*time.Minute)
+	stop()
+}
+
+// TestWakeChannelInScripts: the channel the sequence scripts derive from
+// their keys is the one workers listen on, for a queue name with the
+// characters a queue's name may hold.
+func TestWakeChannelInScripts(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	const queue = "odd queue.2-x"
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	sub := s.rdb.Subscribe(ctx, jobs.WakeChannel("boxq:", queue))
+	defer sub.Close()
+	if _, err := sub.Receive(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// The first job is runnable at once (the producer publishes); the
+	// second is parked, and promoted (the script publishes) when the
+	// first's result is written by a worker of that queue.
+	first := jobs.Job{ID: "wq-1-" + randID(), TaskID: "wq", Command: "true", Queue: queue}
+	second := jobs.Job{ID: "wq-2-" + randID(), TaskID: "wq", Command: "true", Queue: queue}
+	s.startWorker(t, func(c *jobs.WorkerConfig) { c.Queues = map[string]int{queue: 1} })
+	res := s.runJobs(t, 60*time.Second, first, second)
+	for _, j := range []jobs.Job{first, second} {
+		if r := res[j.ID]; r.Status != jobs.StatusCompleted {
+			t.Fatalf("job %s: %+v", j.ID, r)
+		}
+	}
+	heard := 0
+	for heard < 2 {
+		msg, err := sub.ReceiveTimeout(ctx, 10*time.Second)
+		if err != nil {
+			t.Fatalf("%d wake-ups heard on %q, want 2 (the enqueue's and the promote's): %v", heard, jobs.WakeChannel("boxq:", queue), err)
+		}
+		if _, ok := msg.(*redis.Message); ok {
+			heard++
+		}
+	}
+}
