@@ -182,7 +182,7 @@ type Worker struct {
 	// (wake.go); nil when the worker polls.
 	waker      *waker
 	asynqRedis redis.UniversalClient
-	handlers sync.WaitGroup // handlers still running, aborted ones included
+	handlers   sync.WaitGroup // handlers still running, aborted ones included
 }
 
 // NewWorker builds a Worker; Run starts it.
