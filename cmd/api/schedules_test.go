@@ -184,4 +184,3 @@ func tickTimes(t *testing.T, st *apiStack, prefix string) []int64 {
 	slices.Sort(ticks)
 	return slices.Compact(ticks)
 }
-
