@@ -110,7 +110,7 @@ func ParseJob(line []byte) (Job, error) {
 	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
 		return bad("more than one JSON value on the line (one job per line)")
 	}
-	if err := checkKeys(line); err != nil {
+	if err := checkKeys(line, jobFieldNames); err != nil {
 		return Job{}, fmt.Errorf("invalid job: %w", err)
 	}
 	if err := j.Validate(); err != nil {
@@ -122,11 +122,12 @@ func ParseJob(line []byte) (Job, error) {
 // jobFields names the fields of a job, for the message about an unknown one.
 const jobFields = "id, task_id, command, cwd, timeout_s, stdin, image, cpu, memory_mib, disk_mib, persistent, queue, run_at"
 
-// checkKeys rejects what encoding/json takes quietly in a job that decoded:
-// a field name in another case ("Command", matched case-insensitively) and
-// a field given twice (the last one wins). Either way the job that would run
-// is not plainly the one written.
-func checkKeys(line []byte) error {
+// checkKeys rejects what encoding/json takes quietly in an object that
+// decoded (a job; a schedule, with its names): a field name in another
+// case ("Command", matched case-insensitively) and a field given twice
+// (the last one wins). Either way the job that would run is not plainly
+// the one written.
+func checkKeys(line []byte, names []string) error {
 	dec := json.NewDecoder(bytes.NewReader(line))
 	if _, err := dec.Token(); err != nil { // the '{'
 		return nil
@@ -142,8 +143,8 @@ func checkKeys(line []byte) error {
 			return fmt.Errorf("field %q is given twice", shorten(key, 40))
 		}
 		seen[key] = true
-		if !slices.Contains(jobFieldNames, key) {
-			for _, f := range jobFieldNames {
+		if !slices.Contains(names, key) {
+			for _, f := range names {
 				if strings.EqualFold(f, key) {
 					return fmt.Errorf("field %q is spelled %q (field names are lower case)", shorten(key, 40), f)
 				}

@@ -1,6 +1,7 @@
 package jobs
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"crypto/sha256"
@@ -8,12 +9,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"regexp"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/hibiken/asynq"
 	"github.com/redis/go-redis/v9"
@@ -132,6 +135,95 @@ func (s *Schedule) Validate() error {
 		if err := j.Validate(); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// scheduleFields names the fields of a schedule's JSON, for the message
+// about an unknown one.
+const scheduleFields = "name, cron, tz, task, tasks, terminate, if_idle, job, updated_at"
+
+var scheduleFieldNames = strings.Split(scheduleFields, ", ")
+
+// ParseSchedule reads a schedule in the JSON of Schedule (the HTTP API's
+// PUT /v1/schedules/{name}) as strictly as ParseJob reads a job: no unknown
+// field, no field twice or in another case, in the schedule and in its job,
+// then Validate, so its errors are -schedule's. The job's task_id may be
+// left out (each tick gives it its task); given, it is the schedule's task
+// (as in -schedule -f). updated_at is the store's to set: ignored. name,
+// when not "", is the schedule's name (the API's path): the body may leave
+// "name" out, or must say the same.
+func ParseSchedule(name string, b []byte) (Schedule, error) {
+	bad := func(format string, args ...any) (Schedule, error) {
+		return Schedule{}, fmt.Errorf("invalid schedule: "+format, args...)
+	}
+	if !utf8.Valid(b) {
+		return bad("the body is not valid UTF-8 (at byte %d); JSON text is UTF-8", invalidUTF8At(b))
+	}
+	if t := bytes.TrimSpace(b); len(t) == 0 || t[0] != '{' {
+		return bad(`a schedule is a JSON object ({"cron": "@every 30s", "task": …, "job": {"command": …}})`)
+	}
+	// A flat copy of Schedule with the job left raw, so that the job is
+	// read by the job's rules.
+	var raw struct {
+		Name      string          `json:"name"`
+		Cron      string          `json:"cron"`
+		TZ        string          `json:"tz"`
+		Task      string          `json:"task"`
+		Tasks     string          `json:"tasks"`
+		Terminate bool            `json:"terminate"`
+		IfIdle    bool            `json:"if_idle"`
+		Job       json.RawMessage `json:"job"`
+		UpdatedAt json.RawMessage `json:"updated_at"`
+	}
+	if err := decodeStrict(b, &raw); err != nil {
+		if msg, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
+			return bad("unknown field %s (the fields are %s)", shorten(msg, 60), scheduleFields)
+		}
+		return bad("%v", describeJSONError(err))
+	}
+	if err := checkKeys(b, scheduleFieldNames); err != nil {
+		return bad("%v", err)
+	}
+	if name != "" && raw.Name != "" && raw.Name != name {
+		return bad("the body names %q, the path %q: leave \"name\" out or make them the same", shorten(raw.Name, 120), shorten(name, 120))
+	}
+	s := Schedule{Name: cmp.Or(name, raw.Name), Cron: raw.Cron, TZ: raw.TZ, Task: raw.Task, Tasks: raw.Tasks, Terminate: raw.Terminate, IfIdle: raw.IfIdle}
+	if len(raw.Job) > 0 && string(raw.Job) != "null" {
+		if raw.Job[0] != '{' {
+			return bad("field \"job\" must be a JSON object (the job's fields but id and run_at: {\"command\": …})")
+		}
+		var j Job
+		if err := decodeStrict(raw.Job, &j); err != nil {
+			return Schedule{}, fmt.Errorf("invalid job: %w", describeJSONError(err))
+		}
+		if err := checkKeys(raw.Job, jobFieldNames); err != nil {
+			return Schedule{}, fmt.Errorf("invalid job: %w", err)
+		}
+		if s.Task == "" && s.Tasks == "" {
+			s.Task = j.TaskID
+		}
+		if j.TaskID != "" && j.TaskID != s.Task {
+			return bad("the job's task_id %q is not the schedule's task %q", shorten(j.TaskID, 100), shorten(s.Task, 100))
+		}
+		j.TaskID = ""
+		s.Job = &j
+	}
+	if err := s.Validate(); err != nil {
+		return Schedule{}, err
+	}
+	return s, nil
+}
+
+// decodeStrict decodes one JSON value with no unknown field.
+func decodeStrict(b []byte, v any) error {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return err
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		return errors.New("more than one JSON value")
 	}
 	return nil
 }
@@ -371,27 +463,54 @@ func (p *Producer) Schedules(ctx context.Context) ([]ScheduleStatus, error) {
 	}
 	out := make([]ScheduleStatus, 0, len(defs))
 	for _, d := range defs {
-		st := ScheduleStatus{Schedule: d}
-		if st.Next, err = d.Next(time.Now()); err != nil {
+		st, err := p.scheduleStatus(ctx, d)
+		if err != nil {
 			return nil, err
-		}
-		b, err := p.rdb.Get(ctx, p.store.schedLastKey(d.Name)).Bytes()
-		if err != nil && !errors.Is(err, redis.Nil) {
-			return nil, fmt.Errorf("jobs: read the last run of %q: %w", d.Name, err)
-		}
-		if err == nil {
-			var run ScheduleRun
-			if err := json.Unmarshal(b, &run); err != nil {
-				return nil, fmt.Errorf("jobs: the last run of %q: %w", d.Name, err)
-			}
-			st.Last = &run
-			if st.Results, err = p.runResults(ctx, run.Jobs); err != nil {
-				return nil, err
-			}
 		}
 		out = append(out, st)
 	}
 	return out, nil
+}
+
+// Schedule returns one schedule with its next tick and its last run's
+// results; ErrNoSchedule when name is not set.
+func (p *Producer) Schedule(ctx context.Context, name string) (ScheduleStatus, error) {
+	v, err := p.rdb.HGet(ctx, p.store.schedulesKey(), name).Bytes()
+	if errors.Is(err, redis.Nil) {
+		return ScheduleStatus{}, fmt.Errorf("%w: %q", ErrNoSchedule, name)
+	}
+	if err != nil {
+		return ScheduleStatus{}, fmt.Errorf("jobs: read schedule %q: %w", name, err)
+	}
+	var d Schedule
+	if err := json.Unmarshal(v, &d); err != nil {
+		return ScheduleStatus{}, fmt.Errorf("jobs: schedule %q: %w", name, err)
+	}
+	return p.scheduleStatus(ctx, d)
+}
+
+// scheduleStatus adds to d its next tick and its last run.
+func (p *Producer) scheduleStatus(ctx context.Context, d Schedule) (ScheduleStatus, error) {
+	st := ScheduleStatus{Schedule: d}
+	var err error
+	if st.Next, err = d.Next(time.Now()); err != nil {
+		return st, err
+	}
+	b, err := p.rdb.Get(ctx, p.store.schedLastKey(d.Name)).Bytes()
+	if err != nil && !errors.Is(err, redis.Nil) {
+		return st, fmt.Errorf("jobs: read the last run of %q: %w", d.Name, err)
+	}
+	if err == nil {
+		var run ScheduleRun
+		if err := json.Unmarshal(b, &run); err != nil {
+			return st, fmt.Errorf("jobs: the last run of %q: %w", d.Name, err)
+		}
+		st.Last = &run
+		if st.Results, err = p.runResults(ctx, run.Jobs); err != nil {
+			return st, err
+		}
+	}
+	return st, nil
 }
 
 // runResults counts the outcomes of a run's jobs.

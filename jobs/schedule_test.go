@@ -351,3 +351,38 @@ func TestScheduleTerminateTickOnce(t *testing.T) {
 		t.Errorf("the last run's results: %v, want the terminate job's state (not gone)", sts[0].Results)
 	}
 }
+
+// TestParseSchedule: a schedule's JSON (the API's PUT body) is read as
+// strictly as a job, in the schedule and in its job, and checked as
+// -schedule checks it; the job's task_id stands for the task, as in
+// -schedule -f.
+func TestParseSchedule(t *testing.T) {
+	s, err := jobs.ParseSchedule("n", []byte(`{"cron":"@every 1s","job":{"task_id":"t1","command":"true","timeout_s":5}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Name != "n" || s.Task != "t1" || s.Job == nil || s.Job.TaskID != "" || s.Job.Command != "true" || *s.Job.TimeoutS != 5 {
+		t.Errorf("ParseSchedule = %+v; want name n, task t1, the job without its task_id", s)
+	}
+	if s, err := jobs.ParseSchedule("", []byte(`{"name":"b","cron":"@daily","tasks":"**","terminate":true,"updated_at":"2020-01-01T00:00:00Z"}`)); err != nil ||
+		s.Name != "b" || !s.UpdatedAt.IsZero() {
+		t.Errorf("ParseSchedule = %+v, %v; want the body's name and no updated_at", s, err)
+	}
+	for _, tt := range []struct{ body, want string }{
+		{`{"cron":"@daily","task":"t","job":{"command":"true","command":"false"}}`, `invalid job: field "command" is given twice`},
+		{`{"cron":"@daily","task":"t","job":{"Command":"true"}}`, `invalid job: field "Command" is spelled "command"`},
+		{`{"cron":"@daily","task":"t","task":"u","job":{"command":"true"}}`, `invalid schedule: field "task" is given twice`},
+		{`{"cron":"@daily","task":"t","job":{"command":"true"},"nope":1}`, `invalid schedule: unknown field "nope" (the fields are name, cron`},
+		{`{"cron":5,"task":"t","job":{"command":"true"}}`, `invalid schedule: field "cron" must be a string, not a number`},
+		{`{"cron":"@daily","task":"t","job":{"task_id":"u","command":"true"}}`, `the job's task_id "u" is not the schedule's task "t"`},
+		{`{"cron":"@daily","task":"t","job":"true"}`, `field "job" must be a JSON object`},
+		{`{"cron":"@daily","task":"t","job":{"command":"true","run_at":"2030-01-01T00:00:00Z"}}`, "no id or run_at"},
+		{`{"name":"m","cron":"@daily","task":"t","job":{"command":"true"}}`, `the body names "m", the path "n"`},
+		{`{"cron":"@daily","task":"t","job":{"command":"true"}} {}`, "more than one JSON value"},
+		{"{\"cron\":\"@daily\xff\"}", "not valid UTF-8"},
+	} {
+		if _, err := jobs.ParseSchedule("n", []byte(tt.body)); err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("ParseSchedule(%s) = %v; want an error with %q", tt.body, err, tt.want)
+		}
+	}
+}

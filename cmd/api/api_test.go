@@ -65,7 +65,7 @@ func TestRoutesMatchOpenAPI(t *testing.T) {
 	mux := (&server{}).handler().(*http.ServeMux)
 	for _, r := range documented {
 		method, path, _ := strings.Cut(r, " ")
-		concrete := strings.NewReplacer("{id}", "job-1", "{task}", "task-1").Replace(path)
+		concrete := strings.NewReplacer("{id}", "job-1", "{task}", "task-1", "{name}", "sched-1").Replace(path)
 		req := httptest.NewRequest(method, concrete, nil)
 		if _, pattern := mux.Handler(req); pattern != r {
 			t.Errorf("%s %s reaches %q; want the route %q", method, concrete, pattern, r)
@@ -117,13 +117,17 @@ func newAPIStack(t *testing.T, token string) *apiStack {
 	return &apiStack{rdb: rdb, redisURL: url, gwURL: gwSrv.URL, api: s, url: h.URL}
 }
 
-func (st *apiStack) startWorker(t *testing.T) {
+func (st *apiStack) startWorker(t *testing.T) { st.startWorkerEvery(t, time.Minute) }
+
+// startWorkerEvery starts a worker that reaps, and reads the schedules
+// again, every reapEvery.
+func (st *apiStack) startWorkerEvery(t *testing.T, reapEvery time.Duration) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	ready, done := make(chan struct{}), make(chan error, 1)
 	go func() {
 		done <- app.RunWorker(ctx, app.WorkerOptions{RedisURL: st.redisURL, GatewayURL: st.gwURL, Token: gwToken,
-			Concurrency: 32, ShutdownTimeout: 2 * time.Second, ReapEvery: time.Minute, IdleTTL: time.Minute,
+			Concurrency: 32, ShutdownTimeout: 2 * time.Second, ReapEvery: reapEvery, IdleTTL: time.Minute,
 			OnReady: func(string) { close(ready) }})
 	}()
 	select {
@@ -174,7 +178,7 @@ func TestAuthAndErrors(t *testing.T) {
 		if rt.public {
 			continue
 		}
-		path := strings.NewReplacer("{id}", "j", "{task}", "t").Replace(rt.path)
+		path := strings.NewReplacer("{id}", "j", "{task}", "t", "{name}", "s").Replace(rt.path)
 		for _, tok := range []string{"", "wrong"} {
 			if code := do(t, c, rt.method, st.url+path, tok, "", &e); code != http.StatusUnauthorized || e.Error == "" {
 				t.Errorf("%s %s with token %q: %d %q; want 401 with an error", rt.method, path, tok, code, e.Error)

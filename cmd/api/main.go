@@ -50,6 +50,10 @@ Routes (the OpenAPI 3 document is served at /v1/openapi.json):
   POST /v1/jobs/{id}/cancel            cancel a job
   GET  /v1/tasks/{task}                the task's sandbox, cwd, last use and waiting jobs
   POST /v1/tasks/{task}/terminate      end the task's sandbox now (?if_idle=true: only when idle)
+  GET  /v1/schedules                   the recurring schedules: spec, zone, target, next run, last run and its results
+  PUT  /v1/schedules/{name}            add or replace a schedule (body: {"cron","tz"?,"task"|"tasks","job"|"terminate"});
+                                       200 the schedule as stored; 400 a bad spec or zone, in enqueue -schedule's words
+  DELETE /v1/schedules/{name}          remove a schedule: 204; 404 unknown
   GET  /healthz                        200 when Redis answers
 
 Every /v1 route but the OpenAPI document needs "Authorization: Bearer TOKEN"

@@ -160,10 +160,13 @@ func TestAPIRedisDownIsDocumented(t *testing.T) {
 		if rt.public {
 			continue
 		}
-		path := strings.NewReplacer("{id}", "j-down", "{task}", "t-down").Replace(rt.path)
+		path := strings.NewReplacer("{id}", "j-down", "{task}", "t-down", "{name}", "s-down").Replace(rt.path)
 		body := ""
-		if rt.method == "POST" {
+		switch rt.method {
+		case "POST":
 			body = `{"task_id":"t-down","command":"true"}`
+		case "PUT":
+			body = `{"cron":"@daily","task":"t-down","job":{"command":"true"}}`
 		}
 		// A batch has begun its 200 before it enqueues: each line it
 		// could not enqueue says why.

@@ -65,6 +65,9 @@ var routes = []route{
 	{"POST", "/v1/jobs/{id}/cancel", false, (*server).cancelJob},
 	{"GET", "/v1/tasks/{task}", false, (*server).getTask},
 	{"POST", "/v1/tasks/{task}/terminate", false, (*server).terminateTask},
+	{"GET", "/v1/schedules", false, (*server).listSchedules},
+	{"PUT", "/v1/schedules/{name}", false, (*server).putSchedule},
+	{"DELETE", "/v1/schedules/{name}", false, (*server).deleteSchedule},
 	{"GET", "/v1/openapi.json", true, (*server).getOpenAPI},
 	{"GET", "/healthz", true, (*server).healthz},
 }
@@ -97,7 +100,7 @@ func (s *server) handler() http.Handler {
 // of r's path other than the catch-all, "" none.
 func allowed(mux *http.ServeMux, r *http.Request) string {
 	var allow []string
-	for _, m := range []string{"GET", "POST"} {
+	for _, m := range []string{"GET", "POST", "PUT", "DELETE"} {
 		probe := r.Clone(r.Context())
 		probe.Method = m
 		if _, pattern := mux.Handler(probe); pattern != "/" && pattern != "" {
@@ -133,12 +136,13 @@ func writeError(w http.ResponseWriter, status int, msg string) {
 	writeJSON(w, status, map[string]string{"error": msg})
 }
 
-// fail answers an error of the producer: 404 for an unknown job, 503
+// fail answers an error of the producer: 404 for an unknown job or
+// schedule, 503
 // otherwise (Redis does not answer, or the API is shutting down; a client
 // that left reads nothing, which costs nothing).
 func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	switch {
-	case errors.Is(err, jobs.ErrJobNotFound):
+	case errors.Is(err, jobs.ErrJobNotFound), errors.Is(err, jobs.ErrNoSchedule):
 		writeError(w, http.StatusNotFound, err.Error())
 	case r.Context().Err() != nil:
 		writeError(w, http.StatusServiceUnavailable, "the request ended before its answer (the API is shutting down, or the client left)")
@@ -393,6 +397,64 @@ func (s *server) terminateTask(w http.ResponseWriter, r *http.Request) {
 	default:
 		writeJSON(w, http.StatusOK, out)
 	}
+}
+
+// maxScheduleBytes bounds a schedule's body: a job's, and a few fields.
+const maxScheduleBytes = maxJobBytes + 64<<10
+
+// listSchedules answers what enqueue -schedules shows: every schedule,
+// by name, with its next tick, its last run and that run's results.
+func (s *server) listSchedules(w http.ResponseWriter, r *http.Request) {
+	sts, err := s.prod.Schedules(r.Context())
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string][]jobs.ScheduleStatus{"schedules": sts})
+}
+
+// putSchedule adds or replaces a schedule, as enqueue -schedule does: the
+// body is the schedule's JSON (jobs.Schedule), its name the path's. It
+// answers 200 with the schedule as stored; workers take it up within one
+// reap tick.
+func (s *server) putSchedule(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	body, tooBig, err := readBody(w, r, maxScheduleBytes)
+	switch {
+	case tooBig:
+		writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("invalid schedule: the body is larger than %d bytes", maxScheduleBytes))
+		return
+	case err != nil:
+		writeError(w, http.StatusBadRequest, "reading the body: "+err.Error())
+		return
+	}
+	sc, err := jobs.ParseSchedule(name, body)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	if err := s.prod.SetSchedule(r.Context(), sc); err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	st, err := s.prod.Schedule(r.Context(), name)
+	if err != nil {
+		// Removed again in between by another client: its removal is the
+		// later word.
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, st)
+}
+
+// deleteSchedule removes a schedule, as enqueue -unschedule does: 204,
+// or 404 for a name not set. Jobs its ticks enqueued are left as they are.
+func (s *server) deleteSchedule(w http.ResponseWriter, r *http.Request) {
+	if err := s.prod.Unschedule(r.Context(), r.PathValue("name")); err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
 }
 
 func boolParam(r *http.Request, name string) (bool, error) {

@@ -90,3 +90,45 @@ func TestSchedulingMissingStdinFileIsUsage(t *testing.T) {
 		t.Errorf("run(%q) = %v, want a usage error about -stdin-file", args, err)
 	}
 }
+
+// TestFanOutAndScheduleRefuseIDAndO: -id names one job and -o is a
+// batch's output file; a fan-out (-tasks, -tasks-file) enqueues a job per
+// task and a schedule one per tick, so both refuse them with a usage error
+// that names the flag, before reaching Redis (none listens at the URL:
+// without the refusal the error would be "cannot reach Redis").
+func TestFanOutAndScheduleRefuseIDAndO(t *testing.T) {
+	tasksFile := filepath.Join(t.TempDir(), "tasks")
+	if err := os.WriteFile(tasksFile, []byte("t1\nt2\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), "out.jsonl")
+	tests := []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"tasks with id", []string{"-tasks", "eval/*", "-id", "j1", "--", "true"}, "-id names one job; each job of a fan-out"},
+		{"tasks-file with id", []string{"-tasks-file", tasksFile, "-id", "j1", "--", "true"}, "-id names one job; each job of a fan-out"},
+		{"terminate tasks with id", []string{"-terminate", "-tasks", "eval/*", "-id", "j1"}, "-id names one job"},
+		{"tasks with o", []string{"-tasks", "eval/*", "-o", out, "-wait", "--", "true"}, "-o is for batches"},
+		{"tasks-file with o", []string{"-tasks-file", tasksFile, "-o", out, "--", "true"}, "-o is for batches"},
+		{"schedule with id", []string{"-schedule", "s", "-cron", "@daily", "-task", "t", "-id", "j1", "--", "true"}, "each tick's job gets its own"},
+		{"schedule over tasks with id", []string{"-schedule", "s", "-cron", "@daily", "-tasks", "eval/*", "-id", "j1", "--", "true"}, "each tick's job gets its own"},
+		{"schedule with o", []string{"-schedule", "s", "-cron", "@daily", "-task", "t", "-o", out, "--", "true"}, "-o is for batches"},
+		{"terminate schedule with o", []string{"-schedule", "s", "-cron", "@daily", "-terminate", "-tasks", "**", "-o", out}, "-o is for batches"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			args := append([]string{"-redis", "redis://127.0.0.1:1/0"}, tt.args...)
+			var stdout, stderr bytes.Buffer
+			err := run(context.Background(), args, noenv, strings.NewReader(""), &stdout, &stderr)
+			var ue *app.UsageError
+			if !errors.As(err, &ue) || !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("run(%q) = %v; want a usage error containing %q", args, err, tt.want)
+			}
+			if _, serr := os.Stat(out); serr == nil {
+				t.Errorf("run(%q) created the -o file", args)
+			}
+		})
+	}
+}

@@ -10,7 +10,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Union
 
 __all__ = [
     "Client",
@@ -310,6 +310,57 @@ class Client:
                 if r is not None:
                     yield r
                     break
+
+    # -- schedules -------------------------------------------------------
+
+    def schedule(self, name: str, cron: str, *, task: Optional[str] = None, tasks: Optional[str] = None,
+                 command: Optional[str] = None, tz: Optional[str] = None, terminate: bool = False,
+                 cwd: Optional[str] = None, timeout: Optional[float] = None, if_idle: bool = False) -> Dict[str, Any]:
+        """Add or replace the recurring schedule ``name``, as ``enqueue
+        -schedule`` does: each tick of ``cron`` (``"0 3 * * *"``,
+        ``"@every 30s"``, read in ``tz``, default UTC) runs ``command`` in
+        ``task``, or in every task whose sandbox matches the glob ``tasks``;
+        with ``terminate`` it ends their sandboxes instead (``if_idle``: only
+        the idle ones). Workers run it within one reap tick. Returns the
+        schedule as stored, with its ``next`` tick. A bad spec or zone raises
+        :class:`BadRequest` with the CLI's words."""
+        body: Dict[str, Any] = {"cron": cron}
+        if tz:
+            body["tz"] = tz
+        if task is not None:
+            body["task"] = task
+        if tasks is not None:
+            body["tasks"] = tasks
+        if terminate:
+            body["terminate"] = True
+        if if_idle:
+            body["if_idle"] = True
+        if command is not None or cwd or timeout is not None:
+            # The server says what is missing (a command, say).
+            job: Dict[str, Any] = {}
+            if command is not None:
+                job["command"] = command
+            if cwd:
+                job["cwd"] = cwd
+            if timeout is not None:
+                job["timeout_s"] = timeout
+            body["job"] = job
+        _, d = self._json("PUT", "/v1/schedules/" + urllib.parse.quote(name, safe=""), body=json.dumps(body).encode())
+        return d
+
+    def schedules(self) -> List[Dict[str, Any]]:
+        """Every schedule, by name, as ``enqueue -schedules`` lists them:
+        ``name``, ``cron``, ``tz``, ``task`` or ``tasks``, ``job`` or
+        ``terminate``, ``next``, and ``last`` (the last tick's run, absent
+        before the first) with ``results`` (its jobs counted by outcome,
+        such as ``{"completed rc 0": 3}``)."""
+        return self._json("GET", "/v1/schedules")[1]["schedules"]
+
+    def unschedule(self, name: str) -> None:
+        """Remove a schedule; :class:`NotFound` when it is not set. Jobs its
+        ticks enqueued are left as they are."""
+        with self._request("DELETE", "/v1/schedules/" + urllib.parse.quote(name, safe="")) as resp:
+            resp.read()
 
     def healthy(self) -> bool:
         """Whether the API answers and its Redis does."""
