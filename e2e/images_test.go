@@ -18,7 +18,7 @@ import (
 
 // TestImagesAndLimitsPipeline runs jobs that name a test image and a memory
 // size through the whole pipeline: enqueue → Redis → worker → the gateway
-// binary with -images and -max-pids (its own cgroup v1 shim included) →
+// binary with -images and -max-pids (its cgroup v1 shim included) →
 // bubblewrap in the image's overlay.
 func TestImagesAndLimitsPipeline(t *testing.T) {
 	if os.Geteuid() != 0 || !isBwrapWorking() {

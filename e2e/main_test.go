@@ -76,9 +76,9 @@ func build() (string, error) {
 	if err != nil {
 		return "", err
 	}
-	// The gateway runs its execs through its own binary (the cgroup v1
-	// shim) as the sandbox user: it must be able to run it, as it can one
-	// installed in /usr/local/bin.
+	// The gateway's cgroup v1 shim, run as the sandbox user, is /bin/sh,
+	// or its own binary where that user cannot run /bin/sh: keep the
+	// binary runnable by it, as one installed in /usr/local/bin is.
 	if err := os.Chmod(dir, 0o755); err != nil {
 		return "", err
 	}

@@ -26,7 +26,8 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	// run() names this test binary as the cgroup v1 shim, as main does.
+	// run() names this test binary as the cgroup v1 shim's fallback (after
+	// /bin/sh), as main does.
 	if limits.RunShim(os.Args) {
 		return
 	}

@@ -4,9 +4,13 @@
 // Under cgroup v2 (a delegated subtree) a sandbox's processes are cloned
 // straight into its cgroup (SysProcAttr.UseCgroupFD), so not one instruction
 // of user code runs outside it. cgroup v1 has no such clone flag: the command
-// is started through a shim, the gateway binary re-executed in shim mode
-// (RunShim), which writes its own pid to the sandbox's cgroup.procs files and
-// then execs the real command (bwrap). Every later fork inherits the cgroup.
+// is started through a shim, which writes its own pid to the sandbox's
+// cgroup.procs files and then execs the real command (bwrap). Every later
+// fork inherits the cgroup. The shim is a few lines of /bin/sh where there is
+// one (about 1.4 ms per exec); the fallback is the gateway binary re-executed
+// in shim mode (RunShim), whose Go runtime and package init cost about 8 ms
+// per exec. ProbeShim checks, at start, that the sandbox user can run the
+// shim, and falls back from sh to the binary when it cannot.
 //
 // Detect finds what the machine offers and says which limits hold; a
 // gateway that cannot enforce a limit reports it instead of pretending.
@@ -53,7 +57,10 @@ type Config struct {
 	// Name of the directory holding this gateway's sandboxes (default
 	// "boxq-<pid>-<random>").
 	Name string
-	// ShimPath is the executable RunShim runs in (default: this one).
+	// ShimPath is the executable RunShim runs in: the v1 shim where
+	// Shell is unset or the sandbox user cannot run it (default: this
+	// executable; "-": none, for a program whose main does not call
+	// RunShim, such as an embedded gateway).
 	ShimPath string
 	// Shell is the POSIX shell the v1 shim runs in when there is one
 	// (default /bin/sh if it exists; "-": always the Go shim of
@@ -102,7 +109,10 @@ func Detect(cfg Config) (*Controller, error) {
 		_, _ = rand.Read(rnd)
 		cfg.Name = "boxq-" + strconv.Itoa(os.Getpid()) + "-" + hex.EncodeToString(rnd)
 	}
-	if cfg.ShimPath == "" {
+	switch cfg.ShimPath {
+	case "-":
+		cfg.ShimPath = ""
+	case "":
 		exe, err := os.Executable()
 		if err != nil {
 			return nil, fmt.Errorf("limits: own executable for the cgroup v1 shim: %w", err)
@@ -217,6 +227,11 @@ func (c *Controller) setupV1(mounts mountTable, self map[string]string) {
 		m, ok := mounts.v1[ctl]
 		if !ok {
 			c.why = append(c.why, fmt.Sprintf("%s: not enforced: no cgroup v1 %s hierarchy and no delegated cgroup v2", ctl, ctl))
+			continue
+		}
+		if c.cfg.Shell == "" && c.cfg.ShimPath == "" {
+			// Without a shim no exec could join its cgroup.
+			c.why = append(c.why, fmt.Sprintf("%s: not enforced: cgroup v1 needs a shim to join the sandbox's cgroups, and there is no /bin/sh nor a gateway binary to run it in (run cmd/gateway)", ctl))
 			continue
 		}
 		c.removeStale(filepath.Join(c.cfg.CgroupRoot, m, self[ctl]))
@@ -489,6 +504,64 @@ func (g *Group) Wrap(cmd *exec.Cmd) {
 	}
 }
 
+// Shim is the program the v1 shim runs in: the shell, or the gateway binary
+// (RunShim) where there is no shell or ProbeShim found that the sandbox user
+// cannot run it.
+func (c *Controller) Shim() string {
+	if c.cfg.Shell != "" {
+		return c.cfg.Shell
+	}
+	return c.cfg.ShimPath
+}
+
+// ProbeShim runs `true` through the cgroup v1 shim as Wrap runs every
+// exec's command, with cred (nil: this process's), joining no cgroup. The
+// shell shim is tried first; if it fails, the gateway binary's, which Wrap
+// then uses (and the fallback is logged). An error means that neither runs:
+// no exec could join its cgroup, and the v1 limits cannot be enforced. Call
+// it once, before the first New; it does nothing under v2 (no shim).
+func (c *Controller) ProbeShim(cred *syscall.Credential) error {
+	if c.mode != ModeV1 {
+		return nil
+	}
+	var errs []error
+	if sh := c.cfg.Shell; sh != "" {
+		err := c.runProbe(cred)
+		if err == nil {
+			return nil
+		}
+		errs = append(errs, fmt.Errorf("shell shim %s: %w", sh, err))
+		c.cfg.Shell = ""
+	}
+	if c.cfg.ShimPath != "" {
+		err := c.runProbe(cred)
+		if err == nil {
+			if len(errs) > 0 {
+				c.cfg.Logger.Warn("limits: the cgroup v1 shim runs in the gateway binary (about 8 ms per exec, against 1.4 in sh): the sandbox user cannot run it in sh",
+					"shim", c.cfg.ShimPath, "error", errs[0])
+			}
+			return nil
+		}
+		errs = append(errs, fmt.Errorf("binary shim %s: %w", c.cfg.ShimPath, err))
+	}
+	if len(errs) == 0 {
+		errs = append(errs, errors.New("no /bin/sh and no gateway binary"))
+	}
+	return fmt.Errorf("limits: the cgroup v1 shim does not run: %w", errors.Join(errs...))
+}
+
+func (c *Controller) runProbe(cred *syscall.Credential) error {
+	cmd := exec.Command("true")
+	cmd.Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	// A group in no cgroup: the shim joins nothing and execs true.
+	(&Group{c: c, fd: -1}).Wrap(cmd)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("%w: %s", err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
 // shellShim is the v1 shim in sh: its arguments are the cgroup.procs files,
 // "--", and the command.
 const shellShim = `p=$$
@@ -517,6 +590,24 @@ func (g *Group) OOMKills() int {
 		if f := strings.Fields(line); len(f) == 2 && f[0] == "oom_kill" {
 			n, _ := strconv.Atoi(f[1])
 			return n
+		}
+	}
+	return 0
+}
+
+// CPUThrottled counts the cpu periods in which the group used up its cpu
+// quota and was held back: the cpu limit at work (0 without one).
+func (g *Group) CPUThrottled() int {
+	for _, d := range g.dirs {
+		b, err := os.ReadFile(filepath.Join(d, "cpu.stat")) // v1 and v2
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if f := strings.Fields(line); len(f) == 2 && f[0] == "nr_throttled" {
+				n, _ := strconv.Atoi(f[1])
+				return n
+			}
 		}
 	}
 	return 0

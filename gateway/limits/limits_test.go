@@ -523,3 +523,121 @@ func TestV1StaleGroupsOfAGoneGatewayRemoved(t *testing.T) {
 		t.Errorf("a live gateway's cgroup was removed: %v", err)
 	}
 }
+
+// copyExe copies the executable src into a new directory that uid 65534
+// can reach or, reachable false, cannot (0700, root's).
+func copyExe(t *testing.T, src string, reachable bool) string {
+	t.Helper()
+	dir := t.TempDir()
+	for _, d := range []string{dir, filepath.Dir(dir)} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !reachable {
+		dir = filepath.Join(dir, "locked")
+		if err := os.Mkdir(dir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b, err := os.ReadFile(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dst := filepath.Join(dir, filepath.Base(src))
+	if err := os.WriteFile(dst, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return dst
+}
+
+// TestV1ProbeShim: the probe tries the shim Wrap will use, as the sandbox
+// user (65534 here), and falls back from sh to the binary: limits hold
+// wherever either runs, and only where neither does is it an error.
+func TestV1ProbeShim(t *testing.T) {
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	nobody := &syscall.Credential{Uid: 65534, Gid: 65534, Groups: []uint32{}}
+	for _, tc := range []struct {
+		name                string
+		shell, binary       string // "ok", "unreachable" or "" (none)
+		wantShim, wantError string // wantShim: "shell" or "binary"
+	}{
+		{name: "sh runs, binary unreachable", shell: "ok", binary: "unreachable", wantShim: "shell"},
+		{name: "sh runs, no binary (embedded gateway)", shell: "ok", wantShim: "shell"},
+		{name: "sh unreachable, binary runs", shell: "unreachable", binary: "ok", wantShim: "binary"},
+		{name: "neither runs", shell: "unreachable", binary: "unreachable", wantError: "shell shim"},
+		{name: "sh unreachable, no binary", shell: "unreachable", wantError: "shell shim"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := realV1(t, "pids")
+			exe := map[string]string{
+				"shell/ok": "/bin/sh", "shell/unreachable": copyExe(t, "/bin/sh", false),
+				"binary/ok": copyExe(t, self, true), "binary/unreachable": copyExe(t, self, false),
+			}
+			c.cfg.Shell, c.cfg.ShimPath = exe["shell/"+tc.shell], exe["binary/"+tc.binary]
+			want := exe[tc.wantShim+"/"+map[string]string{"shell": tc.shell, "binary": tc.binary}[tc.wantShim]]
+			err := c.ProbeShim(nobody)
+			if tc.wantError != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantError) || (tc.binary != "" && !strings.Contains(err.Error(), "binary shim")) {
+					t.Fatalf("ProbeShim = %v, want an error naming every shim tried", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("ProbeShim: %v", err)
+			}
+			if got := c.Shim(); got != want {
+				t.Errorf("Shim() = %s, want %s", got, want)
+			}
+			// The shim chosen joins the sandbox user's commands to their group.
+			g := newGroup(t, c, Spec{Pids: 32})
+			if err := g.Allow(65534, 65534); err != nil {
+				t.Fatal(err)
+			}
+			cmd := exec.Command("cat", "/proc/self/cgroup")
+			cmd.SysProcAttr = &syscall.SysProcAttr{Credential: nobody}
+			g.Wrap(cmd)
+			out, err := cmd.CombinedOutput()
+			if err != nil || !strings.Contains(string(out), strings.ReplaceAll(t.Name(), "/", "_")) {
+				t.Errorf("as uid 65534 through %s: %v: /proc/self/cgroup = %s, want the group", c.Shim(), err, out)
+			}
+		})
+	}
+}
+
+// TestV1CPUQuotaThrottles: a busy loop under cpu 0.2 uses up its quota
+// period after period, and the group's own counter (cpu.stat nr_throttled)
+// shows the kernel held it back. The same loop in a group without a cpu
+// limit is never throttled, so the check fails where the quota is missing
+// or the command runs outside the group. No time is asserted.
+func TestV1CPUQuotaThrottles(t *testing.T) {
+	c := realV1(t, "cpu")
+	for _, tc := range []struct {
+		name    string
+		spec    Spec
+		limited bool
+	}{
+		{"cpu limit", Spec{CPU: 0.2}, true},
+		{"no cpu limit", Spec{Pids: 32}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			g := newGroup(t, c, tc.spec)
+			cmd := exec.Command("timeout", "1", "sh", "-c", "while :; do :; done")
+			g.Wrap(cmd)
+			if out, err := cmd.CombinedOutput(); exitCode(err) != 124 {
+				t.Fatalf("busy loop: %v: %s; want timeout's 124", err, out)
+			}
+			got := g.CPUThrottled()
+			if tc.limited && got == 0 {
+				t.Errorf("CPUThrottled = 0 after a second of busy loop under cpu 0.2: the quota did not hold it back")
+			}
+			if !tc.limited && got != 0 {
+				t.Errorf("CPUThrottled = %d without a cpu limit, want 0", got)
+			}
+			t.Logf("nr_throttled %d", got)
+		})
+	}
+}

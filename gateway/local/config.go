@@ -155,8 +155,10 @@ type Config struct {
 	// MaxPids caps the processes of one sandbox (cgroup pids). 0: no cap.
 	MaxPids int
 	// CgroupShim is a binary whose main starts with limits.RunShim (the
-	// gateway's own): under cgroup v1 each exec joins its sandbox's
-	// cgroups through it. Empty: cgroup v1 is not used (v2 needs no shim).
+	// gateway's own). Under cgroup v1 each exec joins its sandbox's cgroups
+	// through a shim: a /bin/sh script by default, this binary where the
+	// sandbox user cannot run /bin/sh. Empty: the sh shim only (v2 needs
+	// no shim).
 	CgroupShim string
 	// NoCgroups turns the memory, cpu and pids limits off.
 	NoCgroups bool

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net/http"
 	"os"
-	"os/exec"
 	"path"
 	"path/filepath"
 	"strconv"
@@ -55,26 +54,33 @@ func (s *Server) setupResources() error {
 		s.log.Warn("limits: diskMiB not enforced: the gateway cannot mount a per-sandbox filesystem (it needs root)", "error", r.canMount)
 	}
 	if !s.cfg.NoCgroups {
-		c, err := limits.Detect(limits.Config{ShimPath: s.cfg.CgroupShim, Logger: s.log})
+		shim := s.cfg.CgroupShim
+		if shim == "" {
+			// An embedded gateway (worker -dev) is in a binary whose main
+			// does not run limits.RunShim: the v1 shim is sh's or none.
+			shim = "-"
+		}
+		c, err := limits.Detect(limits.Config{ShimPath: shim, Logger: s.log})
 		if err != nil {
 			return fmt.Errorf("local: limits: %w", err)
 		}
 		var shimErr error
-		if c.Mode() == limits.ModeV1 && s.cfg.CgroupShim != "" {
-			shimErr = s.probeShim()
+		if c.Mode() == limits.ModeV1 {
+			// The shim runs with the exec's credentials: the sandbox
+			// user's, when there is one.
+			var cred *syscall.Credential
+			if u := s.launcher.user; u != nil {
+				cred = &syscall.Credential{Uid: uint32(u.uid), Gid: uint32(u.gid), Groups: []uint32{}}
+			}
+			shimErr = c.ProbeShim(cred)
 		}
 		switch {
-		case c.Mode() == limits.ModeV1 && s.cfg.CgroupShim == "":
-			// v1 needs the shim, a binary that runs limits.RunShim: an
-			// embedded gateway (worker -dev) has none.
-			_ = c.Close()
-			s.log.Warn("limits: memoryMiB, cpu and pids not enforced: cgroup v1 needs the gateway binary's shim (run cmd/gateway)")
 		case c.Mode() == limits.ModeNone:
 			_ = c.Close()
 		case shimErr != nil:
 			_ = c.Close()
-			s.log.Warn("limits: memoryMiB, cpu and pids not enforced: the sandbox user cannot run the cgroup v1 shim (the gateway's binary): make it and its directories readable and executable by all",
-				"shim", s.cfg.CgroupShim, "error", shimErr)
+			s.log.Warn("limits: memoryMiB, cpu and pids not enforced: the sandbox user can run neither /bin/sh nor the gateway's binary, one of which the cgroup v1 shim runs in: make one of them and its directories readable and executable by all",
+				"error", shimErr)
 		default:
 			r.cgroups = c
 			h := c.Holds()
@@ -107,16 +113,19 @@ func (s *Server) setupResources() error {
 		}
 		r.images = st
 	}
-	mode := limits.ModeNone
+	mode, shim := limits.ModeNone, ""
 	if r.cgroups != nil {
 		mode = r.cgroups.Mode()
+		if mode == limits.ModeV1 {
+			shim = r.cgroups.Shim()
+		}
 	}
 	imgs := "none (the host's root, read-only)"
 	if r.images != nil {
 		imgs = r.images.Sources()
 	}
 	s.log.Info("sandbox resources", "images", imgs, "image_default", s.cfg.ImageDefault,
-		"image_fallback_host", s.cfg.ImageFallbackHost, "cgroups", mode,
+		"image_fallback_host", s.cfg.ImageFallbackHost, "cgroups", mode, "cgroup_shim", shim,
 		"memory", r.holds.Memory, "cpu", r.holds.CPU, "pids", r.holds.Pids, "max_pids", s.cfg.MaxPids, "disk", r.holds.Disk)
 	return nil
 }
@@ -491,18 +500,4 @@ func copyOpaque(src, dst int) {
 		return
 	}
 	_ = unix.Fsetxattr(dst, attr, buf[:n], 0)
-}
-
-// probeShim runs `true` through the cgroup v1 shim as the execs run it (as
-// the sandbox user, when there is one), joining no cgroup.
-func (s *Server) probeShim() error {
-	cmd := exec.Command(s.cfg.CgroupShim, limits.ShimArg, "--", "true", "true")
-	if u := s.launcher.user; u != nil {
-		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(u.uid), Gid: uint32(u.gid), Groups: []uint32{}}}
-	}
-	cmd.Env = []string{"PATH=" + sandboxPath}
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("%w: %s", err, strings.TrimSpace(string(out)))
-	}
-	return nil
 }

@@ -284,7 +284,9 @@ func TestForkBombIsContained(t *testing.T) {
 		}
 		slowest = max(slowest, time.Since(t0))
 	}
-	t.Logf("slowest /healthz during the bomb: %v", slowest)
+	// The issue's target is under 100 ms; it is logged, not asserted (a
+	// shared, noisy machine), and recorded in docs/PERFORMANCE.md.
+	t.Logf("slowest /healthz during the bomb: %v (target: under 100ms)", slowest)
 	if got := g.mustRun(t, other, "true; echo ok"); got != "ok\n" {
 		t.Errorf("other sandbox: %q", got)
 	}
@@ -302,6 +304,87 @@ func TestForkBombIsContained(t *testing.T) {
 	waitFor(t, 10*time.Second, "the bomb's processes to be gone", func() bool { return len(sb.rt.group.Procs()) == 0 })
 	if got := g.mustRun(t, bomb, "echo after"); got != "after\n" {
 		t.Errorf("the bomb's sandbox after: %q", got)
+	}
+}
+
+// TestLimitsWithoutTheBinaryShim: under cgroup v1 the execs join their
+// cgroups through the sh shim, so the limits hold where the sandbox user
+// cannot run the gateway's binary, and in an embedded gateway (worker -dev)
+// that has none. The memory limit is checked by its effect, an OOM kill.
+func TestLimitsWithoutTheBinaryShim(t *testing.T) {
+	requireRoot(t)
+	// Only v1 uses a shim: elsewhere there is nothing to test.
+	c, err := limits.Detect(limits.Config{ShimPath: "-"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mode, holds := c.Mode(), c.Holds()
+	_ = c.Close()
+	if mode != limits.ModeV1 || !holds.Memory {
+		t.Skipf("cgroups %s, holds %+v: no cgroup v1 memory controller here", mode, holds)
+	}
+	unreachable := filepath.Join(t.TempDir(), "gateway") // in a 0700 dir of root's
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(unreachable, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for name, shim := range map[string]string{"binary unreachable": unreachable, "embedded, no binary": ""} {
+		t.Run(name, func(t *testing.T) {
+			g := newGateway(t, Config{Isolation: IsolationBwrap, CgroupShim: shim})
+			if g.srv.launcher.user == nil {
+				t.Fatal("the gateway runs as root but bwrap has no sandbox user")
+			}
+			if g.srv.res.cgroups == nil || !g.srv.res.holds.Memory {
+				t.Fatalf("cgroup limits off (holds %+v):\n%s", g.srv.res.holds, g.logs.String())
+			}
+			if got := g.srv.res.cgroups.Shim(); got != "/bin/sh" {
+				t.Errorf("shim %s, want /bin/sh", got)
+			}
+			sb := g.create(t, gateway.CreateRequest{MemoryMiB: 64}, "")
+			st := g.exec(t, sb, gateway.StartRequest{Command: "head -c 512M /dev/zero | tail > /dev/null", TimeoutMs: 60000})
+			if st.ReturnCode == nil || *st.ReturnCode != 137 || !strings.Contains(st.Output, "memory limit") {
+				t.Errorf("512 MiB under memoryMiB 64: %s rc %v output %q; want rc 137 and a line about the memory limit", st.Status, st.ReturnCode, st.Output)
+			}
+		})
+	}
+}
+
+// TestCPULimitThrottles checks the cpu limit by its effect, not by its
+// setting: a second of busy loop in a sandbox with cpu 0.2 is held back by
+// the kernel (the group's cpu.stat nr_throttled). Without the quota, or
+// with the command outside the group, the count stays 0. No time is
+// asserted.
+func TestCPULimitThrottles(t *testing.T) {
+	g := limitedGateway(t, Config{})
+	if !g.srv.res.holds.CPU {
+		t.Skip("no cpu controller")
+	}
+	sb := g.create(t, gateway.CreateRequest{CPU: 0.2}, "")
+	st := g.exec(t, sb, gateway.StartRequest{Command: `timeout 1 sh -c 'while :; do :; done'; echo "rc=$?"`, TimeoutMs: 60000})
+	if st.Output != "rc=124\n" {
+		t.Fatalf("busy loop: %s %q, want timeout's rc=124", st.Status, st.Output)
+	}
+	if info := g.list(t)[sb]; info.Limits == nil || !info.Limits.CPU {
+		t.Errorf("listed limits %+v, want cpu held", info.Limits)
+	}
+	sbx, err := g.srv.lookup(sb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sbx.rt.group == nil {
+		t.Fatal("the sandbox has no cgroup")
+	}
+	n := sbx.rt.group.CPUThrottled()
+	t.Logf("nr_throttled %d", n)
+	if n == 0 {
+		t.Errorf("a second of busy loop under cpu 0.2 was never throttled: the cpu limit did not hold")
 	}
 }
 
@@ -526,7 +609,8 @@ func TestCreateEndingAfterCloseLeavesNoMounts(t *testing.T) {
 
 // TestLimitsSaidOnceAtStart: what the gateway cannot enforce it says at
 // start, once, and the list agrees per sandbox. (This embedded gateway has
-// no cgroup v1 shim: on a v1 machine it enforces no cgroup limit.)
+// no binary shim: on a v1 machine its limits hold through the sh shim, as
+// root; not at all without root.)
 func TestLimitsSaidOnceAtStart(t *testing.T) {
 	g := newGateway(t, Config{})
 	atStart := strings.Count(g.logs.String(), "not enforced")
