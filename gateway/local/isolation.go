@@ -346,12 +346,12 @@ type walkStats struct {
 // out of the view), skips the covered directories, and walks a mount
 // nested in a tree, which bubblewrap's recursive bind puts in the view too,
 // unless it is a kernel pseudo file system (/proc, /sys, cgroups, ...),
-// which holds no sockets. It fails when there are more than max sockets
-// or their paths take more than maxBytes.
-func findSockets(roots []string, covered map[string]bool, max, maxBytes int) ([]string, walkStats, error) {
+// which holds no sockets. It fails when there are more than maxCount
+// sockets or their paths take more than maxBytes.
+func findSockets(roots []string, covered map[string]bool, maxCount, maxBytes int) ([]string, walkStats, error) {
 	var sockets []string
 	var st walkStats
-	bytes := 0
+	size := 0
 	for _, root := range roots {
 		var rootDev uint64
 		err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
@@ -388,10 +388,10 @@ func findSockets(roots []string, covered map[string]bool, max, maxBytes int) ([]
 				}
 			case d.Type() == fs.ModeSocket:
 				sockets = append(sockets, p)
-				bytes += len(p)
-				if len(sockets) > max || bytes > maxBytes {
+				size += len(p)
+				if len(sockets) > maxCount || size > maxBytes {
 					return fmt.Errorf("view: more than %d Unix sockets (or %d KiB of their paths) in %s, the last %s: too many to mask; move them out of the trees a sandbox sees (into /run), or run with -isolation none on a trusted host",
-						max, maxBytes>>10, strings.Join(roots, " "), p)
+						maxCount, maxBytes>>10, strings.Join(roots, " "), p)
 				}
 			}
 			return nil
