@@ -6,12 +6,15 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/boxq/boxq/gateway/limits"
 )
@@ -67,9 +70,8 @@ type launcher struct {
 	// user, when not nil, is who bubblewrap and so every command runs as:
 	// set when the gateway runs as root, which must not reach a command.
 	user *owner
-	// view is the bubblewrap arguments of the host's files a command sees
-	// (see hostView), worked out once.
-	view []string
+	// view is the host's files a command sees, worked out once.
+	view hostView
 }
 
 // fsDirs are a sandbox's writable directories on the host.
@@ -183,7 +185,7 @@ func (l launcher) bwrapArgs(dirs fsDirs, cwd, arg string) []string {
 		// The sandbox's overlay of its image: writable, its own.
 		args = append(args, "--bind", dirs.image.root, "/")
 	} else {
-		args = append(args, l.view...)
+		args = append(args, l.view.bwrapArgs()...)
 	}
 	args = append(args,
 		"--dev", "/dev",
@@ -230,25 +232,47 @@ var etcSecrets = []string{
 	"/etc/ipsec.secrets", "/etc/krb5.keytab", "/etc/docker",
 }
 
-// hostView returns the bubblewrap arguments of the host's files a command
-// sees: hostRoots read-only, etcSecrets covered, and the state dir, the
-// sandboxes' dir and the gateway user's home covered too should they be
-// under one of the roots.
-func hostView(stateDir, sandboxesDir string) []string {
-	var args, bound []string
+// hostView is the host's files a command sees under bubblewrap, worked out
+// once, at start: hostRoots read-only, etcSecrets covered, the state dir,
+// the sandboxes' dir and the gateway user's home covered too should they
+// be under one of the roots, and the Unix sockets found in the bound trees
+// masked (see findSockets).
+type hostView struct {
+	args    []string // the binds and covers
+	sockets []string // masked at each exec, where still sockets
+}
+
+// Bounds of the sockets a view masks: each is two more arguments of every
+// bwrap, whose whole argv must stay far below the kernel's ARG_MAX (2 MiB
+// on most hosts). A host past them has a socket farm in /usr, /etc or
+// /opt, which no one should run a sandbox over.
+const (
+	maxViewSockets     = 1024
+	maxViewSocketBytes = 256 << 10
+)
+
+// newHostView works out the view, walking the bound trees for sockets. It
+// fails on a host with more sockets in them than maxViewSockets or
+// maxViewSocketBytes allow.
+func newHostView(log *slog.Logger, stateDir, sandboxesDir string) (hostView, error) {
+	var v hostView
+	var bound []string
 	for _, d := range hostRoots {
 		fi, err := os.Lstat(d)
 		switch {
 		case err != nil:
 		case fi.Mode()&fs.ModeSymlink != 0:
 			if target, err := os.Readlink(d); err == nil {
-				args = append(args, "--symlink", target, d)
+				v.args = append(v.args, "--symlink", target, d)
 			}
 		case fi.IsDir():
-			args = append(args, "--ro-bind", d, d)
+			v.args = append(v.args, "--ro-bind", d, d)
 			bound = append(bound, d)
 		}
 	}
+	// Covered directories hide whatever is in them, sockets too: the walk
+	// skips them.
+	covered := make(map[string]bool)
 	for _, pattern := range etcSecrets {
 		matches, _ := filepath.Glob(pattern)
 		for _, p := range matches {
@@ -258,9 +282,10 @@ func hostView(stateDir, sandboxesDir string) []string {
 				// A symlink points into a root that is covered, or out of
 				// the view.
 			case fi.IsDir():
-				args = append(args, "--tmpfs", p)
+				v.args = append(v.args, "--tmpfs", p)
+				covered[p] = true
 			default:
-				args = append(args, "--ro-bind", "/dev/null", p)
+				v.args = append(v.args, "--ro-bind", "/dev/null", p)
 			}
 		}
 	}
@@ -272,13 +297,124 @@ func hostView(stateDir, sandboxesDir string) []string {
 		for _, b := range bound {
 			if h == b || strings.HasPrefix(h, b+"/") {
 				if fi, err := os.Stat(h); err == nil && fi.IsDir() {
-					args = append(args, "--tmpfs", h)
+					v.args = append(v.args, "--tmpfs", h)
+					covered[h] = true
 				}
 				break
 			}
 		}
 	}
+	start := time.Now()
+	sockets, st, err := findSockets(bound, covered, maxViewSockets, maxViewSocketBytes)
+	if err != nil {
+		return hostView{}, err
+	}
+	v.sockets = sockets
+	log.Info("view: host sockets masked", "trees", strings.Join(bound, " "), "sockets", len(sockets),
+		"entries", st.entries, "nested_mounts", st.mounts, "took", time.Since(start).Round(time.Millisecond))
+	for _, p := range sockets {
+		log.Debug("view: socket masked", "path", p)
+	}
+	return v, nil
+}
+
+// bwrapArgs returns the view's arguments: the binds, the covers, and
+// /dev/null over each socket found at start that is still a socket (one a
+// daemon removed since has no path to mount over, and would fail the
+// exec; one it made again is masked again).
+func (v hostView) bwrapArgs() []string {
+	args := v.args
+	for _, p := range v.sockets {
+		if fi, err := os.Lstat(p); err == nil && fi.Mode().Type() == fs.ModeSocket {
+			// A bind over the socket file: connect(2) then meets
+			// /dev/null, and fails with ECONNREFUSED.
+			args = append(args[:len(args):len(args)], "--ro-bind", "/dev/null", p)
+		}
+	}
 	return args
+}
+
+// walkStats says what a findSockets walk went through.
+type walkStats struct {
+	entries int // files and directories seen
+	mounts  int // nested mounts walked
+}
+
+// findSockets returns the Unix sockets in the trees of roots, in walk
+// order: a read-only bind does not stop connect(2), so each must be
+// masked. It follows no symlink (a symlink's target is in a walked tree or
+// out of the view), skips the covered directories, and walks a mount
+// nested in a tree, which bubblewrap's recursive bind puts in the view too,
+// unless it is a kernel pseudo file system (/proc, /sys, cgroups, ...),
+// which holds no sockets. It fails when there are more than maxCount
+// sockets or their paths take more than maxBytes.
+func findSockets(roots []string, covered map[string]bool, maxCount, maxBytes int) ([]string, walkStats, error) {
+	var sockets []string
+	var st walkStats
+	size := 0
+	for _, root := range roots {
+		var rootDev uint64
+		err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+			if err != nil {
+				// An unreadable directory: a command cannot reach into it
+				// either, unless it has rights the gateway lacks (run as
+				// root, the gateway reads all).
+				return nil
+			}
+			st.entries++
+			switch {
+			case d.IsDir():
+				if covered[p] {
+					return filepath.SkipDir
+				}
+				fi, err := d.Info()
+				if err != nil {
+					return nil
+				}
+				sys, ok := fi.Sys().(*syscall.Stat_t)
+				if !ok {
+					return nil
+				}
+				if p == root {
+					rootDev = sys.Dev
+					return nil
+				}
+				if sys.Dev != rootDev {
+					var sfs unix.Statfs_t
+					if err := unix.Statfs(p, &sfs); err == nil && pseudoFS[int64(sfs.Type)] {
+						return filepath.SkipDir
+					}
+					st.mounts++
+				}
+			case d.Type() == fs.ModeSocket:
+				sockets = append(sockets, p)
+				size += len(p)
+				if len(sockets) > maxCount || size > maxBytes {
+					return fmt.Errorf("view: more than %d Unix sockets (or %d KiB of their paths) in %s, the last %s: too many to mask; move them out of the trees a sandbox sees (into /run), or run with -isolation none on a trusted host",
+						maxCount, maxBytes>>10, strings.Join(roots, " "), p)
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return nil, st, err
+		}
+	}
+	return sockets, st, nil
+}
+
+// pseudoFS are the kernel file systems a bound tree's walk does not enter:
+// none can hold a socket file, and some are large (/proc) or never end.
+// autofs is not entered either: that would mount what it stands for.
+var pseudoFS = map[int64]bool{
+	unix.PROC_SUPER_MAGIC: true, unix.SYSFS_MAGIC: true, unix.CGROUP_SUPER_MAGIC: true,
+	unix.CGROUP2_SUPER_MAGIC: true, unix.DEVPTS_SUPER_MAGIC: true, unix.DEBUGFS_MAGIC: true,
+	unix.TRACEFS_MAGIC: true, unix.SECURITYFS_MAGIC: true, unix.BPF_FS_MAGIC: true,
+	unix.PSTOREFS_MAGIC: true, unix.EFIVARFS_MAGIC: true, unix.BINFMTFS_MAGIC: true,
+	unix.NSFS_MAGIC: true, unix.AUTOFS_SUPER_MAGIC: true,
+	0x19800202: true, // mqueue
+	0x65735543: true, // fusectl
+	0x62656570: true, // configfs
 }
 
 // checkTopLevel refuses a sandbox tree whose own directories are not
@@ -314,9 +450,9 @@ func hostPath(dirs fsDirs, p string) string {
 }
 
 // probeBwrap runs `true` under the same bubblewrap arguments an exec gets,
-// as user (nil: the gateway's), in a scratch sandbox under stateDir, and
-// says why it failed, if it did.
-func probeBwrap(ctx context.Context, bwrap, stateDir string, user *owner) error {
+// with view, as user (nil: the gateway's), in a scratch sandbox under
+// stateDir, and says why it failed, if it did.
+func probeBwrap(ctx context.Context, bwrap, stateDir string, user *owner, view hostView) error {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	path, err := exec.LookPath(bwrap)
@@ -340,7 +476,7 @@ func probeBwrap(ctx context.Context, bwrap, stateDir string, user *owner) error 
 			return fmt.Errorf("probe: %w", err)
 		}
 	}
-	l := launcher{mode: IsolationBwrap, bwrap: path, user: user, view: hostView(stateDir, stateDir)}
+	l := launcher{mode: IsolationBwrap, bwrap: path, user: user, view: view}
 	script, err := newScriptPipe()
 	if err != nil {
 		return fmt.Errorf("probe: %w", err)

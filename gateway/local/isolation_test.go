@@ -3,6 +3,7 @@ package local
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
@@ -13,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
 	"github.com/google/uuid"
 
 	"github.com/boxq/boxq/gateway"
@@ -41,6 +43,11 @@ func TestIsolation(t *testing.T) {
 	t.Cleanup(func() { os.Remove(usrFile) })
 
 	eachIsolation(t, func(t *testing.T, mode Isolation) {
+		// A Unix socket listening in a tree the view binds, made before
+		// the gateway starts: the view must mask it, since a read-only
+		// bind does not stop a connect. Its name has a space and a
+		// newline, which must reach bwrap as they are.
+		boundSock, boundSkip := listenInBoundTree(t, "s p\nq")
 		// Under /tmp the sandbox's own /tmp would hide the state dir
 		// anyway: put it elsewhere, so that its own cover is what is tested.
 		stateDir := newStateDir(t)
@@ -79,6 +86,9 @@ func TestIsolation(t *testing.T) {
 			t.Fatal(err)
 		}
 		_, noPython := exec.LookPath("/usr/bin/python3")
+		if noPython != nil && boundSkip == "" {
+			boundSkip = "no /usr/bin/python3 to connect with"
+		}
 		asRoot := map[bool]string{true: control}[os.Geteuid() == 0]
 
 		marker := newMarker()
@@ -180,6 +190,13 @@ func TestIsolation(t *testing.T) {
 				without: control,
 			},
 			{
+				name:    "a Unix socket in a bound tree",
+				skip:    boundSkip,
+				command: fmt.Sprintf(`/usr/bin/python3 -c 'import socket; s = socket.socket(socket.AF_UNIX); s.connect(%q); print("connected")' 2>&1`, boundSock),
+				leaked:  func(out string) bool { return strings.Contains(out, "connected") },
+				without: control,
+			},
+			{
 				name:    "/sys",
 				command: "ls /sys/kernel 2>&1 | head -3; test -d /sys/kernel && echo mounted",
 				leaked:  func(out string) bool { return strings.Contains(out, "mounted") },
@@ -220,6 +237,127 @@ func TestIsolation(t *testing.T) {
 			})
 		}
 	})
+}
+
+// listenInBoundTree listens on a Unix socket named name in a fresh
+// directory of the first tree of the view it can write to (/opt, else
+// /usr/local, else /etc), open to every user, until the test ends. It says
+// why not when it cannot (as a user who can write to none of them).
+func listenInBoundTree(t *testing.T, name string) (path, skip string) {
+	t.Helper()
+	var dir string
+	for _, tree := range []string{"/opt", "/usr/local", "/etc"} {
+		if fi, err := os.Lstat(tree); err != nil || !fi.IsDir() {
+			continue
+		}
+		if d, err := os.MkdirTemp(tree, "boxq-sock-"); err == nil {
+			dir = d
+			break
+		}
+	}
+	if dir == "" {
+		return "", "cannot make a directory in /opt, /usr/local or /etc"
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	path = filepath.Join(dir, name)
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	if err := os.Chmod(path, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	return path, ""
+}
+
+// mustHostView returns the view of the host with the given state dirs.
+func mustHostView(t *testing.T, stateDir, sandboxesDir string) hostView {
+	t.Helper()
+	v, err := newHostView(slog.New(slog.DiscardHandler), stateDir, sandboxesDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+// TestFindSockets checks the walk for sockets on a tree made for it: every
+// socket found, odd names included, none through a symlink or in a
+// covered directory, and a refusal past the bounds.
+func TestFindSockets(t *testing.T) {
+	// Socket paths must fit in 108 bytes: not under t.TempDir().
+	root, err := os.MkdirTemp("", "boxq-walk-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(root) })
+	outside, err := os.MkdirTemp("", "boxq-walk-out-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(outside) })
+	for _, d := range []string{"a/b", "covered", "-x"} {
+		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, p := range []string{
+		filepath.Join(root, "top"),
+		filepath.Join(root, "a/b", "new\nline"),
+		filepath.Join(root, "-x", " sp ace"),
+		filepath.Join(root, "covered", "hidden"),
+		filepath.Join(outside, "out"),
+	} {
+		ln, err := net.Listen("unix", p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+	}
+	if err := os.WriteFile(filepath.Join(root, "a", "file"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(outside, filepath.Join(root, "a", "link")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(filepath.Join(outside, "out"), filepath.Join(root, "a", "sock-link")); err != nil {
+		t.Fatal(err)
+	}
+	covered := map[string]bool{filepath.Join(root, "covered"): true}
+
+	got, st, err := findSockets([]string{root}, covered, 10, 1<<10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{
+		filepath.Join(root, "-x", " sp ace"),
+		filepath.Join(root, "a/b", "new\nline"),
+		filepath.Join(root, "top"),
+	}
+	if diff := cmp.Diff(got, want); diff != "" {
+		t.Errorf("sockets (-got +want):\n%s", diff)
+	}
+	if st.entries < 8 {
+		t.Errorf("walked %d entries, want at least the 8 outside covered", st.entries)
+	}
+
+	for _, tt := range []struct {
+		name          string
+		max, maxBytes int
+	}{
+		{"too many", 2, 1 << 10},
+		{"paths too long", 10, len(want[0]) + len(want[1])},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			_, _, err := findSockets([]string{root}, covered, tt.max, tt.maxBytes)
+			if err == nil || !strings.Contains(err.Error(), "too many to mask") {
+				t.Errorf("got %v, want a refusal: too many to mask", err)
+			}
+		})
+	}
 }
 
 // TestSymlinkedTreeRefused checks that a sandbox whose own directory is a

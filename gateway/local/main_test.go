@@ -47,7 +47,11 @@ var bwrapProbe = sync.OnceValue(func() error {
 			return err
 		}
 	}
-	return probeBwrap(context.Background(), "bwrap", dir, user)
+	view, err := newHostView(slog.New(slog.DiscardHandler), dir, dir)
+	if err != nil {
+		return err
+	}
+	return probeBwrap(context.Background(), "bwrap", dir, user, view)
 })
 
 // eachIsolation runs f as a subtest per isolation mode; the bwrap one is

@@ -111,7 +111,7 @@ func TestHostViewHidesStateDirRoot(t *testing.T) {
 	if fi, err := os.Lstat("/opt"); err != nil || !fi.IsDir() {
 		t.Skip("no /opt directory here")
 	}
-	joined := strings.Join(hostView("/opt", "/opt/sandboxes"), " ")
+	joined := strings.Join(mustHostView(t, "/opt", "/opt/sandboxes").args, " ")
 	if !strings.Contains(joined, "--ro-bind /opt /opt") || !strings.Contains(joined, "--tmpfs /opt") {
 		t.Errorf("view %q: want /opt bound and covered", joined)
 	}

@@ -159,7 +159,7 @@ func New(cfg Config) (*Server, error) {
 			return nil, fmt.Errorf("local: state dir: %w", err)
 		}
 	}
-	mode, err := s.chooseIsolation(user)
+	mode, view, err := s.chooseIsolation(user)
 	if err != nil {
 		s.releaseStateDir()
 		return nil, err
@@ -167,7 +167,7 @@ func New(cfg Config) (*Server, error) {
 	if mode == IsolationNone {
 		user = nil
 	}
-	s.launcher = launcher{mode: mode, bwrap: cfg.BwrapPath, user: user, view: hostView(s.stateDir, s.sandboxesDir)}
+	s.launcher = launcher{mode: mode, bwrap: cfg.BwrapPath, user: user, view: view}
 	if err := s.setupResources(); err != nil {
 		s.closeResources()
 		s.releaseStateDir()
@@ -387,25 +387,30 @@ func (s *Server) releaseStateDir() {
 	}
 }
 
-// chooseIsolation resolves IsolationAuto with a probe run of bubblewrap.
-func (s *Server) chooseIsolation(user *owner) (Isolation, error) {
-	switch s.cfg.Isolation {
-	case IsolationNone:
+// chooseIsolation resolves IsolationAuto with a probe run of bubblewrap,
+// and works out the host's view that bubblewrap gives commands.
+func (s *Server) chooseIsolation(user *owner) (Isolation, hostView, error) {
+	if s.cfg.Isolation == IsolationNone {
 		s.log.Warn("isolation: none: commands run as plain processes with the gateway's rights")
-		return IsolationNone, nil
-	case IsolationBwrap:
-		if err := probeBwrap(context.Background(), s.cfg.BwrapPath, s.sandboxesDir, user); err != nil {
-			return "", fmt.Errorf("local: isolation bwrap: %w", err)
+		return IsolationNone, hostView{}, nil
+	}
+	view, err := newHostView(s.log, s.stateDir, s.sandboxesDir)
+	if err == nil {
+		err = probeBwrap(context.Background(), s.cfg.BwrapPath, s.sandboxesDir, user, view)
+	}
+	if s.cfg.Isolation == IsolationBwrap {
+		if err != nil {
+			return "", hostView{}, fmt.Errorf("local: isolation bwrap: %w", err)
 		}
 		s.log.Info("isolation: bwrap", "sandbox_uid", user.uidOr(os.Getuid()))
-		return IsolationBwrap, nil
+		return IsolationBwrap, view, nil
 	}
-	if err := probeBwrap(context.Background(), s.cfg.BwrapPath, s.sandboxesDir, user); err != nil {
-		s.log.Warn("isolation: none, because bubblewrap does not work here: commands run as plain processes with the gateway's rights", "error", err)
-		return IsolationNone, nil
+	if err != nil {
+		s.log.Warn("isolation: none, because bubblewrap cannot be used here: commands run as plain processes with the gateway's rights", "error", err)
+		return IsolationNone, hostView{}, nil
 	}
 	s.log.Info("isolation: bwrap (probe worked)", "sandbox_uid", user.uidOr(os.Getuid()))
-	return IsolationBwrap, nil
+	return IsolationBwrap, view, nil
 }
 
 // janitor ends expired sandboxes and forgets old execs, every tick.

@@ -126,7 +126,7 @@ func TestHostPath(t *testing.T) {
 }
 
 func TestBwrapArgs(t *testing.T) {
-	l := launcher{mode: IsolationBwrap, bwrap: "bwrap", view: hostView("/state", "/state/sandboxes")}
+	l := launcher{mode: IsolationBwrap, bwrap: "bwrap", view: mustHostView(t, "/state", "/state/sandboxes")}
 	args := l.bwrapArgs(fsDirs{home: "/state/s/root", tmp: "/state/s/tmp"}, "/root/w", "echo hi")
 	joined := strings.Join(args, " ")
 	for _, want := range []string{
