@@ -66,8 +66,13 @@ type Config struct {
 	// (default /bin/sh if it exists; "-": always the Go shim of
 	// ShimPath). A shell starts in about 1 ms; the gateway binary, with
 	// its runtime and its packages' init, in about 8: every exec pays it.
-	Shell  string
-	Logger *slog.Logger
+	Shell string
+	// NoFavorDynMods leaves the kernel's cgroup favordynmods as it is
+	// under v1 (favor.go: by default a gateway turns it on while it runs,
+	// so that an exec's move into its cgroups waits for no RCU grace
+	// period).
+	NoFavorDynMods bool
+	Logger         *slog.Logger
 	// mkdir and rmdir make and remove a cgroup directory: a fake tree's
 	// need their control files made, and are not empty.
 	mkdir func(string) error
@@ -91,6 +96,9 @@ type Controller struct {
 	v1    map[string]string // v1: controller → parent of the sandbox cgroups
 	holds Holds
 	why   []string
+	// favor: favordynmods holds (favor.go); unfavor undoes it on Close.
+	favor   bool
+	unfavor func()
 }
 
 // Detect looks at the machine's cgroups and prepares a parent cgroup for the
@@ -159,8 +167,15 @@ func Detect(cfg Config) (*Controller, error) {
 	if c.mode == ModeNone {
 		c.why = append(v2why, c.why...)
 	}
+	if c.mode == ModeV1 && cfg.CgroupRoot == "" && !cfg.NoFavorDynMods {
+		c.unfavor, c.favor = favorDynMods(cfg.Logger)
+	}
 	return c, nil
 }
+
+// FavorDynMods reports whether the kernel's cgroup favordynmods holds for
+// this v1 controller (favor.go).
+func (c *Controller) FavorDynMods() bool { return c.favor }
 
 // Mode is ModeV2, ModeV1 or ModeNone.
 func (c *Controller) Mode() string { return c.mode }
@@ -308,6 +323,10 @@ func stalePid(name string) (int, bool) {
 // Close removes the parent cgroups (they must be empty: remove the groups
 // first).
 func (c *Controller) Close() error {
+	if c.unfavor != nil {
+		c.unfavor()
+		c.unfavor = nil
+	}
 	var errs []error
 	if c.v2dir != "" {
 		errs = append(errs, c.cfg.rmdir(c.v2dir))

@@ -162,6 +162,12 @@ type Config struct {
 	CgroupShim string
 	// NoCgroups turns the memory, cpu and pids limits off.
 	NoCgroups bool
+	// NoFavorDynMods leaves the kernel's cgroup favordynmods as it is.
+	// By default a gateway that enforces limits under cgroup v1 turns it
+	// on while it runs (gateway/limits, favor.go): otherwise each exec's
+	// move into its cgroups waits for an RCU grace period, ≈10 ms on an
+	// idle host.
+	NoFavorDynMods bool
 
 	// Now is the clock of sandbox lifetimes, idle timeouts and retention.
 	// Default time.Now. Exec timeouts use real timers.

@@ -60,7 +60,7 @@ func (s *Server) setupResources() error {
 			// does not run limits.RunShim: the v1 shim is sh's or none.
 			shim = "-"
 		}
-		c, err := limits.Detect(limits.Config{ShimPath: shim, Logger: s.log})
+		c, err := limits.Detect(limits.Config{ShimPath: shim, NoFavorDynMods: s.cfg.NoFavorDynMods, Logger: s.log})
 		if err != nil {
 			return fmt.Errorf("local: limits: %w", err)
 		}

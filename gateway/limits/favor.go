@@ -1,0 +1,136 @@
+package limits
+
+import (
+	"bufio"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Moving an exec into its cgroups, as the v1 shim does by writing its pid
+// to cgroup.procs, takes the kernel's cgroup_threadgroup_rwsem for writing.
+// That lock is a per-cpu rwsem: unless a writer came by in the last grace
+// period, a writer first waits for an RCU grace period, which on an idle
+// host takes about 10 ms (measured on this 2-core VM: `sleep 0.01` in a
+// sandbox, after 20 ms of idle, 28 ms moved into a cgroup against 13 ms
+// not moved; back to back, 13 ms both; docs/PERFORMANCE.md). Every exec of
+// a gateway that is not kept busy pays it.
+//
+// Linux (6.0 on) has a switch for exactly this: favordynmods, a mount
+// option of any cgroup hierarchy, v1 or v2, which keeps that rwsem in its
+// slow-reader mode while a hierarchy with the option exists: writers no
+// longer wait for grace periods, and forks and exits, the readers, pay an
+// atomic operation more, host-wide. cgroup v2's CLONE_INTO_CGROUP does not
+// move a process and needs none of this.
+//
+// So, under v1, a gateway that runs as root mounts an empty named
+// hierarchy with the option (favorMount), for as long as it runs, and
+// unmounts it on Close: the kernel goes back to its default when the last
+// such mount goes. One mount serves every Controller of a process; a
+// gateway killed before Close leaves its mount behind, and the next one
+// removes it. Config.NoFavorDynMods leaves the kernel as it is.
+
+// favorName is the named hierarchy's name: every gateway's mount is of the
+// same hierarchy.
+const favorName = "boxq-favordynmods"
+
+// favorPrefix starts the names of the mount points, in os.TempDir():
+// boxq-favordynmods-PID.
+const favorPrefix = "boxq-favordynmods-"
+
+var favor struct {
+	mu   sync.Mutex
+	refs int
+	dir  string // this process's mount point, "" when not mounted
+}
+
+// favorDynMods turns favordynmods on for the process's Controllers: it
+// mounts the hierarchy on the first call and counts the others. It returns
+// what to call on Close, and whether the option holds (already on, or
+// mounted now).
+func favorDynMods(log *slog.Logger) (release func(), on bool) {
+	favor.mu.Lock()
+	defer favor.mu.Unlock()
+	if favor.refs > 0 {
+		favor.refs++
+		return releaseFavor, true
+	}
+	removeStaleFavor(log)
+	// A mount of its own even when the option is on already: another's
+	// may go while this gateway runs.
+	dir := filepath.Join(os.TempDir(), favorPrefix+strconv.Itoa(os.Getpid()))
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		log.Warn("limits: cannot turn cgroup favordynmods on: each exec waits for an RCU grace period (≈10 ms on an idle host) as it joins its cgroups", "error", err)
+		return func() {}, false
+	}
+	err := unix.Mount("cgroup", dir, "cgroup", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "none,name="+favorName+",favordynmods")
+	if err != nil {
+		_ = os.Remove(dir)
+		log.Warn("limits: cannot turn cgroup favordynmods on (Linux 6.0 or later, as root): each exec waits for an RCU grace period (≈10 ms on an idle host) as it joins its cgroups", "error", err)
+		return func() {}, false
+	}
+	favor.dir, favor.refs = dir, 1
+	log.Info("limits: cgroup favordynmods on while the gateway runs (an empty cgroup hierarchy mounted with it): moving an exec into its cgroups no longer waits for an RCU grace period; host-wide, forks and exits pay an atomic operation more. -cgroup-favordynmods=false leaves the kernel as it is", "mount", dir)
+	return releaseFavor, true
+}
+
+func releaseFavor() {
+	favor.mu.Lock()
+	defer favor.mu.Unlock()
+	if favor.refs == 0 {
+		return
+	}
+	favor.refs--
+	if favor.refs == 0 && favor.dir != "" {
+		_ = unix.Unmount(favor.dir, unix.MNT_DETACH)
+		_ = os.Remove(favor.dir)
+		favor.dir = ""
+	}
+}
+
+// removeStaleFavor unmounts the mount points left by gateways that are
+// gone (killed before Close).
+func removeStaleFavor(log *slog.Logger) {
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), favorPrefix+"*"))
+	for _, d := range dirs {
+		pid, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(d), favorPrefix))
+		if err != nil || pid <= 0 || pid == os.Getpid() || syscall.Kill(pid, 0) != syscall.ESRCH {
+			continue
+		}
+		err = unix.Unmount(d, unix.MNT_DETACH)
+		if err != nil && err != unix.EINVAL { // EINVAL: not mounted
+			log.Warn("limits: cannot unmount the favordynmods hierarchy of a gone gateway", "mount", d, "error", err)
+			continue
+		}
+		_ = os.Remove(d)
+	}
+}
+
+// mountedAt reports whether something is mounted at dir, from mountInfo
+// (/proc/self/mountinfo's format).
+func mountedAt(mountInfo, dir string) (bool, error) {
+	f, err := os.Open(mountInfo)
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64*1024), 1024*1024)
+	for sc.Scan() {
+		// id parent major:minor root mountpoint ...
+		if fields := strings.Fields(sc.Text()); len(fields) > 4 && unescapeMount(fields[4]) == dir {
+			return true, nil
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return false, fmt.Errorf("read %s: %w", mountInfo, err)
+	}
+	return false, nil
+}
