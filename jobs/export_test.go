@@ -50,3 +50,6 @@ func IdleWaits(w *Worker) int64 {
 
 // WakeChannel is the pub/sub channel of queue's wake-ups.
 func WakeChannel(prefix, queue string) string { return wakeChannel(prefix, queue) }
+
+// WokenRounds is how many rounds wake-ups let through in w (wake.go).
+func WokenRounds(w *Worker) int64 { return w.waker.woke.Load() }

@@ -88,6 +88,11 @@ type waker struct {
 	empty map[string]bool // queues found empty in the current round
 
 	waits atomic.Int64 // waits begun: the idle rounds, for tests
+	woke  atomic.Int64 // rounds let through by a wake-up, for tests
+	// lastWoken is when a wake-up last let a round through (wakeGap).
+	// Only the processor's goroutine, which runs the dequeues, reads and
+	// writes it.
+	lastWoken time.Time
 }
 
 func newWaker(rdb redis.UniversalClient, prefix string, queues []string, idle time.Duration, stop <-chan struct{}) *waker {
@@ -185,24 +190,51 @@ func (w *waker) dequeued(queue string, err error) {
 	}
 }
 
+// wakeGap is the least time between two rounds that wake-ups let
+// through. Every idle worker hears every wake-up of its queues: without a
+// gap, a fleet fed thousands of jobs a second would run a round per job
+// per worker. With it, a worker runs at most one round per wakeGap, as
+// much as asynq's own 5 ms polling cost, while a wake-up that comes after
+// a quiet spell (one job, a task's next command) is let through at once.
+// A wake-up inside the gap is kept, not lost: it lets the round through
+// at the gap's end.
+const wakeGap = 5 * time.Millisecond
+
 // wait holds an empty round until a wake-up, the worker's stop, or the
 // longest wait.
 func (w *waker) wait() {
+	woken := false
 	select {
 	case <-w.woken: // arrived during the round: its job may be there now
-		return
+		woken = true
 	case <-w.stop:
 		return
 	default:
+		w.waits.Add(1)
+		t := time.NewTimer(w.idle)
+		defer t.Stop()
+		select {
+		case <-w.woken:
+			woken = true
+		case <-w.stop:
+			return
+		case <-t.C:
+		}
 	}
-	w.waits.Add(1)
-	t := time.NewTimer(w.idle)
-	defer t.Stop()
-	select {
-	case <-w.woken:
-	case <-w.stop:
-	case <-t.C:
+	if !woken {
+		return
 	}
+	if d := wakeGap - time.Since(w.lastWoken); d > 0 {
+		t := time.NewTimer(d)
+		defer t.Stop()
+		select {
+		case <-t.C:
+		case <-w.stop:
+			return
+		}
+	}
+	w.lastWoken = time.Now()
+	w.woke.Add(1)
 }
 
 type asynqCall int

@@ -127,3 +127,30 @@ func TestWakeChannelInScripts(t *testing.T) {
 		}
 	}
 }
+
+// TestWakeUpFloodIsBounded: wake-ups published as fast as one client can
+// (as a fleet's producers would at thousands of jobs a second) let an idle
+// worker through at most one dequeue round per 5 ms (wakeGap), and at
+// least one: a flood costs Redis what asynq's 5 ms polling did, no more.
+func TestWakeUpFloodIsBounded(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	w, _ := s.idleWorker(t, 10*time.Minute)
+	ctx := context.Background()
+	before := jobs.WokenRounds(w)
+	start := time.Now()
+	sent := 0
+	for time.Since(start) < time.Second {
+		if err := s.rdb.Publish(ctx, jobs.WakeChannel("boxq:", jobs.DefaultQueue), "").Err(); err != nil {
+			t.Fatal(err)
+		}
+		sent++
+	}
+	time.Sleep(50 * time.Millisecond) // the last wake-up's round
+	n := jobs.WokenRounds(w) - before
+	took := time.Since(start)
+	most := int64(took/(5*time.Millisecond)) + 2
+	t.Logf("%d wake-ups in %v let %d rounds through (at most %d)", sent, took.Round(time.Millisecond), n, most)
+	if n < 1 || n > most {
+		t.Errorf("%d rounds let through by %d wake-ups in %v, want 1 to %d", n, sent, took, most)
+	}
+}
