@@ -200,7 +200,7 @@ var readmeBlocks = map[string]readmeBlock{
 	}},
 	"From Python #1":         {skip: "the API with -dev: cmd/api's tests run it (TestPythonClient)"},
 	"From Python #2":         {skip: "pip install of the Python client: TestPythonClient does it offline"},
-	"From Python #3":         {skip: "curl against a running API: cmd/api's TestAuthAndErrors covers the route"},
+	"From Python #3":         {skip: "curl against a running API: cmd/api's tests cover its routes (TestRoutesMatchOpenAPI, TestAuthAndErrors)"},
 	"How a command runs #1":  {skip: "the script a command is wrapped in, shown, not a command: wrap's golden files and FuzzRoundTrip run it"},
 	"With Docker Compose #1": {skip: "Docker: no engine in tests; TestComposeFile runs the compose file's commands and flags"},
 	"With Docker Compose #2": {skip: "Docker: no engine in tests; TestComposeFile checks the bwrap overlay"},
