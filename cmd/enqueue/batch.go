@@ -76,7 +76,11 @@ func runBatch(ctx context.Context, o *options, prod *jobs.Producer, stdin io.Rea
 		lines.close()
 		cause := fmt.Errorf("%w before the batch was read to its end", errInterrupted)
 		if w == nil {
-			return fmt.Errorf("%w: %d jobs were enqueued (their ids are printed above)", cause, enqueued)
+			where := "printed above"
+			if o.out != "" {
+				where = "in " + o.out
+			}
+			return fmt.Errorf("%w: %d jobs were enqueued (their ids are %s)", cause, enqueued, where)
 		}
 		return newCollector(prod, w, stderr, nil, "").interrupted(cause)
 	}
