@@ -63,13 +63,33 @@ func runBatch(ctx context.Context, o *options, prod *jobs.Producer, stdin io.Rea
 		seen     = map[string]int{} // job id → line, for duplicates within the batch
 		enqueued = 0
 		lineNo   = 0
-		rd       = bufio.NewReaderSize(in, 64<<10)
+		lines    = newLineReader(in, maxLineBytes)
 		defaults = defaultsFrom(o)
 		sum      = newSummary()
 		invalid  []jobs.Result
 	)
+	defer lines.close()
+	// stopped ends a batch interrupted before its last line was read (or
+	// enqueued): as an interrupted wait does, it names the jobs already
+	// enqueued that have no result yet.
+	stopped := func() error {
+		lines.close()
+		cause := fmt.Errorf("%w before the batch was read to its end", errInterrupted)
+		if w == nil {
+			where := "printed above"
+			if o.out != "" {
+				where = "in " + o.out
+			}
+			return fmt.Errorf("%w: %d jobs were enqueued (their ids are %s)", cause, enqueued, where)
+		}
+		return newCollector(prod, w, stderr, nil, "").interrupted(cause)
+	}
 	for {
-		line, tooLong, err := readLine(rd, maxLineBytes)
+		l, cerr := lines.next(ctx)
+		if cerr != nil {
+			return stopped()
+		}
+		line, tooLong, err := l.line, l.tooLong, l.err
 		if err != nil && !errors.Is(err, io.EOF) {
 			return fmt.Errorf("-f: read line %d: %w", lineNo+1, err)
 		}
@@ -101,7 +121,7 @@ func runBatch(ctx context.Context, o *options, prod *jobs.Producer, stdin io.Rea
 			defaults.apply(&j)
 			e, perr = prod.Enqueue(ctx, j, notify)
 			if perr != nil && ctx.Err() != nil {
-				return perr
+				return stopped()
 			}
 		}
 		if perr != nil {
