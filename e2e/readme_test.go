@@ -198,6 +198,7 @@ var readmeBlocks = map[string]readmeBlock{
 			}
 		},
 	}},
+	"Scheduled jobs #3":      {skip: "curl against a running API: cmd/api's TestSchedulesRoutes sets, lists, runs and removes schedules through these routes"},
 	"From Python #1":         {skip: "the API with -dev: cmd/api's tests run it (TestPythonClient)"},
 	"From Python #2":         {skip: "pip install of the Python client: TestPythonClient does it offline"},
 	"From Python #3":         {skip: "curl against a running API: cmd/api's tests cover its routes (TestRoutesMatchOpenAPI, TestAuthAndErrors)"},

@@ -176,7 +176,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--isolation", default="auto", help="the gateway's -isolation")
-    ap.add_argument("--worker-poll", help="the worker's -poll-interval (default: its own, 5ms): pickup latency vs idle Redis load")
+    ap.add_argument("--worker-poll", help="the worker's -poll-interval (default: its own, 1s; idle workers are woken on enqueue, so this bounds only pickups without a wake-up)")
     ap.add_argument("--bin", help="directory with built gateway, worker and api (default: go build here)")
     args = ap.parse_args()
     if shutil.which("redis-server") is None:
@@ -201,7 +201,7 @@ def main() -> None:
     for name, res in out.items():
         for k, v in res.items():
             print("%-20s %-8s %9.1f %9.1f" % (name, k, v["p50_ms"], v["p99_ms"]))
-    print(json.dumps({"runs": args.runs, "isolation": args.isolation, "worker_poll": args.worker_poll or "5ms", "results": out}))
+    print(json.dumps({"runs": args.runs, "isolation": args.isolation, "worker_poll": args.worker_poll or "default", "results": out}))
 
 
 if __name__ == "__main__":
