@@ -127,3 +127,57 @@ func TestWakeChannelInScripts(t *testing.T) {
 		}
 	}
 }
+
+// TestIdleWorkerWakesOnCancel: cancelling a delayed job brings it forward
+// (asynq's RunTask) for a worker to end it with its cancelled result. An
+// idle worker that would poll once in 10 minutes does so at once: the
+// cancel wakes it.
+func TestIdleWorkerWakesOnCancel(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.idleWorker(t, 10*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	at := time.Now().Add(time.Hour)
+	w, e := s.submit(t, ctx, jobs.Job{ID: "wake-cancel-" + randID(), TaskID: "wake-cancel", Command: "echo never", RunAt: &at})
+	if err := s.prod.Cancel(ctx, e.ID); err != nil {
+		t.Fatal(err)
+	}
+	r, err := w.Next(ctx)
+	if err != nil {
+		t.Fatalf("no result for the cancelled delayed job within 30 s (a worker polling once in 10 minutes was not woken): %v", err)
+	}
+	if r.Status != jobs.StatusCancelled {
+		t.Errorf("cancelled delayed job: %+v", r)
+	}
+}
+
+// TestIdleWorkerTakesRequeuedJob: a job that a stopping worker hands back
+// (asynq's requeue, after ShutdownTimeout) is taken at once by another
+// idle worker that would poll once in 10 minutes, and finished there. Its
+// rescuer is off, so only asynq's delivery can finish the job.
+func TestIdleWorkerTakesRequeuedJob(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	_, stopA := s.idleWorker(t, 10*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	j := jobs.Job{ID: "wake-requeue-" + randID(), TaskID: "wake-requeue", Command: "sleep 6; echo done"}
+	w, e := s.submit(t, ctx, j)
+	waitFor(t, 20*time.Second, "the job to run on the first worker", func() bool {
+		info, err := asynq.NewInspectorFromRedisClient(s.rdb).GetTaskInfo(e.Queue, e.ID)
+		return err == nil && info.State == asynq.TaskStateActive
+	})
+	// The second worker is idle (the job is taken) before the first stops.
+	s.startWorkerW(t, func(c *jobs.WorkerConfig) { c.TaskCheckInterval = 10 * time.Minute; c.RescueEvery = -1 })
+	stopA()
+	r, err := w.Next(ctx)
+	if err != nil {
+		t.Fatalf("no result for the requeued job (a worker polling once in 10 minutes was not woken): %v", err)
+	}
+	if r.Status != jobs.StatusCompleted || r.Output != "done\n" {
+		t.Errorf("requeued job: %+v", r)
+	}
+	waitFor(t, 20*time.Second, "the requeued job to be acked", func() bool {
+		info, err := asynq.NewInspectorFromRedisClient(s.rdb).GetTaskInfo(e.Queue, e.ID)
+		return err == nil && info.State == asynq.TaskStateCompleted
+	})
+}
