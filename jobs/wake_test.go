@@ -181,3 +181,20 @@ func TestIdleWorkerTakesRequeuedJob(t *testing.T) {
 		return err == nil && info.State == asynq.TaskStateCompleted
 	})
 }
+
+// TestWorkerRejectsBlankQueue: asynq drops a queue whose name is blank,
+// silently; the waker would then wait for a round over a queue that is
+// never dequeued, never wait, and the idle worker would poll Redis every
+// wakePause (0.5 ms). NewWorker refuses such a name instead.
+func TestWorkerRejectsBlankQueue(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	for _, q := range []string{" ", "\t", "  \n"} {
+		t.Run(fmt.Sprintf("%q", q), func(t *testing.T) {
+			_, err := jobs.NewWorker(jobs.WorkerConfig{Redis: s.rdb, Gateway: s.client, Pool: s.pool, ReapEvery: -1,
+				Queues: map[string]int{q: 1}})
+			if err == nil {
+				t.Fatalf("NewWorker with queue %q: no error, want one", q)
+			}
+		})
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -157,8 +158,10 @@ func (c *WorkerConfig) validate() error {
 		switch {
 		case q == MaintenanceQueue:
 			return fmt.Errorf("jobs: queue %q is boxq's own (terminate and reap jobs); every worker serves it: leave it out", q)
-		case q == "":
-			return errors.New("jobs: a queue name must not be empty")
+		case strings.TrimSpace(q) == "":
+			// asynq would drop it silently, and the waker would wait for
+			// a round over a queue nobody dequeues (wake.go).
+			return fmt.Errorf("jobs: queue %q: a queue name must not be empty or blank", q)
 		case w < 1:
 			return fmt.Errorf("jobs: queue %q: weight must be at least 1, got %d", q, w)
 		}
