@@ -198,3 +198,22 @@ func TestWorkerRejectsBlankQueue(t *testing.T) {
 		})
 	}
 }
+
+// TestIdleWorkerWakesOnReap: the reaps a worker enqueues on its ticks run
+// at once on an idle worker that would poll once in 10 minutes: a reap
+// held back by the poll interval would let sandboxes outlive their idle
+// TTL by up to -poll-interval.
+func TestIdleWorkerWakesOnReap(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.startWorkerW(t, func(c *jobs.WorkerConfig) {
+		c.TaskCheckInterval = 10 * time.Minute
+		c.ReapEvery = 300 * time.Millisecond
+	})
+	insp := asynq.NewInspectorFromRedisClient(s.rdb)
+	// Three reaps: more than the worker's first round (before it waits)
+	// and its round once subscribed could take.
+	waitFor(t, 30*time.Second, "three reaps to run", func() bool {
+		qi, err := insp.GetQueueInfo(jobs.MaintenanceQueue)
+		return err == nil && qi.ProcessedTotal >= 3
+	})
+}

@@ -278,7 +278,7 @@ func NewWorker(cfg WorkerConfig) (*Worker, error) {
 		// The reap task goes to the maintenance queue, which every worker
 		// serves: one reap per tick across the fleet, whatever queues the
 		// workers serve.
-		w.reaper = &Reaper{client: w.client, every: cfg.ReapEvery, queue: MaintenanceQueue, now: cfg.Now, log: log}
+		w.reaper = &Reaper{client: w.client, rdb: cfg.Redis, prefix: cfg.Prefix, every: cfg.ReapEvery, queue: MaintenanceQueue, now: cfg.Now, log: log}
 	}
 	// Every worker runs the schedules (schedule.go), reading them again on
 	// every reap tick.
