@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/hibiken/asynq"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/boxq/boxq/sandboxpool"
 )
@@ -136,6 +137,9 @@ func (h *ReapHandler) ProcessTask(ctx context.Context, _ *asynq.Task) error {
 // asynq accepts one task per tick and the others get a conflict.
 type Reaper struct {
 	client *asynq.Client
+	// rdb and prefix: to wake idle workers for the reap (wake.go).
+	rdb    redis.UniversalClient
+	prefix string
 	every  time.Duration
 	queue  string
 	now    func() time.Time
@@ -169,5 +173,11 @@ func (r *Reaper) enqueue(ctx context.Context) error {
 	if errors.Is(err, asynq.ErrTaskIDConflict) {
 		return nil
 	}
-	return err
+	if err != nil {
+		return err
+	}
+	// Idle workers take it now, not at their next poll: a reap held back
+	// lets sandboxes outlive their idle TTL.
+	wake(ctx, r.rdb, r.prefix, r.queue)
+	return nil
 }

@@ -386,7 +386,10 @@ func (p *Producer) Cancel(ctx context.Context, jobID string) error {
 		// Bring it forward so that a worker ends it: with its cancelled
 		// result, or, for one taken out of its sequence with its result
 		// written, just acked.
-		_ = p.insp.RunTask(info.Queue, jobID)
+		if p.insp.RunTask(info.Queue, jobID) == nil {
+			// Pending now, and published by no one else (wake.go).
+			wake(ctx, p.rdb, p.cfg.Prefix, info.Queue)
+		}
 	}
 	return nil
 }

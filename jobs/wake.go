@@ -34,7 +34,11 @@ import (
 //   - the sequence scripts' promote (sequence.go): a task's next job when
 //     its turn comes, a late head, a job given its result while it waited;
 //   - asynq's forwarder (retries, capacity waits, delayed jobs falling
-//     due), seen by the same hook: a forward that moved jobs publishes.
+//     due), seen by the same hook: a forward that moved jobs publishes;
+//   - asynq's requeue (a stopping worker hands back the jobs still
+//     running after ShutdownTimeout), seen by the same hook;
+//   - Producer.Cancel, when it brings a delayed or retrying job forward
+//     (asynq's RunTask) for a worker to end it.
 //
 // What publishes nothing (asynqmon's "run now", a job enqueued by a plain
 // asynq client, a wake-up lost while the subscription reconnects) is
@@ -43,7 +47,8 @@ import (
 //
 // The hook recognises asynq's scripts by their keys (asynq:{Q}:pending,
 // :paused, :active, :lease for a dequeue; a scheduled or retry set and
-// :pending for a forward). An asynq whose scripts change shape is not
+// :pending for a forward; :active, :lease, :pending and the task's hash
+// for a requeue). An asynq whose scripts change shape is not
 // recognised: the worker then polls every wakePause, which the idle-load
 // test (TestIdleWorkerIsQuiet) catches.
 
@@ -162,6 +167,12 @@ func (w *waker) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 				// queue, this one included (it hears its own publish).
 				wake(context.WithoutCancel(ctx), w.rdb, w.prefix, queue)
 			}
+		case asynqRequeue:
+			if err == nil {
+				// A stopping worker handed a running job back: another
+				// worker takes it (and re-attaches to its exec) now.
+				wake(context.WithoutCancel(ctx), w.rdb, w.prefix, queue)
+			}
 		}
 		return err
 	}
@@ -243,9 +254,10 @@ const (
 	otherCall asynqCall = iota
 	asynqDequeue
 	asynqForward
+	asynqRequeue
 )
 
-// classify tells asynq's dequeue and forward scripts (by their keys) from
+// classify tells asynq's dequeue, forward and requeue scripts (by their keys) from
 // every other command, and names the served queue they are about.
 func (w *waker) classify(cmd redis.Cmder) (asynqCall, string) {
 	args := cmd.Args()
@@ -270,6 +282,10 @@ func (w *waker) classify(cmd redis.Cmder) (asynqCall, string) {
 			p, ok := w.queuePrefix(keys[0], "pending")
 			if ok && keys[1] == p+"paused" && keys[2] == p+"active" && keys[3] == p+"lease" {
 				return asynqDequeue, w.served[p]
+			}
+			p, ok = w.queuePrefix(keys[2], "pending")
+			if ok && keys[0] == p+"active" && keys[1] == p+"lease" && strings.HasPrefix(keys[3], p+"t:") {
+				return asynqRequeue, w.served[p]
 			}
 		}
 	case 2:

@@ -154,3 +154,93 @@ func TestWakeUpFloodIsBounded(t *testing.T) {
 		t.Errorf("%d rounds let through by %d wake-ups in %v, want 1 to %d", n, sent, took, most)
 	}
 }
+
+// TestIdleWorkerWakesOnCancel: cancelling a delayed job brings it forward
+// (asynq's RunTask) for a worker to end it with its cancelled result. An
+// idle worker that would poll once in 10 minutes does so at once: the
+// cancel wakes it.
+func TestIdleWorkerWakesOnCancel(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.idleWorker(t, 10*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	at := time.Now().Add(time.Hour)
+	w, e := s.submit(t, ctx, jobs.Job{ID: "wake-cancel-" + randID(), TaskID: "wake-cancel", Command: "echo never", RunAt: &at})
+	if err := s.prod.Cancel(ctx, e.ID); err != nil {
+		t.Fatal(err)
+	}
+	r, err := w.Next(ctx)
+	if err != nil {
+		t.Fatalf("no result for the cancelled delayed job within 30 s (a worker polling once in 10 minutes was not woken): %v", err)
+	}
+	if r.Status != jobs.StatusCancelled {
+		t.Errorf("cancelled delayed job: %+v", r)
+	}
+}
+
+// TestIdleWorkerTakesRequeuedJob: a job that a stopping worker hands back
+// (asynq's requeue, after ShutdownTimeout) is taken at once by another
+// idle worker that would poll once in 10 minutes, and finished there. Its
+// rescuer is off, so only asynq's delivery can finish the job.
+func TestIdleWorkerTakesRequeuedJob(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	_, stopA := s.idleWorker(t, 10*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	j := jobs.Job{ID: "wake-requeue-" + randID(), TaskID: "wake-requeue", Command: "sleep 6; echo done"}
+	w, e := s.submit(t, ctx, j)
+	waitFor(t, 20*time.Second, "the job to run on the first worker", func() bool {
+		info, err := asynq.NewInspectorFromRedisClient(s.rdb).GetTaskInfo(e.Queue, e.ID)
+		return err == nil && info.State == asynq.TaskStateActive
+	})
+	// The second worker is idle (the job is taken) before the first stops.
+	s.startWorkerW(t, func(c *jobs.WorkerConfig) { c.TaskCheckInterval = 10 * time.Minute; c.RescueEvery = -1 })
+	stopA()
+	r, err := w.Next(ctx)
+	if err != nil {
+		t.Fatalf("no result for the requeued job (a worker polling once in 10 minutes was not woken): %v", err)
+	}
+	if r.Status != jobs.StatusCompleted || r.Output != "done\n" {
+		t.Errorf("requeued job: %+v", r)
+	}
+	waitFor(t, 20*time.Second, "the requeued job to be acked", func() bool {
+		info, err := asynq.NewInspectorFromRedisClient(s.rdb).GetTaskInfo(e.Queue, e.ID)
+		return err == nil && info.State == asynq.TaskStateCompleted
+	})
+}
+
+// TestWorkerRejectsBlankQueue: asynq drops a queue whose name is blank,
+// silently; the waker would then wait for a round over a queue that is
+// never dequeued, never wait, and the idle worker would poll Redis every
+// wakePause (0.5 ms). NewWorker refuses such a name instead.
+func TestWorkerRejectsBlankQueue(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	for _, q := range []string{" ", "\t", "  \n"} {
+		t.Run(fmt.Sprintf("%q", q), func(t *testing.T) {
+			_, err := jobs.NewWorker(jobs.WorkerConfig{Redis: s.rdb, Gateway: s.client, Pool: s.pool, ReapEvery: -1,
+				Queues: map[string]int{q: 1}})
+			if err == nil {
+				t.Fatalf("NewWorker with queue %q: no error, want one", q)
+			}
+		})
+	}
+}
+
+// TestIdleWorkerWakesOnReap: the reaps a worker enqueues on its ticks run
+// at once on an idle worker that would poll once in 10 minutes: a reap
+// held back by the poll interval would let sandboxes outlive their idle
+// TTL by up to -poll-interval.
+func TestIdleWorkerWakesOnReap(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	s.startWorkerW(t, func(c *jobs.WorkerConfig) {
+		c.TaskCheckInterval = 10 * time.Minute
+		c.ReapEvery = 300 * time.Millisecond
+	})
+	insp := asynq.NewInspectorFromRedisClient(s.rdb)
+	// Three reaps: more than the worker's first round (before it waits)
+	// and its round once subscribed could take.
+	waitFor(t, 30*time.Second, "three reaps to run", func() bool {
+		qi, err := insp.GetQueueInfo(jobs.MaintenanceQueue)
+		return err == nil && qi.ProcessedTotal >= 3
+	})
+}

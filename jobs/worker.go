@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -157,8 +158,10 @@ func (c *WorkerConfig) validate() error {
 		switch {
 		case q == MaintenanceQueue:
 			return fmt.Errorf("jobs: queue %q is boxq's own (terminate and reap jobs); every worker serves it: leave it out", q)
-		case q == "":
-			return errors.New("jobs: a queue name must not be empty")
+		case strings.TrimSpace(q) == "":
+			// asynq would drop it silently, and the waker would wait for
+			// a round over a queue nobody dequeues (wake.go).
+			return fmt.Errorf("jobs: queue %q: a queue name must not be empty or blank", q)
 		case w < 1:
 			return fmt.Errorf("jobs: queue %q: weight must be at least 1, got %d", q, w)
 		}
@@ -275,7 +278,7 @@ func NewWorker(cfg WorkerConfig) (*Worker, error) {
 		// The reap task goes to the maintenance queue, which every worker
 		// serves: one reap per tick across the fleet, whatever queues the
 		// workers serve.
-		w.reaper = &Reaper{client: w.client, every: cfg.ReapEvery, queue: MaintenanceQueue, now: cfg.Now, log: log}
+		w.reaper = &Reaper{client: w.client, rdb: cfg.Redis, prefix: cfg.Prefix, every: cfg.ReapEvery, queue: MaintenanceQueue, now: cfg.Now, log: log}
 	}
 	// Every worker runs the schedules (schedule.go), reading them again on
 	// every reap tick.
