@@ -75,6 +75,11 @@ local WAKE = string.sub(LATE, 1, #LATE - #'seqlate') .. 'wake'
 // wake publishes a wake-up for queue. Best effort: a lost one costs an
 // idle worker's pickup TaskCheckInterval at most.
 func wake(ctx context.Context, rdb redis.UniversalClient, prefix, queue string) {
+	// Not the caller's context: the job is runnable already, and a caller
+	// gone just now (an API client that hung up) must not cost its
+	// wake-up.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
 	_ = rdb.Publish(ctx, wakeChannel(prefix, queue), "").Err()
 }
 
@@ -329,15 +334,23 @@ func numKeys(a any) int {
 
 // ownClient returns a new client with rdb's options, for asynq alone, so
 // that the waker's hook sees only this worker's asynq calls; false for a
-// client it cannot copy.
+// client it cannot copy faithfully:
+//   - a Sentinel failover client (a *redis.Client whose Addr is
+//     "FailoverClient"): a copy would dial the new master, but the pooled
+//     connections to the old one are closed on a failover only in the
+//     original's pool;
+//   - a Ring: its Subscribe puts every channel on the first channel's
+//     shard, while each wake-up is published on its own channel's shard;
+//   - anything that is not a go-redis client.
 func ownClient(rdb redis.UniversalClient) (redis.UniversalClient, bool) {
 	switch c := rdb.(type) {
 	case *redis.Client:
+		if c.Options().Addr == "FailoverClient" {
+			return nil, false
+		}
 		return redis.NewClient(c.Options()), true
 	case *redis.ClusterClient:
 		return redis.NewClusterClient(c.Options()), true
-	case *redis.Ring:
-		return redis.NewRing(c.Options()), true
 	}
 	return nil, false
 }

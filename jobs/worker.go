@@ -25,6 +25,13 @@ import (
 // Redis one dequeue round (three commands per queue) per interval.
 const DefaultTaskCheckInterval = time.Second
 
+// pollWithoutWakeups is how often a worker without wake-ups (a Redis
+// client it cannot copy, wake.go's ownClient) polls when
+// TaskCheckInterval is not set: asynq's poll as boxq ran it before
+// wake-ups, ≈ 3 ms of pickup for ≈ 1,000 Redis commands/s per idle worker
+// (docs/PERFORMANCE.md).
+const pollWithoutWakeups = 5 * time.Millisecond
+
 // WorkerConfig configures a Worker. Zero values take the documented defaults.
 type WorkerConfig struct {
 	// Redis is the one client shared by asynq and the pool. Required.
@@ -45,10 +52,11 @@ type WorkerConfig struct {
 	// and asynq's forwarder wake it at once (wake.go); this bounds the
 	// pickup of a job made runnable otherwise, against the idle load on
 	// Redis (one dequeue round per interval per worker). With a Redis
-	// client the worker cannot copy (not a go-redis Client, ClusterClient
-	// or Ring) there are no wake-ups, and asynq polls every interval
-	// (sleeping a random 0.5 to 1.5 of it): then pickup takes about half
-	// an interval. Default DefaultTaskCheckInterval.
+	// client the worker cannot copy (a Sentinel failover client, a Ring,
+	// not go-redis's: wake.go's ownClient) there are no wake-ups, and asynq
+	// polls every interval (sleeping a random 0.5 to 1.5 of it), 5 ms when
+	// unset: then pickup takes about half an interval. Default
+	// DefaultTaskCheckInterval.
 	TaskCheckInterval time.Duration
 	// DelayedTaskCheckInterval is how often retries and capacity waits are
 	// moved back to their queue. Default 500ms.
@@ -190,6 +198,7 @@ type Worker struct {
 
 // NewWorker builds a Worker; Run starts it.
 func NewWorker(cfg WorkerConfig) (*Worker, error) {
+	pollSet := cfg.TaskCheckInterval != 0
 	cfg.withDefaults()
 	if err := cfg.validate(); err != nil {
 		return nil, err
@@ -222,7 +231,10 @@ func NewWorker(cfg WorkerConfig) (*Worker, error) {
 		w.asynqRedis = own
 		asynqRedis, checkEvery = own, wakePause
 	} else {
-		log.Warn("the Redis client is of a kind the worker cannot copy: no wake-ups, the worker polls for jobs every -poll-interval", "poll_interval", cfg.TaskCheckInterval)
+		if !pollSet {
+			checkEvery = pollWithoutWakeups
+		}
+		log.Info("no wake-ups with this kind of Redis client (a Sentinel failover client, a Ring, or not go-redis's): the worker polls for jobs", "poll_interval", checkEvery)
 	}
 	w.srv = asynq.NewServerFromRedisClient(asynqRedis, asynq.Config{
 		Concurrency:              cfg.Concurrency,
