@@ -2,7 +2,9 @@ package limits
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -66,11 +68,15 @@ func favorDynMods(log *slog.Logger) (release func(), on bool) {
 	// A mount of its own even when the option is on already: another's
 	// may go while this gateway runs.
 	dir := filepath.Join(os.TempDir(), favorPrefix+strconv.Itoa(os.Getpid()))
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	fd, err := openOwnDir(dir)
+	if err != nil {
 		log.Warn("limits: cannot turn cgroup favordynmods on: each exec waits for an RCU grace period (≈10 ms on an idle host) as it joins its cgroups", "error", err)
 		return func() {}, false
 	}
-	err := unix.Mount("cgroup", dir, "cgroup", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "none,name="+favorName+",favordynmods")
+	// The mount goes on the directory just checked, through its
+	// descriptor: not on whatever the path names by the time of the mount.
+	err = unix.Mount("cgroup", "/proc/self/fd/"+strconv.Itoa(fd), "cgroup", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "none,name="+favorName+",favordynmods")
+	_ = unix.Close(fd)
 	if err != nil {
 		_ = os.Remove(dir)
 		log.Warn("limits: cannot turn cgroup favordynmods on (Linux 6.0 or later, as root): each exec waits for an RCU grace period (≈10 ms on an idle host) as it joins its cgroups", "error", err)
@@ -81,6 +87,31 @@ func favorDynMods(log *slog.Logger) (release func(), on bool) {
 	return releaseFavor, true
 }
 
+// openOwnDir makes dir, or finds it made, and opens it: it must be a
+// directory of this process's user, not a symlink. os.TempDir() is
+// writable by everyone, and the gateway mounting there runs as root: a
+// symlink or a directory planted by another user at the path must not
+// get a mount.
+func openOwnDir(dir string) (int, error) {
+	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+		return -1, err
+	}
+	fd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("open %s (a symlink is refused): %w", dir, err)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		_ = unix.Close(fd)
+		return -1, fmt.Errorf("stat %s: %w", dir, err)
+	}
+	if int(st.Uid) != os.Geteuid() {
+		_ = unix.Close(fd)
+		return -1, fmt.Errorf("%s belongs to uid %d, not to the gateway's (%d): refused; remove it", dir, st.Uid, os.Geteuid())
+	}
+	return fd, nil
+}
+
 func releaseFavor() {
 	favor.mu.Lock()
 	defer favor.mu.Unlock()
@@ -89,7 +120,7 @@ func releaseFavor() {
 	}
 	favor.refs--
 	if favor.refs == 0 && favor.dir != "" {
-		_ = unix.Unmount(favor.dir, unix.MNT_DETACH)
+		_ = unix.Unmount(favor.dir, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW)
 		_ = os.Remove(favor.dir)
 		favor.dir = ""
 	}
@@ -104,7 +135,14 @@ func removeStaleFavor(log *slog.Logger) {
 		if err != nil || pid <= 0 || pid == os.Getpid() || syscall.Kill(pid, 0) != syscall.ESRCH {
 			continue
 		}
-		err = unix.Unmount(d, unix.MNT_DETACH)
+		// Only a directory of the gateway's user, never through a
+		// symlink: anyone can plant one in os.TempDir(), and the
+		// gateway, as root, could unmount any mount it points to.
+		var st unix.Stat_t
+		if err := unix.Lstat(d, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFDIR || int(st.Uid) != os.Geteuid() {
+			continue
+		}
+		err = unix.Unmount(d, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW)
 		if err != nil && err != unix.EINVAL { // EINVAL: not mounted
 			log.Warn("limits: cannot unmount the favordynmods hierarchy of a gone gateway", "mount", d, "error", err)
 			continue

@@ -1,6 +1,8 @@
 package limits
 
 import (
+	"io"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -79,5 +81,64 @@ func TestV1FavorDynMods(t *testing.T) {
 	}
 	if !c.FavorDynMods() || !ownFavorMounted(t) {
 		t.Error("after removing the stale mount, no mount of its own")
+	}
+}
+
+// TestFavorSymlinks: os.TempDir() is writable by everyone, and the
+// gateway that mounts and unmounts in it runs as root. A symlink planted
+// where a gone gateway's mount point would be must not make the start-up
+// clean-up unmount what it points to, and one planted at this process's
+// own mount point must not make the cgroup hierarchy land on its target.
+func TestFavorSymlinks(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounts need root")
+	}
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	gone := exec.Command("true")
+	if err := gone.Run(); err != nil {
+		t.Fatal(err)
+	}
+
+	// Someone else's mount, named by a symlink in the clean-up's glob.
+	target := t.TempDir()
+	if err := unix.Mount("tmpfs", target, "tmpfs", 0, "size=64k"); err != nil {
+		t.Skipf("cannot mount a tmpfs: %v", err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(target, unix.MNT_DETACH) })
+	link := filepath.Join(os.TempDir(), favorPrefix+strconv.Itoa(gone.Process.Pid))
+	if err := os.Symlink(target, link); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.Remove(link) })
+	removeStaleFavor(log)
+	if on, err := mountedAt("/proc/self/mountinfo", target); err != nil || !on {
+		t.Errorf("the mount at %s, which a symlink %s points to, is gone after removeStaleFavor (err %v)", target, link, err)
+	}
+
+	// A symlink at this process's own mount point.
+	favor.mu.Lock()
+	refs := favor.refs
+	favor.mu.Unlock()
+	if refs != 0 {
+		t.Fatalf("favor.refs = %d: a controller of another test is still open", refs)
+	}
+	aim := t.TempDir()
+	own := filepath.Join(os.TempDir(), favorPrefix+strconv.Itoa(os.Getpid()))
+	if err := os.Symlink(aim, own); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.Remove(own) })
+	release, on := favorDynMods(log)
+	mounted, err := mountedAt("/proc/self/mountinfo", aim)
+	release()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if mounted {
+		_ = unix.Unmount(aim, unix.MNT_DETACH)
+		t.Errorf("favorDynMods mounted the hierarchy at %s, through a symlink at %s", aim, own)
+	}
+	if on {
+		t.Errorf("favorDynMods with a symlink at its mount point: on = true, want false")
 	}
 }
