@@ -353,7 +353,15 @@ func findSockets(roots []string, covered map[string]bool, maxCount, maxBytes int
 	var st walkStats
 	size := 0
 	for _, root := range roots {
-		var rootDev uint64
+		// The directories from root down to the one being walked, with
+		// their devices: a directory is a mount point when its device is
+		// not its parent's. (Not root's: every directory below a nested
+		// mount would count as one, and cost a statfs.)
+		type dirDev struct {
+			path string
+			dev  uint64
+		}
+		var parents []dirDev
 		err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 			if err != nil {
 				// An unreadable directory: a command cannot reach into it
@@ -375,17 +383,23 @@ func findSockets(roots []string, covered map[string]bool, maxCount, maxBytes int
 				if !ok {
 					return nil
 				}
-				if p == root {
-					rootDev = sys.Dev
+				if p == root || len(parents) == 0 {
+					parents = append(parents[:0], dirDev{p, sys.Dev})
 					return nil
 				}
-				if sys.Dev != rootDev {
+				// The walk is depth first: p's parent is on the stack.
+				parent := filepath.Dir(p)
+				for len(parents) > 1 && parents[len(parents)-1].path != parent {
+					parents = parents[:len(parents)-1]
+				}
+				if sys.Dev != parents[len(parents)-1].dev {
 					var sfs unix.Statfs_t
 					if err := unix.Statfs(p, &sfs); err == nil && pseudoFS[int64(sfs.Type)] {
 						return filepath.SkipDir
 					}
 					st.mounts++
 				}
+				parents = append(parents, dirDev{p, sys.Dev})
 			case d.Type() == fs.ModeSocket:
 				sockets = append(sockets, p)
 				size += len(p)

@@ -16,6 +16,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/google/uuid"
+	"golang.org/x/sys/unix"
 
 	"github.com/boxq/boxq/gateway"
 )
@@ -479,5 +480,57 @@ func TestStateDirOutOfReach(t *testing.T) {
 	}
 	if _, err := os.Lstat(dir); err == nil {
 		t.Errorf("Close left %s", dir)
+	}
+}
+
+// TestFindSocketsNestedMounts: a file system mounted inside a walked tree is
+// walked (bubblewrap's bind is recursive: its sockets are in the view) and
+// counted once, as one mount, however many directories it has; a kernel
+// pseudo file system mounted there is not entered.
+func TestFindSocketsNestedMounts(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounts need root")
+	}
+	root, err := os.MkdirTemp("", "boxq-walk-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(root) })
+	nested, proc := filepath.Join(root, "m"), filepath.Join(root, "p")
+	for _, d := range []string{nested, proc} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := unix.Mount("tmpfs", nested, "tmpfs", 0, "size=1m"); err != nil {
+		t.Skipf("cannot mount a tmpfs: %v", err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(nested, unix.MNT_DETACH) })
+	if err := unix.Mount("proc", proc, "proc", 0, ""); err != nil {
+		t.Skipf("cannot mount proc: %v", err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(proc, unix.MNT_DETACH) })
+	deep := filepath.Join(nested, "a", "b", "c")
+	if err := os.MkdirAll(deep, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("unix", filepath.Join(deep, "s"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+
+	got, st, err := findSockets([]string{root}, nil, 10, 1<<10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(got, []string{filepath.Join(deep, "s")}); diff != "" {
+		t.Errorf("sockets (-got +want):\n%s", diff)
+	}
+	if st.mounts != 1 {
+		t.Errorf("nested mounts walked: got %d, want 1 (the tmpfs; proc is not entered)", st.mounts)
+	}
+	if st.entries > 10 {
+		t.Errorf("walked %d entries, want at most 10: proc entered?", st.entries)
 	}
 }
