@@ -2,6 +2,7 @@ package limits
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -44,8 +45,37 @@ import (
 const favorName = "boxq-favordynmods"
 
 // favorPrefix starts the names of the mount points, in os.TempDir():
-// boxq-favordynmods-PID.
+// boxq-favordynmods-PID-START, START the process's start time (in clock
+// ticks since boot, /proc/PID/stat): a pid alone may have been taken by
+// another process since the gateway that made the mount went.
 const favorPrefix = "boxq-favordynmods-"
+
+// favorDir is this process's mount point.
+func favorDir() string {
+	name := favorPrefix + strconv.Itoa(os.Getpid())
+	if start, err := procStart(os.Getpid()); err == nil {
+		name += "-" + strconv.FormatUint(start, 10)
+	}
+	return filepath.Join(os.TempDir(), name)
+}
+
+// procStart is the start time of process pid, in clock ticks since boot.
+func procStart(pid int) (uint64, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0, err
+	}
+	// pid (comm) state ppid ...: comm may hold spaces and parentheses.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("/proc/%d/stat: no command name", pid)
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 20 {
+		return 0, fmt.Errorf("/proc/%d/stat: %d fields after the command name, want 20 or more", pid, len(f))
+	}
+	return strconv.ParseUint(f[19], 10, 64) // field 22, starttime
+}
 
 var favor struct {
 	mu   sync.Mutex
@@ -67,7 +97,7 @@ func favorDynMods(log *slog.Logger) (release func(), on bool) {
 	removeStaleFavor(log)
 	// A mount of its own even when the option is on already: another's
 	// may go while this gateway runs.
-	dir := filepath.Join(os.TempDir(), favorPrefix+strconv.Itoa(os.Getpid()))
+	dir := favorDir()
 	fd, err := openOwnDir(dir)
 	if err != nil {
 		log.Warn("limits: cannot turn cgroup favordynmods on: each exec waits for an RCU grace period (≈10 ms on an idle host) as it joins its cgroups", "error", err)
@@ -131,9 +161,18 @@ func releaseFavor() {
 func removeStaleFavor(log *slog.Logger) {
 	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), favorPrefix+"*"))
 	for _, d := range dirs {
-		pid, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(d), favorPrefix))
-		if err != nil || pid <= 0 || pid == os.Getpid() || syscall.Kill(pid, 0) != syscall.ESRCH {
+		p, start, withStart := strings.Cut(strings.TrimPrefix(filepath.Base(d), favorPrefix), "-")
+		pid, err := strconv.Atoi(p)
+		if err != nil || pid <= 0 || d == favorDir() {
 			continue
+		}
+		if syscall.Kill(pid, 0) != syscall.ESRCH {
+			// A live process: the gateway that made the mount, unless it
+			// started at another time than the mount's name says.
+			now, err := procStart(pid)
+			if !withStart || err != nil || strconv.FormatUint(now, 10) == start {
+				continue
+			}
 		}
 		// Only a directory of the gateway's user, never through a
 		// symlink: anyone can plant one in os.TempDir(), and the

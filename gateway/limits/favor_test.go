@@ -16,7 +16,7 @@ import (
 // there.
 func ownFavorMounted(t *testing.T) bool {
 	t.Helper()
-	on, err := mountedAt("/proc/self/mountinfo", filepath.Join(os.TempDir(), favorPrefix+strconv.Itoa(os.Getpid())))
+	on, err := mountedAt("/proc/self/mountinfo", favorDir())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -123,7 +123,7 @@ func TestFavorSymlinks(t *testing.T) {
 		t.Fatalf("favor.refs = %d: a controller of another test is still open", refs)
 	}
 	aim := t.TempDir()
-	own := filepath.Join(os.TempDir(), favorPrefix+strconv.Itoa(os.Getpid()))
+	own := favorDir()
 	if err := os.Symlink(aim, own); err != nil {
 		t.Fatal(err)
 	}
@@ -140,5 +140,50 @@ func TestFavorSymlinks(t *testing.T) {
 	}
 	if on {
 		t.Errorf("favorDynMods with a symlink at its mount point: on = true, want false")
+	}
+}
+
+// TestFavorStalePidReused: the mount of a gone gateway whose pid a live
+// process has since taken is removed at the next start; the mount of a
+// live gateway is not.
+func TestFavorStalePidReused(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounts need root")
+	}
+	live := exec.Command("sleep", "300")
+	if err := live.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = live.Process.Kill(); _ = live.Wait() })
+	start, err := procStart(live.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name      string
+		start     string // of the process that made the mount
+		wantStays bool
+	}{
+		{"pid reused", strconv.FormatUint(start+1, 10), false},
+		{"gateway alive", strconv.FormatUint(start, 10), true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := filepath.Join(os.TempDir(), favorPrefix+strconv.Itoa(live.Process.Pid)+"-"+tc.start)
+			if err := os.Mkdir(dir, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			if err := unix.Mount("cgroup", dir, "cgroup", 0, "none,name="+favorName+",favordynmods"); err != nil {
+				t.Skipf("cannot mount the favordynmods hierarchy: %v", err)
+			}
+			t.Cleanup(func() { _ = unix.Unmount(dir, unix.MNT_DETACH); _ = os.Remove(dir) })
+			removeStaleFavor(slog.New(slog.NewTextHandler(io.Discard, nil)))
+			on, err := mountedAt("/proc/self/mountinfo", dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if on != tc.wantStays {
+				t.Errorf("mount at %s still there: %v, want %v", dir, on, tc.wantStays)
+			}
+		})
 	}
 }
