@@ -34,7 +34,9 @@ import (
 // move a process and needs none of this.
 //
 // So, under v1, a gateway that runs as root mounts an empty named
-// hierarchy with the option (favorMount), for as long as it runs, and
+// hierarchy with the option at its first sandbox cgroup (one whose
+// sandbox asks for a limit: the others' execs move nowhere, and the host
+// should not pay for them), keeps it for as long as it runs, and
 // unmounts it on Close: the kernel goes back to its default when the last
 // such mount goes. One mount serves every Controller of a process; a
 // gateway killed before Close leaves its mount behind, and the next one
@@ -113,7 +115,7 @@ func favorDynMods(log *slog.Logger) (release func(), on bool) {
 		return func() {}, false
 	}
 	favor.dir, favor.refs = dir, 1
-	log.Info("limits: cgroup favordynmods on while the gateway runs (an empty cgroup hierarchy mounted with it): moving an exec into its cgroups no longer waits for an RCU grace period; host-wide, forks and exits pay an atomic operation more. -cgroup-favordynmods=false leaves the kernel as it is", "mount", dir)
+	log.Info("limits: cgroup favordynmods on from the first sandbox with a limit while the gateway runs (an empty cgroup hierarchy mounted with it): moving an exec into its cgroups no longer waits for an RCU grace period; host-wide, forks and exits pay an atomic operation more. -cgroup-favordynmods=false leaves the kernel as it is", "mount", dir)
 	return releaseFavor, true
 }
 

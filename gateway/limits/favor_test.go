@@ -24,19 +24,38 @@ func ownFavorMounted(t *testing.T) bool {
 }
 
 // TestV1FavorDynMods: a v1 controller turns the kernel's cgroup
-// favordynmods on with a mount of the named hierarchy, shared by the
-// process's controllers, and the last Close unmounts it; NoFavorDynMods
-// leaves the kernel alone; a mount left by a gateway that is gone is
-// removed at the next start. What the option buys is a time
-// (docs/PERFORMANCE.md), not tested here.
+// favordynmods on with a mount of the named hierarchy at its first group,
+// not before (a gateway whose sandboxes ask for no limit leaves the kernel
+// alone); the mount is shared by the process's controllers, and the last
+// Close unmounts it; NoFavorDynMods leaves the kernel alone; a mount left
+// by a gateway that is gone is removed at the next start. What the option
+// buys is a time (docs/PERFORMANCE.md), not tested here.
 func TestV1FavorDynMods(t *testing.T) {
 	first := realV1(t) // skips where there is no v1 to test
+	if first.FavorDynMods() || ownFavorMounted(t) {
+		t.Fatalf("FavorDynMods() = %v, mounted %v before any group; want neither", first.FavorDynMods(), ownFavorMounted(t))
+	}
+	// group makes a group of c and returns what removes it.
+	group := func(c *Controller, name string) func() {
+		t.Helper()
+		g, err := c.New(name, Spec{Pids: 32})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return func() {
+			if err := g.Remove(); err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	removeFirst := group(first, "favor-first")
 	a, err := Detect(Config{Name: "boxq-test-fa-" + strconv.Itoa(os.Getpid())})
 	if err != nil {
 		t.Fatal(err)
 	}
+	removeA := group(a, "favor-a")
 	if !first.FavorDynMods() || !a.FavorDynMods() {
-		t.Fatalf("FavorDynMods() = %v, %v; want true (Detect logs why not)", first.FavorDynMods(), a.FavorDynMods())
+		t.Fatalf("FavorDynMods() = %v, %v; want true (New logs why not)", first.FavorDynMods(), a.FavorDynMods())
 	}
 	if !ownFavorMounted(t) {
 		t.Fatal("no favordynmods mount of this process")
@@ -45,14 +64,18 @@ func TestV1FavorDynMods(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	removeOff := group(off, "favor-off")
 	if off.FavorDynMods() {
 		t.Error("NoFavorDynMods: FavorDynMods() = true")
 	}
+	removeOff()
 	_ = off.Close()
+	removeA()
 	_ = a.Close()
 	if !ownFavorMounted(t) {
 		t.Error("the mount went while a controller still uses it")
 	}
+	removeFirst()
 	_ = first.Close()
 	if ownFavorMounted(t) {
 		t.Error("the favordynmods mount is still there after every Close")
@@ -76,6 +99,7 @@ func TestV1FavorDynMods(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
+	defer group(c, "favor-stale")()
 	if on, _ := mountedAt("/proc/self/mountinfo", stale); on {
 		t.Errorf("the stale mount at %s is still there", stale)
 	}
