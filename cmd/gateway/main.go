@@ -78,7 +78,8 @@ the memory limit is memoryMiB + diskMiB); both need root. What cannot be enforce
 GET /v1/sandboxes says per sandbox which limits hold. Under cgroup v1 each exec
 moves into its cgroups, which on an idle host waits ≈10 ms for the kernel
 (an RCU grace period) unless its cgroup favordynmods is on: the gateway turns
-it on while it runs (-cgroup-favordynmods=false: leave the kernel as it is).
+it on from the first sandbox with a limit until it ends (-cgroup-favordynmods=false:
+leave the kernel as it is).
 
 Environment:
   GATEWAY_TOKEN    the bearer token clients must send, when -token is not given
@@ -107,7 +108,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		imageDefault = fs.String("image-default", "", "image `name` of a create that names none (default: the host's root)")
 		imageFallbk  = fs.String("image-fallback", "", "`mode`: host gives an image that cannot be resolved the host's root instead of a 400")
 		maxPids      = fs.Int("max-pids", 0, "processes per sandbox at most (cgroup pids; 0: no cap)")
-		favorDyn     = fs.Bool("cgroup-favordynmods", true, "under cgroup v1, as root: turn the kernel's cgroup favordynmods on while the gateway runs, so that an exec's move into its cgroups waits for no RCU grace period (≈10 ms on an idle host); forks and exits host-wide pay an atomic operation more")
+		favorDyn     = fs.Bool("cgroup-favordynmods", true, "under cgroup v1, as root: turn the kernel's cgroup favordynmods on from the first sandbox with a limit until the gateway ends, so that an exec's move into its cgroups waits for no RCU grace period (≈10 ms on an idle host); forks and exits host-wide pay an atomic operation more")
 		startWait    = fs.Duration("start-wait", local.DefaultStartWait, "how long a start waits for its exec to end before it answers running; 0: always answer running at once, as a hosted gateway does")
 		maxRunning   = fs.Int("max-running-execs", local.DefaultMaxRunningExecs, "execs running at once over all sandboxes; a start beyond gets 429")
 		maxSbRunning = fs.Int("max-sandbox-running-execs", local.DefaultMaxSandboxRunningExecs, "execs running at once in one sandbox; a start beyond gets 429")

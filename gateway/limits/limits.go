@@ -28,6 +28,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -68,8 +69,8 @@ type Config struct {
 	// its runtime and its packages' init, in about 8: every exec pays it.
 	Shell string
 	// NoFavorDynMods leaves the kernel's cgroup favordynmods as it is
-	// under v1 (favor.go: by default a gateway turns it on while it runs,
-	// so that an exec's move into its cgroups waits for no RCU grace
+	// under v1 (favor.go: by default a gateway turns it on at its first
+	// New, for as long as it runs, so that an exec's move into its cgroups waits for no RCU grace
 	// period).
 	NoFavorDynMods bool
 	Logger         *slog.Logger
@@ -96,9 +97,16 @@ type Controller struct {
 	v1    map[string]string // v1: controller → parent of the sandbox cgroups
 	holds Holds
 	why   []string
-	// favor: favordynmods holds (favor.go); unfavor undoes it on Close.
-	favor   bool
-	unfavor func()
+	// favordynmods (favor.go), turned on at the first New, not at Detect:
+	// a gateway whose sandboxes ask for no limit moves no exec into a
+	// cgroup, and must not make every fork and exit of the host pay for
+	// it. favorWanted: v1, and not opted out; favorTried: the first New
+	// came; favor: it holds; unfavor undoes it on Close.
+	favorMu     sync.Mutex
+	favorWanted bool
+	favorTried  bool
+	favor       bool
+	unfavor     func()
 }
 
 // Detect looks at the machine's cgroups and prepares a parent cgroup for the
@@ -167,15 +175,30 @@ func Detect(cfg Config) (*Controller, error) {
 	if c.mode == ModeNone {
 		c.why = append(v2why, c.why...)
 	}
-	if c.mode == ModeV1 && cfg.CgroupRoot == "" && !cfg.NoFavorDynMods {
-		c.unfavor, c.favor = favorDynMods(cfg.Logger)
-	}
+	c.favorWanted = c.mode == ModeV1 && cfg.CgroupRoot == "" && !cfg.NoFavorDynMods
 	return c, nil
 }
 
 // FavorDynMods reports whether the kernel's cgroup favordynmods holds for
-// this v1 controller (favor.go).
-func (c *Controller) FavorDynMods() bool { return c.favor }
+// this v1 controller (favor.go): from its first New on, unless opted out
+// or the kernel refused.
+func (c *Controller) FavorDynMods() bool {
+	c.favorMu.Lock()
+	defer c.favorMu.Unlock()
+	return c.favor
+}
+
+// favorOn turns favordynmods on for this controller, once, at its first
+// New.
+func (c *Controller) favorOn() {
+	c.favorMu.Lock()
+	defer c.favorMu.Unlock()
+	if !c.favorWanted || c.favorTried {
+		return
+	}
+	c.favorTried = true
+	c.unfavor, c.favor = favorDynMods(c.cfg.Logger)
+}
 
 // Mode is ModeV2, ModeV1 or ModeNone.
 func (c *Controller) Mode() string { return c.mode }
@@ -323,10 +346,13 @@ func stalePid(name string) (int, bool) {
 // Close removes the parent cgroups (they must be empty: remove the groups
 // first).
 func (c *Controller) Close() error {
+	c.favorMu.Lock()
 	if c.unfavor != nil {
 		c.unfavor()
 		c.unfavor = nil
 	}
+	c.favor = false
+	c.favorMu.Unlock()
 	var errs []error
 	if c.v2dir != "" {
 		errs = append(errs, c.cfg.rmdir(c.v2dir))
@@ -373,6 +399,7 @@ func (c *Controller) New(id string, s Spec) (*Group, error) {
 		}
 		g.fd = fd
 	case ModeV1:
+		c.favorOn()
 		for _, ctl := range controllers {
 			parent, ok := c.v1[ctl]
 			if !ok {

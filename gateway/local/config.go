@@ -164,7 +164,8 @@ type Config struct {
 	NoCgroups bool
 	// NoFavorDynMods leaves the kernel's cgroup favordynmods as it is.
 	// By default a gateway that enforces limits under cgroup v1 turns it
-	// on while it runs (gateway/limits, favor.go): otherwise each exec's
+	// on from its first sandbox with a limit until it ends
+	// (gateway/limits, favor.go): otherwise each exec's
 	// move into its cgroups waits for an RCU grace period, ≈10 ms on an
 	// idle host.
 	NoFavorDynMods bool

@@ -315,6 +315,10 @@ func newHostView(log *slog.Logger, stateDir, sandboxesDir string) (hostView, err
 	for _, p := range sockets {
 		log.Debug("view: socket masked", "path", p)
 	}
+	if st.unlisted > 0 {
+		log.Warn("view: directories in the trees a command sees that the gateway cannot list: a Unix socket in one is not masked, and a command may still connect to it by name where it may search the directory; run the gateway as root, or make them readable",
+			"directories", st.unlisted, "first", strings.Join(st.unlistedFirst, " "))
+	}
 	return v, nil
 }
 
@@ -338,6 +342,12 @@ func (v hostView) bwrapArgs() []string {
 type walkStats struct {
 	entries int // files and directories seen
 	mounts  int // nested mounts walked
+	// unlisted counts the directories the walk could not list, and
+	// unlistedFirst names the first few: a command with the gateway's
+	// rights (a gateway not run as root runs its commands as itself) can
+	// still reach a socket in one by its name if it may search it.
+	unlisted      int
+	unlistedFirst []string
 }
 
 // findSockets returns the Unix sockets in the trees of roots, in walk
@@ -353,12 +363,27 @@ func findSockets(roots []string, covered map[string]bool, maxCount, maxBytes int
 	var st walkStats
 	size := 0
 	for _, root := range roots {
-		var rootDev uint64
+		// The directories from root down to the one being walked, with
+		// their devices: a directory is a mount point when its device is
+		// not its parent's. (Not root's: every directory below a nested
+		// mount would count as one, and cost a statfs.)
+		type dirDev struct {
+			path string
+			dev  uint64
+		}
+		var parents []dirDev
 		err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 			if err != nil {
-				// An unreadable directory: a command cannot reach into it
-				// either, unless it has rights the gateway lacks (run as
-				// root, the gateway reads all).
+				// A directory the gateway cannot list. Run as root it
+				// lists all; otherwise its commands run as itself, and
+				// can reach a socket in it by name where they may search
+				// it (mode --x): newHostView warns.
+				if d != nil && d.IsDir() {
+					st.unlisted++
+					if len(st.unlistedFirst) < 5 {
+						st.unlistedFirst = append(st.unlistedFirst, p)
+					}
+				}
 				return nil
 			}
 			st.entries++
@@ -375,17 +400,23 @@ func findSockets(roots []string, covered map[string]bool, maxCount, maxBytes int
 				if !ok {
 					return nil
 				}
-				if p == root {
-					rootDev = sys.Dev
+				if p == root || len(parents) == 0 {
+					parents = append(parents[:0], dirDev{p, sys.Dev})
 					return nil
 				}
-				if sys.Dev != rootDev {
+				// The walk is depth first: p's parent is on the stack.
+				parent := filepath.Dir(p)
+				for len(parents) > 1 && parents[len(parents)-1].path != parent {
+					parents = parents[:len(parents)-1]
+				}
+				if sys.Dev != parents[len(parents)-1].dev {
 					var sfs unix.Statfs_t
 					if err := unix.Statfs(p, &sfs); err == nil && pseudoFS[int64(sfs.Type)] {
 						return filepath.SkipDir
 					}
 					st.mounts++
 				}
+				parents = append(parents, dirDev{p, sys.Dev})
 			case d.Type() == fs.ModeSocket:
 				sockets = append(sockets, p)
 				size += len(p)

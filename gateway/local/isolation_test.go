@@ -10,12 +10,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/google/uuid"
+	"golang.org/x/sys/unix"
 
 	"github.com/boxq/boxq/gateway"
 )
@@ -479,5 +481,119 @@ func TestStateDirOutOfReach(t *testing.T) {
 	}
 	if _, err := os.Lstat(dir); err == nil {
 		t.Errorf("Close left %s", dir)
+	}
+}
+
+// TestFindSocketsNestedMounts: a file system mounted inside a walked tree is
+// walked (bubblewrap's bind is recursive: its sockets are in the view) and
+// counted once, as one mount, however many directories it has; a kernel
+// pseudo file system mounted there is not entered.
+func TestFindSocketsNestedMounts(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounts need root")
+	}
+	root, err := os.MkdirTemp("", "boxq-walk-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(root) })
+	nested, proc := filepath.Join(root, "m"), filepath.Join(root, "p")
+	for _, d := range []string{nested, proc} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := unix.Mount("tmpfs", nested, "tmpfs", 0, "size=1m"); err != nil {
+		t.Skipf("cannot mount a tmpfs: %v", err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(nested, unix.MNT_DETACH) })
+	if err := unix.Mount("proc", proc, "proc", 0, ""); err != nil {
+		t.Skipf("cannot mount proc: %v", err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(proc, unix.MNT_DETACH) })
+	deep := filepath.Join(nested, "a", "b", "c")
+	if err := os.MkdirAll(deep, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("unix", filepath.Join(deep, "s"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+
+	got, st, err := findSockets([]string{root}, nil, 10, 1<<10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(got, []string{filepath.Join(deep, "s")}); diff != "" {
+		t.Errorf("sockets (-got +want):\n%s", diff)
+	}
+	if st.mounts != 1 {
+		t.Errorf("nested mounts walked: got %d, want 1 (the tmpfs; proc is not entered)", st.mounts)
+	}
+	if st.entries > 10 {
+		t.Errorf("walked %d entries, want at most 10: proc entered?", st.entries)
+	}
+}
+
+// TestFindSocketsUnlisted: a directory the gateway cannot list is counted
+// and named, for newHostView's warning: a command may still reach a socket
+// in it by name. Root lists everything, so the walk runs on a thread that
+// has dropped its DAC capabilities, with a directory (0711) of another
+// user's.
+func TestFindSocketsUnlisted(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root, to make another user's directory")
+	}
+	root, err := os.MkdirTemp("", "boxq-walk-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(root) })
+	if err := os.Chmod(root, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	locked := filepath.Join(root, "locked")
+	if err := os.Mkdir(locked, 0o711); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("unix", filepath.Join(locked, "s"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	if err := os.Chown(locked, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+
+	type result struct {
+		st  walkStats
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		// Never unlocked: the thread, without its capabilities, ends
+		// with the goroutine.
+		runtime.LockOSThread()
+		hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+		var data [2]unix.CapUserData
+		if err := unix.Capget(&hdr, &data[0]); err != nil {
+			done <- result{err: err}
+			return
+		}
+		data[0].Effective &^= 1<<unix.CAP_DAC_OVERRIDE | 1<<unix.CAP_DAC_READ_SEARCH
+		if err := unix.Capset(&hdr, &data[0]); err != nil {
+			done <- result{err: err}
+			return
+		}
+		_, st, err := findSockets([]string{root}, nil, 10, 1<<10)
+		done <- result{st, err}
+	}()
+	r := <-done
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	if r.st.unlisted != 1 || len(r.st.unlistedFirst) != 1 || r.st.unlistedFirst[0] != locked {
+		t.Errorf("unlisted %d %q, want 1 [%s]", r.st.unlisted, r.st.unlistedFirst, locked)
 	}
 }
