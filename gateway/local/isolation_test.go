@@ -597,3 +597,33 @@ func TestFindSocketsUnlisted(t *testing.T) {
 		t.Errorf("unlisted %d %q, want 1 [%s]", r.st.unlisted, r.st.unlistedFirst, locked)
 	}
 }
+
+// TestTooManySocketsRefusesAuto: a host whose view has more sockets than
+// can be masked does not start, in auto too: falling back to no isolation
+// would expose the whole host. (The view's trees are a temporary tree here:
+// sockets in the real /opt would stop every other test's gateway.)
+func TestTooManySocketsRefusesAuto(t *testing.T) {
+	root, err := os.MkdirTemp("", "boxq-farm-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(root) })
+	for i := range maxViewSockets + 1 {
+		ln, err := net.Listen("unix", filepath.Join(root, fmt.Sprintf("s%d", i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+	}
+	saved := hostRoots
+	hostRoots = []string{root}
+	t.Cleanup(func() { hostRoots = saved })
+	s, err := New(Config{Token: "t", StateDir: newStateDir(t), Isolation: IsolationAuto})
+	if err == nil {
+		s.Close(context.Background())
+		t.Fatal("New(auto) with a view past its socket bound started")
+	}
+	if !strings.Contains(err.Error(), "too many to mask") {
+		t.Errorf("New(auto) = %v, want the view's refusal: too many to mask", err)
+	}
+}

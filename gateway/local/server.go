@@ -395,9 +395,13 @@ func (s *Server) chooseIsolation(user *owner) (Isolation, hostView, error) {
 		return IsolationNone, hostView{}, nil
 	}
 	view, err := newHostView(s.log, s.stateDir, s.sandboxesDir)
-	if err == nil {
-		err = probeBwrap(context.Background(), s.cfg.BwrapPath, s.sandboxesDir, user, view)
+	if err != nil {
+		// Not a bubblewrap that does not work, which auto may run
+		// without: a host whose view cannot be made safe. Falling back to
+		// no isolation would expose it all.
+		return "", hostView{}, fmt.Errorf("local: isolation %s: %w", s.cfg.Isolation, err)
 	}
+	err = probeBwrap(context.Background(), s.cfg.BwrapPath, s.sandboxesDir, user, view)
 	if s.cfg.Isolation == IsolationBwrap {
 		if err != nil {
 			return "", hostView{}, fmt.Errorf("local: isolation bwrap: %w", err)
