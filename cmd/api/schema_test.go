@@ -1,0 +1,98 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"strings"
+	"testing"
+)
+
+// fitSchema checks v (decoded JSON) against schema, in the parts of JSON
+// Schema the OpenAPI document uses for objects: $ref, allOf (each part
+// applies to the whole value, as a validator reads it), type object with
+// properties, required and additionalProperties: false, and arrays'
+// items. It returns where v does not fit, "" when it does.
+func fitSchema(doc map[string]any, schema map[string]any, v any, at string) string {
+	if ref, ok := schema["$ref"].(string); ok {
+		name := strings.TrimPrefix(ref, "#/components/schemas/")
+		s, _ := doc["components"].(map[string]any)["schemas"].(map[string]any)[name].(map[string]any)
+		if s == nil {
+			return fmt.Sprintf("%s: unknown $ref %s", at, ref)
+		}
+		return fitSchema(doc, s, v, at)
+	}
+	for i, part := range asSlice(schema["allOf"]) {
+		if msg := fitSchema(doc, part.(map[string]any), v, fmt.Sprintf("%s(allOf[%d])", at, i)); msg != "" {
+			return msg
+		}
+	}
+	switch v := v.(type) {
+	case map[string]any:
+		props, _ := schema["properties"].(map[string]any)
+		for _, r := range asSlice(schema["required"]) {
+			if _, ok := v[r.(string)]; !ok {
+				return fmt.Sprintf("%s: required field %q missing", at, r)
+			}
+		}
+		for k, fv := range v {
+			ps, ok := props[k].(map[string]any)
+			if !ok {
+				if schema["additionalProperties"] == false {
+					return fmt.Sprintf("%s: field %q is not allowed (additionalProperties: false)", at, k)
+				}
+				continue
+			}
+			if msg := fitSchema(doc, ps, fv, at+"."+k); msg != "" {
+				return msg
+			}
+		}
+	case []any:
+		if items, ok := schema["items"].(map[string]any); ok {
+			for i, e := range v {
+				if msg := fitSchema(doc, items, e, fmt.Sprintf("%s[%d]", at, i)); msg != "" {
+					return msg
+				}
+			}
+		}
+	}
+	return ""
+}
+
+func asSlice(v any) []any { s, _ := v.([]any); return s }
+
+// TestScheduleAnswersFitOpenAPI: what PUT and GET /v1/schedules answer
+// fits the schemas the OpenAPI document gives for their 200, as a client
+// or a validator generated from the document reads them.
+func TestScheduleAnswersFitOpenAPI(t *testing.T) {
+	var doc map[string]any
+	if err := json.Unmarshal(openAPI, &doc); err != nil {
+		t.Fatal(err)
+	}
+	schemaOf := func(path, method string) map[string]any {
+		op := doc["paths"].(map[string]any)[path].(map[string]any)[method].(map[string]any)
+		ok := op["responses"].(map[string]any)["200"].(map[string]any)
+		return ok["content"].(map[string]any)["application/json"].(map[string]any)["schema"].(map[string]any)
+	}
+	st := newAPIStack(t, "")
+	c := http.DefaultClient
+	for _, body := range []string{
+		`{"cron":"@daily","tz":"Europe/Paris","task":"t","job":{"command":"true","timeout_s":5,"queue":"q"}}`,
+		`{"cron":"0 3 * * *","tasks":"eval-*","terminate":true,"if_idle":true}`,
+	} {
+		var got map[string]any
+		if code := do(t, c, "PUT", st.url+"/v1/schedules/s", "", body, &got); code != http.StatusOK {
+			t.Fatalf("PUT %s: %d %v", body, code, got)
+		}
+		if msg := fitSchema(doc, schemaOf("/v1/schedules/{name}", "put"), got, "PUT answer"); msg != "" {
+			t.Errorf("PUT %s answers %v\n  which does not fit the document: %s", body, got, msg)
+		}
+		var list map[string]any
+		if code := do(t, c, "GET", st.url+"/v1/schedules", "", "", &list); code != http.StatusOK {
+			t.Fatalf("GET: %d %v", code, list)
+		}
+		if msg := fitSchema(doc, schemaOf("/v1/schedules", "get"), list, "GET answer"); msg != "" {
+			t.Errorf("GET answers %v\n  which does not fit the document: %s", list, msg)
+		}
+	}
+}
