@@ -387,24 +387,42 @@ func (s store) schedLastKey(name string) string { return s.prefix + "schedlast:"
 // SetSchedule adds or replaces a schedule. It takes effect within one reap
 // tick of the workers.
 func (p *Producer) SetSchedule(ctx context.Context, s Schedule) error {
+	_, err := p.setSchedule(ctx, s)
+	return err
+}
+
+// PutSchedule is SetSchedule answering the schedule as it stored it (its
+// UpdatedAt set), with its next tick and the last run recorded under its
+// name. It does not read the schedule back: another client may have
+// replaced or removed it already, and this call's answer is what this
+// call did.
+func (p *Producer) PutSchedule(ctx context.Context, s Schedule) (ScheduleStatus, error) {
+	s, err := p.setSchedule(ctx, s)
+	if err != nil {
+		return ScheduleStatus{}, err
+	}
+	return p.scheduleStatus(ctx, s)
+}
+
+func (p *Producer) setSchedule(ctx context.Context, s Schedule) (Schedule, error) {
 	if err := s.Validate(); err != nil {
-		return err
+		return s, err
 	}
 	// Redis's clock, not this machine's: ticks before it are not the
 	// schedule's, and the workers should agree on when that was.
 	now, err := p.rdb.Time(ctx).Result()
 	if err != nil {
-		return fmt.Errorf("jobs: store schedule %q: %w", s.Name, err)
+		return s, fmt.Errorf("jobs: store schedule %q: %w", s.Name, err)
 	}
 	s.UpdatedAt = now.UTC()
 	b, err := json.Marshal(s)
 	if err != nil {
-		return fmt.Errorf("jobs: encode schedule: %w", err)
+		return s, fmt.Errorf("jobs: encode schedule: %w", err)
 	}
 	if err := p.rdb.HSet(ctx, p.store.schedulesKey(), s.Name, b).Err(); err != nil {
-		return fmt.Errorf("jobs: store schedule %q: %w", s.Name, err)
+		return s, fmt.Errorf("jobs: store schedule %q: %w", s.Name, err)
 	}
-	return nil
+	return s, nil
 }
 
 // ErrNoSchedule is returned for a schedule name that is not set.

@@ -1,11 +1,17 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/boxq/boxq/jobs"
 )
 
 // fitSchema checks v (decoded JSON) against schema, in the parts of JSON
@@ -95,4 +101,69 @@ func TestScheduleAnswersFitOpenAPI(t *testing.T) {
 			t.Errorf("GET answers %v\n  which does not fit the document: %s", list, msg)
 		}
 	}
+}
+
+// afterHSet runs then once, right after the API's first HSET of the
+// schedules hash: another client's change lands between the PUT's store
+// and its answer.
+type afterHSet struct {
+	once *sync.Once
+	then func()
+}
+
+func (h afterHSet) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h afterHSet) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+func (h afterHSet) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		if args := cmd.Args(); cmd.Name() == "hset" && len(args) > 1 && strings.HasSuffix(fmt.Sprint(args[1]), "schedules") {
+			h.once.Do(h.then)
+		}
+		return err
+	}
+}
+
+// TestPutScheduleAnswersWhatItStored: PUT answers 200 with the schedule
+// it stored, even when another client removes or replaces it before the
+// answer is written (it used to read the schedule back: a 404 "no such
+// schedule" for a PUT that succeeded, or the other client's schedule).
+func TestPutScheduleAnswersWhatItStored(t *testing.T) {
+	for _, race := range []string{"DELETE", "PUT"} {
+		t.Run(race, func(t *testing.T) {
+			st := newAPIStack(t, "")
+			otherRDB := redis.NewClient(mustParseURL(t, st.redisURL))
+			t.Cleanup(func() { otherRDB.Close() })
+			other, err := jobs.NewProducer(otherRDB, jobs.ProducerConfig{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			st.rdb.AddHook(afterHSet{once: new(sync.Once), then: func() {
+				ctx := context.Background()
+				if race == "DELETE" {
+					err = other.Unschedule(ctx, "s")
+				} else {
+					err = other.SetSchedule(ctx, jobs.Schedule{Name: "s", Cron: "@hourly", Task: "other", Job: &jobs.Job{Command: "false"}})
+				}
+			}})
+			var got jobs.ScheduleStatus
+			code := do(t, http.DefaultClient, "PUT", st.url+"/v1/schedules/s", "", `{"cron":"@daily","task":"mine","job":{"command":"true"}}`, &got)
+			if err != nil {
+				t.Fatalf("the other client's %s: %v", race, err)
+			}
+			if code != http.StatusOK || got.Name != "s" || got.Cron != "@daily" || got.Task != "mine" || got.Job == nil || got.Job.Command != "true" || got.UpdatedAt.IsZero() {
+				t.Errorf("PUT with a %s in between: %d %+v; want 200 with the schedule this PUT stored", race, code, got)
+			}
+		})
+	}
+}
+
+func mustParseURL(t *testing.T, url string) *redis.Options {
+	t.Helper()
+	o, err := redis.ParseURL(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return o
 }
