@@ -523,6 +523,11 @@ func (p *Producer) scheduleStatus(ctx context.Context, d Schedule) (ScheduleStat
 		if err := json.Unmarshal(b, &run); err != nil {
 			return st, fmt.Errorf("jobs: the last run of %q: %w", d.Name, err)
 		}
+		if !run.Tick.After(d.UpdatedAt) {
+			// The run of the schedule this one replaced (under the same
+			// name): the workers fire only ticks after UpdatedAt.
+			return st, nil
+		}
 		st.Last = &run
 		if st.Results, err = p.runResults(ctx, run.Jobs); err != nil {
 			return st, err

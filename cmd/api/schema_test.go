@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 
@@ -166,4 +167,40 @@ func mustParseURL(t *testing.T, url string) *redis.Options {
 		t.Fatal(err)
 	}
 	return o
+}
+
+// TestReplacedScheduleHasNoLastRun: a schedule replaced by a PUT has no
+// last run until a tick of its own runs, as the document says ("the last
+// tick run since the schedule was set; absent before the first"): the
+// PUT's answer and the list used to show the replaced schedule's run, and
+// its results, as the new one's.
+func TestReplacedScheduleHasNoLastRun(t *testing.T) {
+	st := newAPIStack(t, "")
+	st.startWorkerEvery(t, 300*time.Millisecond)
+	c := http.DefaultClient
+	var got jobs.ScheduleStatus
+	if code := do(t, c, "PUT", st.url+"/v1/schedules/r", "", `{"cron":"@every 1s","task":"r","job":{"command":"true"}}`, &got); code != http.StatusOK {
+		t.Fatalf("PUT: %d %+v", code, got)
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		var list schedulesJSON
+		if code := do(t, c, "GET", st.url+"/v1/schedules", "", "", &list); code != http.StatusOK || len(list.Schedules) != 1 {
+			t.Fatalf("GET: %d %+v", code, list)
+		}
+		if list.Schedules[0].Last != nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no tick of @every 1s within 60s")
+		}
+		time.Sleep(50 * time.Millisecond) // observing another party: the worker's scheduler
+	}
+	if code := do(t, c, "PUT", st.url+"/v1/schedules/r", "", `{"cron":"@daily","task":"r","job":{"command":"false"}}`, &got); code != http.StatusOK || got.Last != nil || got.Results != nil {
+		t.Errorf("PUT replacing it: %d last %+v results %v; want 200 and no last run", code, got.Last, got.Results)
+	}
+	var list schedulesJSON
+	if code := do(t, c, "GET", st.url+"/v1/schedules", "", "", &list); code != http.StatusOK || len(list.Schedules) != 1 || list.Schedules[0].Last != nil {
+		t.Errorf("GET after the replace: %d %+v; want the schedule with no last run", code, list)
+	}
 }
