@@ -319,7 +319,12 @@ func TestScheduleTerminateTickOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	sch := jobs.NewScheduler(s.prod, sandboxpool.NewIndex(s.rdb, "boxq:"), time.Hour, time.Now, slog.New(slog.DiscardHandler))
-	tick := time.Now().Truncate(time.Hour)
+	// A tick of the schedule's own, after it was set (the workers fire no
+	// other; an earlier one would be the run of a schedule it replaced).
+	tick, err := d.Next(time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
 	jobs.FireSchedule(ctx, sch, d, tick)
 	// After the tick: the task's next jobs, the second waiting its turn.
 	var ids []string
