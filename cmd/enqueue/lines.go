@@ -70,8 +70,16 @@ func (r *lineReader) next(ctx context.Context) (lineRead, error) {
 	}
 }
 
+// closeWait bounds how long close waits for a woken read to end. A woken
+// read ends at once, but one case escapes the wake-up: another process
+// reading the same blocking pipe takes the data between poll and read,
+// and the read then waits for more. An interrupt must not wait for that
+// (main's signal.NotifyContext holds a second Ctrl-C until run returns).
+const closeWait = time.Second
+
 // close stops the reading goroutine and, when its read can be woken,
-// waits for it to end. It may be called more than once.
+// waits for it to end (at most closeWait). It may be called more than
+// once.
 func (r *lineReader) close() {
 	r.closed.Do(func() {
 		close(r.stop)
@@ -79,8 +87,13 @@ func (r *lineReader) close() {
 			return
 		}
 		r.unblock()
-		<-r.done
-		r.restore()
+		select {
+		case <-r.done:
+			r.restore()
+		case <-time.After(closeWait):
+			// Left to end with the process; what it holds is not
+			// released under it.
+		}
 	})
 }
 
