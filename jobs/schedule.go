@@ -180,7 +180,7 @@ func ParseSchedule(name string, b []byte) (Schedule, error) {
 		if msg, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
 			return bad("unknown field %s (the fields are %s)", shorten(msg, 60), scheduleFields)
 		}
-		return bad("%v", describeJSONError(err))
+		return bad("%v", bodyError(describeJSONError(err)))
 	}
 	if err := checkKeys(b, scheduleFieldNames); err != nil {
 		return bad("%v", err)
@@ -195,13 +195,19 @@ func ParseSchedule(name string, b []byte) (Schedule, error) {
 		}
 		var j Job
 		if err := decodeStrict(raw.Job, &j); err != nil {
-			return Schedule{}, fmt.Errorf("invalid job: %w", describeJSONError(err))
+			if msg, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
+				return Schedule{}, fmt.Errorf("invalid job: unknown field %s (a schedule's job takes %s)", shorten(msg, 60), scheduleJobFields)
+			}
+			return Schedule{}, fmt.Errorf("invalid job: %w", bodyError(describeJSONError(err)))
 		}
 		if err := checkKeys(raw.Job, jobFieldNames); err != nil {
 			return Schedule{}, fmt.Errorf("invalid job: %w", err)
 		}
 		if s.Task == "" && s.Tasks == "" {
 			s.Task = j.TaskID
+		}
+		if j.TaskID != "" && s.Tasks != "" {
+			return bad("the job's task_id %q: a schedule over a glob of tasks runs its job in each task matched; leave task_id out", shorten(j.TaskID, 100))
 		}
 		if j.TaskID != "" && j.TaskID != s.Task {
 			return bad("the job's task_id %q is not the schedule's task %q", shorten(j.TaskID, 100), shorten(s.Task, 100))
@@ -213,6 +219,19 @@ func ParseSchedule(name string, b []byte) (Schedule, error) {
 		return Schedule{}, err
 	}
 	return s, nil
+}
+
+// scheduleJobFields names the fields a schedule's job takes: a job's but
+// id and run_at (each tick's job gets its own).
+const scheduleJobFields = "task_id, command, cwd, timeout_s, stdin, image, cpu, memory_mib, disk_mib, persistent, queue"
+
+// bodyError words describeJSONError's errors, written for a line of a
+// batch, for a body.
+func bodyError(err error) error {
+	if msg, ok := strings.CutPrefix(err.Error(), "the line ends"); ok {
+		return errors.New("the body ends" + msg)
+	}
+	return err
 }
 
 // decodeStrict decodes one JSON value with no unknown field.
