@@ -155,7 +155,7 @@ var readmeBlocks = map[string]readmeBlock{
 			}
 		},
 	}},
-	"Scheduled jobs #2": {inRepo: true, checks: readmeScheduleChecks()},
+	"Scheduled jobs #2": {inRepo: true, setup: unscheduleAfter, checks: readmeScheduleChecks()},
 	"Fan-out #1": {inRepo: true, setup: fanOutTasks, checks: map[string]func(t *testing.T, r readmeRun, jobID *string){
 		`enqueue -tasks 'eval-42/*' -wait -- 'git -C ~/repo rev-parse --short HEAD'`: func(t *testing.T, r readmeRun, _ *string) {
 			// No repository in these sandboxes: git fails in each, and the
@@ -241,6 +241,22 @@ func readmeScheduleChecks() map[string]func(t *testing.T, r readmeRun, jobID *st
 		checks[c] = taken
 	}
 	return checks
+}
+
+// unscheduleAfter removes, at the end of the block, the schedules it left
+// set: their ticks (idle-cleanup at every :00 and :30, disk at every :00,
+// heartbeat's */5 until its -unschedule) would otherwise fire in the
+// worker during the blocks after, and terminate or add jobs to the
+// eval-42 sandboxes whose count Fan-out checks.
+func unscheduleAfter(t *testing.T, s *stack) {
+	t.Cleanup(func() {
+		// heartbeat too, in case the block stopped before its -unschedule.
+		for _, name := range []string{"cache-cleanup", "nightly-cleanup", "idle-cleanup", "heartbeat", "report", "disk"} {
+			if _, stderr, code := enqueue(t, s, "", "-unschedule", name); code != 0 && !strings.Contains(stderr, "no such schedule") {
+				t.Errorf("-unschedule %s after the block: exit %d\n%s", name, code, stderr)
+			}
+		}
+	})
 }
 
 // fanOutTasks gives sandboxes to the tasks the Fan-out block names:

@@ -180,7 +180,7 @@ func ParseSchedule(name string, b []byte) (Schedule, error) {
 		if msg, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
 			return bad("unknown field %s (the fields are %s)", shorten(msg, 60), scheduleFields)
 		}
-		return bad("%v", describeJSONError(err))
+		return bad("%v", bodyError(describeJSONError(err)))
 	}
 	if err := checkKeys(b, scheduleFieldNames); err != nil {
 		return bad("%v", err)
@@ -195,13 +195,19 @@ func ParseSchedule(name string, b []byte) (Schedule, error) {
 		}
 		var j Job
 		if err := decodeStrict(raw.Job, &j); err != nil {
-			return Schedule{}, fmt.Errorf("invalid job: %w", describeJSONError(err))
+			if msg, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
+				return Schedule{}, fmt.Errorf("invalid job: unknown field %s (a schedule's job takes %s)", shorten(msg, 60), scheduleJobFields)
+			}
+			return Schedule{}, fmt.Errorf("invalid job: %w", bodyError(describeJSONError(err)))
 		}
 		if err := checkKeys(raw.Job, jobFieldNames); err != nil {
 			return Schedule{}, fmt.Errorf("invalid job: %w", err)
 		}
 		if s.Task == "" && s.Tasks == "" {
 			s.Task = j.TaskID
+		}
+		if j.TaskID != "" && s.Tasks != "" {
+			return bad("the job's task_id %q: a schedule over a glob of tasks runs its job in each task matched; leave task_id out", shorten(j.TaskID, 100))
 		}
 		if j.TaskID != "" && j.TaskID != s.Task {
 			return bad("the job's task_id %q is not the schedule's task %q", shorten(j.TaskID, 100), shorten(s.Task, 100))
@@ -213,6 +219,19 @@ func ParseSchedule(name string, b []byte) (Schedule, error) {
 		return Schedule{}, err
 	}
 	return s, nil
+}
+
+// scheduleJobFields names the fields a schedule's job takes: a job's but
+// id and run_at (each tick's job gets its own).
+const scheduleJobFields = "task_id, command, cwd, timeout_s, stdin, image, cpu, memory_mib, disk_mib, persistent, queue"
+
+// bodyError words describeJSONError's errors, written for a line of a
+// batch, for a body.
+func bodyError(err error) error {
+	if msg, ok := strings.CutPrefix(err.Error(), "the line ends"); ok {
+		return errors.New("the body ends" + msg)
+	}
+	return err
 }
 
 // decodeStrict decodes one JSON value with no unknown field.
@@ -387,24 +406,42 @@ func (s store) schedLastKey(name string) string { return s.prefix + "schedlast:"
 // SetSchedule adds or replaces a schedule. It takes effect within one reap
 // tick of the workers.
 func (p *Producer) SetSchedule(ctx context.Context, s Schedule) error {
+	_, err := p.setSchedule(ctx, s)
+	return err
+}
+
+// PutSchedule is SetSchedule answering the schedule as it stored it (its
+// UpdatedAt set), with its next tick and the last run recorded under its
+// name. It does not read the schedule back: another client may have
+// replaced or removed it already, and this call's answer is what this
+// call did.
+func (p *Producer) PutSchedule(ctx context.Context, s Schedule) (ScheduleStatus, error) {
+	s, err := p.setSchedule(ctx, s)
+	if err != nil {
+		return ScheduleStatus{}, err
+	}
+	return p.scheduleStatus(ctx, s)
+}
+
+func (p *Producer) setSchedule(ctx context.Context, s Schedule) (Schedule, error) {
 	if err := s.Validate(); err != nil {
-		return err
+		return s, err
 	}
 	// Redis's clock, not this machine's: ticks before it are not the
 	// schedule's, and the workers should agree on when that was.
 	now, err := p.rdb.Time(ctx).Result()
 	if err != nil {
-		return fmt.Errorf("jobs: store schedule %q: %w", s.Name, err)
+		return s, fmt.Errorf("jobs: store schedule %q: %w", s.Name, err)
 	}
 	s.UpdatedAt = now.UTC()
 	b, err := json.Marshal(s)
 	if err != nil {
-		return fmt.Errorf("jobs: encode schedule: %w", err)
+		return s, fmt.Errorf("jobs: encode schedule: %w", err)
 	}
 	if err := p.rdb.HSet(ctx, p.store.schedulesKey(), s.Name, b).Err(); err != nil {
-		return fmt.Errorf("jobs: store schedule %q: %w", s.Name, err)
+		return s, fmt.Errorf("jobs: store schedule %q: %w", s.Name, err)
 	}
-	return nil
+	return s, nil
 }
 
 // ErrNoSchedule is returned for a schedule name that is not set.
@@ -504,6 +541,11 @@ func (p *Producer) scheduleStatus(ctx context.Context, d Schedule) (ScheduleStat
 		var run ScheduleRun
 		if err := json.Unmarshal(b, &run); err != nil {
 			return st, fmt.Errorf("jobs: the last run of %q: %w", d.Name, err)
+		}
+		if !run.Tick.After(d.UpdatedAt) {
+			// The run of the schedule this one replaced (under the same
+			// name): the workers fire only ticks after UpdatedAt.
+			return st, nil
 		}
 		st.Last = &run
 		if st.Results, err = p.runResults(ctx, run.Jobs); err != nil {

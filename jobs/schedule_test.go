@@ -323,7 +323,12 @@ func TestScheduleTerminateTickOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	sch := jobs.NewScheduler(s.prod, sandboxpool.NewIndex(s.rdb, "boxq:"), time.Hour, time.Now, slog.New(slog.DiscardHandler))
-	tick := time.Now().Truncate(time.Hour)
+	// A tick of the schedule's own, after it was set (the workers fire no
+	// other; an earlier one would be the run of a schedule it replaced).
+	tick, err := d.Next(time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
 	jobs.FireSchedule(ctx, sch, d, tick)
 	// After the tick: the task's next jobs, the second waiting its turn.
 	var ids []string
@@ -384,6 +389,10 @@ func TestParseSchedule(t *testing.T) {
 		{`{"name":"m","cron":"@daily","task":"t","job":{"command":"true"}}`, `the body names "m", the path "n"`},
 		{`{"cron":"@daily","task":"t","job":{"command":"true"}} {}`, "more than one JSON value"},
 		{"{\"cron\":\"@daily\xff\"}", "not valid UTF-8"},
+		{`{"cron":"@daily","task":"t","job":{"command":"true","tmeout_s":3}}`, `invalid job: unknown field "tmeout_s" (a schedule's job takes task_id, command, cwd, timeout_s,`},
+		{`{"cron":"@daily","tasks":"e*","job":{"task_id":"x","command":"true"}}`, `the job's task_id "x": a schedule over a glob of tasks runs its job in each task matched; leave task_id out`},
+		{`{"cron":"@daily","task":"t","job":{"command":"true"`, "the body ends inside a JSON value"},
+		{`{"cron":"@daily","task":"t"`, "invalid schedule: the body ends inside a JSON value"},
 	} {
 		if _, err := jobs.ParseSchedule("n", []byte(tt.body)); err == nil || !strings.Contains(err.Error(), tt.want) {
 			t.Errorf("ParseSchedule(%s) = %v; want an error with %q", tt.body, err, tt.want)

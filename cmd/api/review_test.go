@@ -89,9 +89,14 @@ func TestOpenAPISchemasMatchTypes(t *testing.T) {
 		"Enqueued":         reflect.TypeFor[enqueuedJSON](),
 		"Task":             reflect.TypeFor[taskJSON](),
 		"TerminateOutcome": reflect.TypeFor[jobs.TerminateOutcome](),
+		"Schedule":         reflect.TypeFor[jobs.Schedule](),
+		"ScheduleStatus":   reflect.TypeFor[jobs.ScheduleStatus](),
 	} {
 		var fields []string
-		for f := range typ.Fields() {
+		for _, f := range reflect.VisibleFields(typ) {
+			if f.Anonymous {
+				continue // its fields are listed with the others
+			}
 			tag, _, _ := strings.Cut(f.Tag.Get("json"), ",")
 			// A status with a result is answered as the result (200),
 			// never as a JobStatus.

@@ -433,14 +433,10 @@ func (s *server) putSchedule(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
 	}
-	if err := s.prod.SetSchedule(r.Context(), sc); err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	st, err := s.prod.Schedule(r.Context(), name)
+	// The answer is what this PUT stored, not a read-back: another
+	// client's PUT or DELETE in between is theirs to report.
+	st, err := s.prod.PutSchedule(r.Context(), sc)
 	if err != nil {
-		// Removed again in between by another client: its removal is the
-		// later word.
 		s.fail(w, r, err)
 		return
 	}

@@ -139,7 +139,7 @@ func TestBatchInterruptWhileReading(t *testing.T) {
 				if !wait && (!strings.Contains(err.Error(), "1 jobs were enqueued") || run.stdout.String() != id+"\n") {
 					t.Errorf("err %q, stdout %q: want the count of jobs enqueued, and its id on stdout", err, run.stdout.String())
 				}
-				// The pipe is usable after: its mode is back, and a read of
+				// The pipe is usable after: its mode unchanged, and a read of
 				// it is not stuck in a goroutine of enqueue's.
 				if _, err := fmt.Fprintln(w, "after"); err != nil {
 					t.Fatal(err)
