@@ -315,7 +315,9 @@ class Client:
 
     def schedule(self, name: str, cron: str, *, task: Optional[str] = None, tasks: Optional[str] = None,
                  command: Optional[str] = None, tz: Optional[str] = None, terminate: bool = False,
-                 cwd: Optional[str] = None, timeout: Optional[float] = None, if_idle: bool = False) -> Dict[str, Any]:
+                 cwd: Optional[str] = None, timeout: Optional[float] = None, if_idle: bool = False,
+                 stdin: Optional[str] = None, image: Optional[str] = None,
+                 job: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
         """Add or replace the recurring schedule ``name``, as ``enqueue
         -schedule`` does: each tick of ``cron`` (``"0 3 * * *"``,
         ``"@every 30s"``, read in ``tz``, default UTC) runs ``command`` in
@@ -323,7 +325,11 @@ class Client:
         with ``terminate`` it ends their sandboxes instead (``if_idle``: only
         the idle ones). Workers run it within one reap tick. Returns the
         schedule as stored, with its ``next`` tick. A bad spec or zone raises
-        :class:`BadRequest` with the CLI's words."""
+        :class:`BadRequest` with the CLI's words. ``job`` adds any other
+        field of the README's job JSON (``queue``, ``persistent``,
+        ``memory_mib``, …) to the command's job."""
+        if not name:
+            raise ValueError("a schedule needs a name")
         body: Dict[str, Any] = {"cron": cron}
         if tz:
             body["tz"] = tz
@@ -335,16 +341,20 @@ class Client:
             body["terminate"] = True
         if if_idle:
             body["if_idle"] = True
-        if command is not None or cwd or timeout is not None:
+        fields: Dict[str, Any] = dict(job or {})
+        if command is not None:
+            fields["command"] = command
+        if cwd:
+            fields["cwd"] = cwd
+        if timeout is not None:
+            fields["timeout_s"] = timeout
+        if stdin is not None:
+            fields["stdin"] = stdin
+        if image is not None:
+            fields["image"] = image
+        if fields:
             # The server says what is missing (a command, say).
-            job: Dict[str, Any] = {}
-            if command is not None:
-                job["command"] = command
-            if cwd:
-                job["cwd"] = cwd
-            if timeout is not None:
-                job["timeout_s"] = timeout
-            body["job"] = job
+            body["job"] = fields
         _, d = self._json("PUT", "/v1/schedules/" + urllib.parse.quote(name, safe=""), body=json.dumps(body).encode())
         return d
 

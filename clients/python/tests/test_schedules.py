@@ -68,3 +68,16 @@ def test_schedule_errors_carry_the_clis_words(client, api_url, name, task_id):
         Client(api_url, "wrong-token").schedules()
     with pytest.raises(Unauthorized):
         Client(api_url, "wrong-token").schedule(name, "@daily", task=task_id, command="true")
+
+
+def test_schedule_takes_the_whole_job(client, name, task_id):
+    s = client.schedule(name, "@daily", task=task_id, command="cat", stdin="in\n", image="python:3.11",
+                        job={"queue": "default", "persistent": False, "memory_mib": 256})
+    job = s["job"]
+    assert (job["command"], job["stdin"], job["image"]) == ("cat", "in\n", "python:3.11")
+    assert (job["queue"], job["persistent"], job["memory_mib"]) == ("default", False, 256)
+    with pytest.raises(BadRequest, match="unknown field"):
+        client.schedule(name, "@daily", task=task_id, command="true", job={"no_such_field": 1})
+    with pytest.raises(ValueError, match="needs a name"):
+        client.schedule("", "@daily", task=task_id, command="true")
+    client.unschedule(name)
