@@ -257,7 +257,9 @@ const (
 
 // newHostView works out the view, walking the bound trees for sockets. It
 // fails on a host with more sockets in them than maxViewSockets or
-// maxViewSocketBytes allow.
+// maxViewSocketBytes allow; the view it returns then masks none, for a
+// probe of bubblewrap only (chooseIsolation: auto without a working
+// bubblewrap still runs with none).
 func newHostView(log *slog.Logger, stateDir, sandboxesDir string) (hostView, error) {
 	var v hostView
 	var bound []string
@@ -311,7 +313,7 @@ func newHostView(log *slog.Logger, stateDir, sandboxesDir string) (hostView, err
 	start := time.Now()
 	sockets, st, err := findSockets(bound, covered, maxViewSockets, maxViewSocketBytes)
 	if err != nil {
-		return hostView{}, err
+		return v, err
 	}
 	v.sockets = sockets
 	log.Info("view: host sockets masked", "trees", strings.Join(bound, " "), "sockets", len(sockets),

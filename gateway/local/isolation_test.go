@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -599,15 +600,24 @@ func TestFindSocketsUnlisted(t *testing.T) {
 }
 
 // TestTooManySocketsRefusesAuto: a host whose view has more sockets than
-// can be masked does not start, in auto too: falling back to no isolation
-// would expose the whole host. (The view's trees are a temporary tree here:
-// sockets in the real /opt would stop every other test's gateway.)
+// can be masked does not start where bubblewrap works, in auto too: falling
+// back to no isolation would expose the host bubblewrap is there to hide.
+// Where bubblewrap does not work, auto still runs with none, as it would
+// with no socket at all. A refused New leaves the state dir unlocked. (The
+// farm is a temporary tree added to the view's: sockets in the real /opt
+// would stop every other test's gateway.)
 func TestTooManySocketsRefusesAuto(t *testing.T) {
+	// Before the farm joins the view: the probe is run once, for all tests.
+	bwrapErr := bwrapProbe()
 	root, err := os.MkdirTemp("", "boxq-farm-")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(root) })
+	// As root, bubblewrap runs as the sandbox user, who binds the farm.
+	if err := os.Chmod(root, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	for i := range maxViewSockets + 1 {
 		ln, err := net.Listen("unix", filepath.Join(root, fmt.Sprintf("s%d", i)))
 		if err != nil {
@@ -616,14 +626,41 @@ func TestTooManySocketsRefusesAuto(t *testing.T) {
 		t.Cleanup(func() { ln.Close() })
 	}
 	saved := hostRoots
-	hostRoots = []string{root}
+	hostRoots = append(slices.Clone(saved), root)
 	t.Cleanup(func() { hostRoots = saved })
-	s, err := New(Config{Token: "t", StateDir: newStateDir(t), Isolation: IsolationAuto})
-	if err == nil {
-		s.Close(context.Background())
-		t.Fatal("New(auto) with a view past its socket bound started")
+
+	for _, mode := range []Isolation{IsolationAuto, IsolationBwrap} {
+		t.Run(string(mode)+" refused where bubblewrap works", func(t *testing.T) {
+			if bwrapErr != nil {
+				requireBwrap(t) // skips, or fails in CI
+			}
+			dir := newStateDir(t)
+			s, err := New(Config{Token: "t", StateDir: dir, Isolation: mode})
+			if err == nil {
+				s.Close(context.Background())
+				t.Fatalf("New(%s) with a view past its socket bound started", mode)
+			}
+			if !strings.Contains(err.Error(), "too many to mask") {
+				t.Errorf("New(%s) = %v, want the view's refusal: too many to mask", mode, err)
+			}
+			// The refusal released the state dir's lock.
+			s, err = New(Config{Token: "t", StateDir: dir, Isolation: IsolationNone})
+			if err != nil {
+				t.Fatalf("New on the refused gateway's state dir: %v", err)
+			}
+			if err := s.Close(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+		})
 	}
-	if !strings.Contains(err.Error(), "too many to mask") {
-		t.Errorf("New(auto) = %v, want the view's refusal: too many to mask", err)
-	}
+	t.Run("auto without bubblewrap runs with none", func(t *testing.T) {
+		s, err := New(Config{Token: "t", StateDir: newStateDir(t), Isolation: IsolationAuto, BwrapPath: "/nonexistent/bwrap"})
+		if err != nil {
+			t.Fatalf("New(auto) without bubblewrap: %v, want isolation none", err)
+		}
+		defer s.Close(context.Background())
+		if got := s.Isolation(); got != IsolationNone {
+			t.Errorf("isolation %q, want none", got)
+		}
+	})
 }

@@ -394,14 +394,13 @@ func (s *Server) chooseIsolation(user *owner) (Isolation, hostView, error) {
 		s.log.Warn("isolation: none: commands run as plain processes with the gateway's rights")
 		return IsolationNone, hostView{}, nil
 	}
-	view, err := newHostView(s.log, s.stateDir, s.sandboxesDir)
-	if err != nil {
-		// Not a bubblewrap that does not work, which auto may run
-		// without: a host whose view cannot be made safe. Falling back to
-		// no isolation would expose it all.
-		return "", hostView{}, fmt.Errorf("local: isolation %s: %w", s.cfg.Isolation, err)
+	view, viewErr := newHostView(s.log, s.stateDir, s.sandboxesDir)
+	if viewErr != nil && s.cfg.Isolation == IsolationBwrap {
+		return "", hostView{}, fmt.Errorf("local: isolation bwrap: %w", viewErr)
 	}
-	err = probeBwrap(context.Background(), s.cfg.BwrapPath, s.sandboxesDir, user, view)
+	// Past the view's bounds, the probe runs over the view without its
+	// masks: it tells whether bubblewrap works here at all.
+	err := probeBwrap(context.Background(), s.cfg.BwrapPath, s.sandboxesDir, user, view)
 	if s.cfg.Isolation == IsolationBwrap {
 		if err != nil {
 			return "", hostView{}, fmt.Errorf("local: isolation bwrap: %w", err)
@@ -412,6 +411,13 @@ func (s *Server) chooseIsolation(user *owner) (Isolation, hostView, error) {
 	if err != nil {
 		s.log.Warn("isolation: none, because bubblewrap cannot be used here: commands run as plain processes with the gateway's rights", "error", err)
 		return IsolationNone, hostView{}, nil
+	}
+	if viewErr != nil {
+		// bubblewrap works, but over a view that cannot be made safe:
+		// auto does not fall back to none, which would expose the host
+		// the operator has bubblewrap to hide. Without bubblewrap there
+		// was nothing to fall back from.
+		return "", hostView{}, fmt.Errorf("local: isolation auto: bubblewrap works here, but %w", viewErr)
 	}
 	s.log.Info("isolation: bwrap (probe worked)", "sandbox_uid", user.uidOr(os.Getuid()))
 	return IsolationBwrap, view, nil
