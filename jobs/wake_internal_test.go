@@ -2,8 +2,12 @@ package jobs
 
 import (
 	"testing"
+	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/boxq/boxq/gateway"
+	"github.com/boxq/boxq/sandboxpool"
 )
 
 // TestOwnClientCopiesOnlyWhatItCan: plain and cluster clients are copied
@@ -35,5 +39,53 @@ func TestOwnClientCopiesOnlyWhatItCan(t *testing.T) {
 		if own != nil {
 			own.Close()
 		}
+	}
+}
+
+// TestWorkerPollsWithoutWakeups: a worker over a client ownClient does not
+// copy (a Ring here) has no waker and has asynq poll every 5 ms when
+// TaskCheckInterval is unset, every TaskCheckInterval when it is set; over
+// a plain client it waits for wake-ups (wakePause). NewWorker dials
+// nothing: the clients point nowhere.
+func TestWorkerPollsWithoutWakeups(t *testing.T) {
+	gw, err := gateway.New(gateway.Config{BaseURL: "http://127.0.0.1:1", Token: "t"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ring := redis.NewRing(&redis.RingOptions{Addrs: map[string]string{"a": "127.0.0.1:1"}})
+	defer ring.Close()
+	plain := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1"})
+	defer plain.Close()
+	for _, tt := range []struct {
+		name      string
+		rdb       redis.UniversalClient
+		set       time.Duration
+		want      time.Duration
+		wantWaker bool
+	}{
+		{"ring, interval unset", ring, 0, pollWithoutWakeups, false},
+		{"ring, interval set", ring, 300 * time.Millisecond, 300 * time.Millisecond, false},
+		{"plain, interval unset", plain, 0, wakePause, true},
+		{"plain, interval set", plain, 300 * time.Millisecond, wakePause, true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			pool, err := sandboxpool.New(tt.rdb, gw, sandboxpool.Config{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			w, err := NewWorker(WorkerConfig{Redis: tt.rdb, Gateway: gw, Pool: pool, TaskCheckInterval: tt.set})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if w.asynqRedis != nil {
+				defer w.asynqRedis.Close()
+			}
+			if got := w.waker != nil; got != tt.wantWaker {
+				t.Errorf("waker: %v, want %v", got, tt.wantWaker)
+			}
+			if w.pollEvery != tt.want {
+				t.Errorf("asynq's TaskCheckInterval %v, want %v", w.pollEvery, tt.want)
+			}
+		})
 	}
 }

@@ -193,7 +193,10 @@ type Worker struct {
 	// (wake.go); nil when the worker polls.
 	waker      *waker
 	asynqRedis redis.UniversalClient
-	handlers   sync.WaitGroup // handlers still running, aborted ones included
+	// pollEvery is asynq's TaskCheckInterval: wakePause with wake-ups,
+	// else how often the worker polls.
+	pollEvery time.Duration
+	handlers  sync.WaitGroup // handlers still running, aborted ones included
 }
 
 // NewWorker builds a Worker; Run starts it.
@@ -236,10 +239,11 @@ func NewWorker(cfg WorkerConfig) (*Worker, error) {
 		}
 		log.Info("no wake-ups with this kind of Redis client (a Sentinel failover client, a Ring, or not go-redis's): the worker polls for jobs", "poll_interval", checkEvery)
 	}
+	w.pollEvery = checkEvery
 	w.srv = asynq.NewServerFromRedisClient(asynqRedis, asynq.Config{
 		Concurrency:              cfg.Concurrency,
 		Queues:                   served,
-		TaskCheckInterval:        checkEvery,
+		TaskCheckInterval:        w.pollEvery,
 		DelayedTaskCheckInterval: cfg.DelayedTaskCheckInterval,
 		ShutdownTimeout:          cfg.ShutdownTimeout,
 		IsFailure:                isFailure,
