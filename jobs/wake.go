@@ -348,7 +348,12 @@ func ownClient(rdb redis.UniversalClient) (redis.UniversalClient, bool) {
 		if c.Options().Addr == "FailoverClient" {
 			return nil, false
 		}
-		return redis.NewClient(c.Options()), true
+		// A push processor of its own: the original's holds the
+		// original's MOVING handler, and go-redis refuses a second one
+		// (it panics where maintenance notifications are required).
+		opt := *c.Options()
+		opt.PushNotificationProcessor = nil
+		return redis.NewClient(&opt), true
 	case *redis.ClusterClient:
 		return redis.NewClusterClient(c.Options()), true
 	}

@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"github.com/redis/go-redis/v9/maintnotifications"
 
 	"github.com/boxq/boxq/gateway"
 	"github.com/boxq/boxq/sandboxpool"
@@ -88,4 +89,28 @@ func TestWorkerPollsWithoutWakeups(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestOwnClientWithMaintNotifications: a plain client with go-redis's
+// maintenance notifications required (ModeEnabled) is copied without a
+// panic. The copy used to share the original's push processor, on which
+// its own MOVING handler cannot be registered, and go-redis panics when
+// the notifications are required.
+func TestOwnClientWithMaintNotifications(t *testing.T) {
+	c := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1", Protocol: 3,
+		MaintNotificationsConfig: &maintnotifications.Config{Mode: maintnotifications.ModeEnabled}})
+	defer c.Close()
+	var own redis.UniversalClient
+	func() {
+		defer func() {
+			if r := recover(); r != nil {
+				t.Fatalf("ownClient panicked: %v", r)
+			}
+		}()
+		own, _ = ownClient(c)
+	}()
+	if own == nil {
+		t.Fatal("ownClient did not copy a plain client")
+	}
+	own.Close()
 }
