@@ -3,56 +3,13 @@ package jobs_test
 import (
 	"context"
 	"fmt"
-	"strconv"
-	"strings"
-	"sync/atomic"
 	"testing"
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/boxq/boxq/internal/redistest"
 	"github.com/boxq/boxq/jobs"
 )
-
-// sentCounter counts the commands a client sends (each of a pipeline's).
-type sentCounter struct{ n atomic.Int64 }
-
-func (c *sentCounter) DialHook(next redis.DialHook) redis.DialHook { return next }
-func (c *sentCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error {
-		c.n.Add(1)
-		return next(ctx, cmd)
-	}
-}
-func (c *sentCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return func(ctx context.Context, cmds []redis.Cmder) error {
-		c.n.Add(int64(len(cmds)))
-		return next(ctx, cmds)
-	}
-}
-
-// callsInRedis sums the calls of INFO commandstats: every command Redis
-// ran, those a script ran included.
-func callsInRedis(t *testing.T, rdb *redis.Client) int64 {
-	t.Helper()
-	info, err := rdb.Info(context.Background(), "commandstats").Result()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var n int64
-	for _, line := range strings.Split(info, "\n") {
-		_, rest, ok := strings.Cut(line, "calls=")
-		if !ok {
-			continue
-		}
-		calls, _, _ := strings.Cut(rest, ",")
-		c, err := strconv.ParseInt(calls, 10, 64)
-		if err != nil {
-			t.Fatalf("commandstats line %q: %v", line, err)
-		}
-		n += c
-	}
-	return n
-}
 
 // TestFanOutCostIn100kPool is the fan-out's whole Redis cost, as `enqueue
 // -tasks 'eval-42/*'` spends it (cmd/enqueue/fanout.go): find the 10
@@ -74,7 +31,7 @@ func TestFanOutCostIn100kPool(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	var sent sentCounter
+	var sent redistest.CommandCounter
 	counted := redis.NewClient(s.rdb.Options())
 	t.Cleanup(func() { counted.Close() })
 	if err := counted.Ping(ctx).Err(); err != nil { // the handshake is no fan-out's cost
@@ -88,7 +45,7 @@ func TestFanOutCostIn100kPool(t *testing.T) {
 	if err := s.rdb.ConfigResetStat(ctx).Err(); err != nil {
 		t.Fatal(err)
 	}
-	base := callsInRedis(t, s.rdb) // the INFO of this very read counts once
+	base := redistest.CallsInRedis(t, s.rdb) // the INFO of this very read counts once
 
 	tasks, err := prod.MatchTasks(ctx, "eval-42/*")
 	if err != nil {
@@ -97,15 +54,15 @@ func TestFanOutCostIn100kPool(t *testing.T) {
 	if len(tasks) != 10 {
 		t.Fatalf("MatchTasks found %d tasks, want 10: %q", len(tasks), tasks)
 	}
-	findSent := sent.n.Load()
-	findCalls := callsInRedis(t, s.rdb) - base - 1
+	findSent := sent.N()
+	findCalls := redistest.CallsInRedis(t, s.rdb) - base - 1
 	for _, task := range tasks {
 		if _, err := prod.Enqueue(ctx, jobs.Job{TaskID: task, Command: "true"}, ""); err != nil {
 			t.Fatal(err)
 		}
 	}
-	enqSent := sent.n.Load() - findSent
-	enqCalls := callsInRedis(t, s.rdb) - base - 2 - findCalls
+	enqSent := sent.N() - findSent
+	enqCalls := redistest.CallsInRedis(t, s.rdb) - base - 2 - findCalls
 	t.Logf("pool of 100,010 tasks, 10 matches: find %d sent / %d calls in Redis; enqueue of 10 jobs %d sent / %d calls",
 		findSent, findCalls, enqSent, enqCalls)
 	if findSent != 1 {

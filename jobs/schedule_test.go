@@ -9,8 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hibiken/asynq"
-
+	"github.com/boxq/boxq/internal/redistest"
 	"github.com/boxq/boxq/jobs"
 	"github.com/boxq/boxq/sandboxpool"
 )
@@ -251,23 +250,7 @@ func TestScheduleEachTickOnceAcrossWorkers(t *testing.T) {
 // default queue.
 func tickJobs(t *testing.T, s *stack, prefix string) []string {
 	t.Helper()
-	insp := asynq.NewInspectorFromRedisClient(s.rdb)
-	var ids []string
-	for _, list := range []func(string, ...asynq.ListOption) ([]*asynq.TaskInfo, error){
-		insp.ListPendingTasks, insp.ListActiveTasks, insp.ListScheduledTasks, insp.ListRetryTasks, insp.ListCompletedTasks, insp.ListArchivedTasks,
-	} {
-		infos, err := list(jobs.DefaultQueue, asynq.PageSize(1000))
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, info := range infos {
-			if strings.HasPrefix(info.ID, prefix) {
-				ids = append(ids, info.ID)
-			}
-		}
-	}
-	slices.Sort(ids)
-	return slices.Compact(ids)
+	return redistest.TaskIDs(t, s.rdb, jobs.DefaultQueue, prefix)
 }
 
 // TestScheduleChangedAndRemovedWhileWorkersRun: a changed schedule runs

@@ -4,10 +4,10 @@ import (
 	"context"
 	"fmt"
 	"slices"
-	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/boxq/boxq/internal/redistest"
 	"github.com/google/go-cmp/cmp"
 	"github.com/redis/go-redis/v9"
 )
@@ -57,24 +57,6 @@ func TestGlob(t *testing.T) {
 	}
 }
 
-// commandCounter counts the commands a client sends (a pipeline's or a
-// script's commands one each).
-type commandCounter struct{ n atomic.Int64 }
-
-func (c *commandCounter) DialHook(next redis.DialHook) redis.DialHook { return next }
-func (c *commandCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error {
-		c.n.Add(1)
-		return next(ctx, cmd)
-	}
-}
-func (c *commandCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return func(ctx context.Context, cmds []redis.Cmder) error {
-		c.n.Add(int64(len(cmds)))
-		return next(ctx, cmds)
-	}
-}
-
 // TestMatchCostFollowsThePrefix: the index holds exactly the tasks with a
 // record (created, terminated, reaped), and Match reads the prefix's
 // entries only: the same number of commands for 10 matches in a pool of
@@ -106,7 +88,7 @@ func TestMatchCostFollowsThePrefix(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var c commandCounter
+		var c redistest.CommandCounter
 		counted := redis.NewClient(rdb.Options())
 		defer counted.Close()
 		// Connected first: the handshake is not the fan-out's cost.
@@ -122,7 +104,7 @@ func TestMatchCostFollowsThePrefix(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		return got, c.n.Load()
+		return got, c.N()
 	}
 	got, small := cost("eval-42/*")
 	if diff := cmp.Diff(want, got); diff != "" {

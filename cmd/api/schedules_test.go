@@ -8,8 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hibiken/asynq"
-
+	"github.com/boxq/boxq/internal/redistest"
 	"github.com/boxq/boxq/jobs"
 )
 
@@ -162,25 +161,14 @@ func TestSchedulesRoutes(t *testing.T) {
 // whose ids start with prefix (sched:NAME:), in every asynq state.
 func tickTimes(t *testing.T, st *apiStack, prefix string) []int64 {
 	t.Helper()
-	insp := asynq.NewInspectorFromRedisClient(st.rdb)
 	var ticks []int64
-	for _, list := range []func(string, ...asynq.ListOption) ([]*asynq.TaskInfo, error){
-		insp.ListPendingTasks, insp.ListActiveTasks, insp.ListScheduledTasks, insp.ListRetryTasks, insp.ListCompletedTasks, insp.ListArchivedTasks,
-	} {
-		infos, err := list(jobs.DefaultQueue, asynq.PageSize(1000))
+	for _, id := range redistest.TaskIDs(t, st.rdb, jobs.DefaultQueue, prefix) {
+		n, err := strconv.ParseInt(strings.TrimPrefix(id, prefix), 10, 64)
 		if err != nil {
-			t.Fatal(err)
+			t.Fatalf("tick job id %q: %v", id, err)
 		}
-		for _, info := range infos {
-			if rest, ok := strings.CutPrefix(info.ID, prefix); ok {
-				n, err := strconv.ParseInt(rest, 10, 64)
-				if err != nil {
-					t.Fatalf("tick job id %q: %v", info.ID, err)
-				}
-				ticks = append(ticks, n)
-			}
-		}
+		ticks = append(ticks, n)
 	}
 	slices.Sort(ticks)
-	return slices.Compact(ticks)
+	return ticks
 }

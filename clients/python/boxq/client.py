@@ -196,7 +196,18 @@ class Client:
     @staticmethod
     def _job(task_id: str, command: str, cwd: Optional[str], timeout: Optional[float], stdin: Optional[str],
              image: Optional[str], extra: Mapping[str, Any]) -> Dict[str, Any]:
-        j: Dict[str, Any] = {"task_id": task_id, "command": command}
+        j: Dict[str, Any] = {"task_id": task_id}
+        j.update(Client._job_fields(command, cwd, timeout, stdin, image))
+        j.update(extra)
+        return j
+
+    @staticmethod
+    def _job_fields(command: Optional[str], cwd: Optional[str], timeout: Optional[float], stdin: Optional[str],
+                    image: Optional[str]) -> Dict[str, Any]:
+        """The job fields given: a command, and the optional ones set."""
+        j: Dict[str, Any] = {}
+        if command is not None:
+            j["command"] = command
         if cwd:
             j["cwd"] = cwd
         if timeout is not None:
@@ -205,7 +216,6 @@ class Client:
             j["stdin"] = stdin
         if image:
             j["image"] = image
-        j.update(extra)
         return j
 
     # -- jobs ------------------------------------------------------------
@@ -342,16 +352,7 @@ class Client:
         if if_idle:
             body["if_idle"] = True
         fields: Dict[str, Any] = dict(job or {})
-        if command is not None:
-            fields["command"] = command
-        if cwd:
-            fields["cwd"] = cwd
-        if timeout is not None:
-            fields["timeout_s"] = timeout
-        if stdin is not None:
-            fields["stdin"] = stdin
-        if image is not None:
-            fields["image"] = image
+        fields.update(self._job_fields(command, cwd, timeout, stdin, image))
         if fields:
             # The server says what is missing (a command, say).
             body["job"] = fields
