@@ -2,6 +2,7 @@ package jobs_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"testing"
 	"time"
@@ -243,4 +244,39 @@ func TestIdleWorkerWakesOnReap(t *testing.T) {
 		qi, err := insp.GetQueueInfo(jobs.MaintenanceQueue)
 		return err == nil && qi.ProcessedTotal >= 3
 	})
+}
+
+// TestJobWithoutWakeUpRunsAtNextPoll: a job that becomes runnable with no
+// wake-up (a plain asynq client's enqueue: the fault of a lost wake-up)
+// still runs, at the idle worker's next poll, 300 ms here: the safety net
+// that bounds what a lost wake-up costs.
+func TestJobWithoutWakeUpRunsAtNextPoll(t *testing.T) {
+	s := newStack(t, stackOptions{})
+	w, _ := s.idleWorker(t, 300*time.Millisecond)
+	// The one round the worker lets through once subscribed (wake.go's
+	// listen) is behind it: from here only a wake-up counts.
+	waitFor(t, 20*time.Second, "the worker's subscription", func() bool { return jobs.WokenRounds(w) > 0 })
+	task, err := jobs.NewExecTask(jobs.ExecPayload{Job: jobs.Job{TaskID: "no-wake", Command: "echo polled"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := "no-wake-" + randID()
+	plain := asynq.NewClientFromRedisClient(s.rdb)
+	if _, err := plain.Enqueue(task, asynq.TaskID(id), asynq.Queue(jobs.DefaultQueue), asynq.Retention(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	before := jobs.WokenRounds(w)
+	waitFor(t, 30*time.Second, "the job enqueued without a wake-up to end", func() bool {
+		return len(taskInfo(t, s.rdb, id).Result) > 0
+	})
+	var r jobs.Result
+	if err := json.Unmarshal(taskInfo(t, s.rdb, id).Result, &r); err != nil {
+		t.Fatal(err)
+	}
+	if r.Status != jobs.StatusCompleted || r.Output != "polled\n" {
+		t.Errorf("result %+v", r)
+	}
+	if n := jobs.WokenRounds(w) - before; n != 0 {
+		t.Errorf("%d rounds let through by a wake-up: the job had none, so the poll took it", n)
+	}
 }
