@@ -67,7 +67,8 @@ func (p *Producer) enqueueDelayed(ctx context.Context, j Job, e Enqueued, notify
 	if err != nil {
 		return Enqueued{}, err
 	}
-	_, err = p.client.EnqueueContext(ctx, task, asynq.TaskID(j.ID), asynq.Queue(e.Queue),
+	// Scheduled, so no wake-up now: asynq's forwarder's comes when it is due.
+	_, err = enqueueAndWake(ctx, p.client, p.rdb, p.cfg.Prefix, task, asynq.TaskID(j.ID), asynq.Queue(e.Queue),
 		asynq.MaxRetry(p.cfg.MaxRetry), asynq.Retention(p.cfg.Retention),
 		asynq.Timeout(j.Timeout()+2*time.Minute), asynq.ProcessAt(dueSecond(*j.RunAt)))
 	if errors.Is(err, asynq.ErrTaskIDConflict) {

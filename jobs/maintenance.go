@@ -165,7 +165,8 @@ func (r *Reaper) Run(ctx context.Context) error {
 func (r *Reaper) enqueue(ctx context.Context) error {
 	tick := r.now().Truncate(r.every)
 	id := "boxq-reap-" + strconv.FormatInt(tick.Unix(), 10)
-	_, err := r.client.EnqueueContext(ctx, NewReapTask(),
+	// Woken at once: a reap held back lets sandboxes outlive their idle TTL.
+	_, err := enqueueAndWake(ctx, r.client, r.rdb, r.prefix, NewReapTask(),
 		asynq.TaskID(id), asynq.Queue(r.queue), asynq.MaxRetry(0),
 		// Keep the finished task (and so its id) past the tick, so a
 		// worker that ticks late cannot enqueue the same tick again.
@@ -173,11 +174,5 @@ func (r *Reaper) enqueue(ctx context.Context) error {
 	if errors.Is(err, asynq.ErrTaskIDConflict) {
 		return nil
 	}
-	if err != nil {
-		return err
-	}
-	// Idle workers take it now, not at their next poll: a reap held back
-	// lets sandboxes outlive their idle TTL.
-	wake(ctx, r.rdb, r.prefix, r.queue)
-	return nil
+	return err
 }

@@ -138,7 +138,8 @@ func (p *Producer) Enqueue(ctx context.Context, j Job, notify string) (Enqueued,
 	if place == joinWait {
 		opts = append(opts, asynq.ProcessAt(parkedAt))
 	}
-	_, err = p.client.EnqueueContext(ctx, task, opts...)
+	// A runnable (not parked) job wakes an idle worker of its queue.
+	_, err = enqueueAndWake(ctx, p.client, p.rdb, p.cfg.Prefix, task, opts...)
 	if errors.Is(err, asynq.ErrTaskIDConflict) {
 		// Enqueued meanwhile by another producer of the same id.
 		e.Existed = true
@@ -150,10 +151,6 @@ func (p *Producer) Enqueue(ctx context.Context, j Job, notify string) (Enqueued,
 		return Enqueued{}, fmt.Errorf("jobs: enqueue %s: %w", j.ID, err)
 	}
 	p.knowQueue(e.Queue)
-	if place != joinWait {
-		// Runnable: an idle worker of the queue takes it now (wake.go).
-		wake(ctx, p.rdb, p.cfg.Prefix, e.Queue)
-	}
 	if p.faults.beforeConfirm != nil {
 		p.faults.beforeConfirm()
 	}
@@ -270,11 +267,10 @@ func (p *Producer) terminate(ctx context.Context, taskID string, ifIdle bool, op
 			}
 		}
 	}
-	info, err := p.client.EnqueueContext(ctx, t, append([]asynq.Option{asynq.Queue(MaintenanceQueue), asynq.MaxRetry(p.cfg.MaxRetry), asynq.Retention(p.cfg.Retention)}, opts...)...)
+	info, err := enqueueAndWake(ctx, p.client, p.rdb, p.cfg.Prefix, t, append([]asynq.Option{asynq.Queue(MaintenanceQueue), asynq.MaxRetry(p.cfg.MaxRetry), asynq.Retention(p.cfg.Retention)}, opts...)...)
 	if err != nil {
 		return "", fmt.Errorf("jobs: enqueue terminate of %q: %w", taskID, err)
 	}
-	wake(ctx, p.rdb, p.cfg.Prefix, MaintenanceQueue)
 	return info.ID, nil
 }
 

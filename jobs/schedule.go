@@ -509,23 +509,6 @@ func (p *Producer) Schedules(ctx context.Context) ([]ScheduleStatus, error) {
 	return out, nil
 }
 
-// Schedule returns one schedule with its next tick and its last run's
-// results; ErrNoSchedule when name is not set.
-func (p *Producer) Schedule(ctx context.Context, name string) (ScheduleStatus, error) {
-	v, err := p.rdb.HGet(ctx, p.store.schedulesKey(), name).Bytes()
-	if errors.Is(err, redis.Nil) {
-		return ScheduleStatus{}, fmt.Errorf("%w: %q", ErrNoSchedule, name)
-	}
-	if err != nil {
-		return ScheduleStatus{}, fmt.Errorf("jobs: read schedule %q: %w", name, err)
-	}
-	var d Schedule
-	if err := json.Unmarshal(v, &d); err != nil {
-		return ScheduleStatus{}, fmt.Errorf("jobs: schedule %q: %w", name, err)
-	}
-	return p.scheduleStatus(ctx, d)
-}
-
 // scheduleStatus adds to d its next tick and its last run.
 func (p *Producer) scheduleStatus(ctx context.Context, d Schedule) (ScheduleStatus, error) {
 	st := ScheduleStatus{Schedule: d}

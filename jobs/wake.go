@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/hibiken/asynq"
 	"github.com/redis/go-redis/v9"
 )
 
@@ -81,6 +82,17 @@ func wake(ctx context.Context, rdb redis.UniversalClient, prefix, queue string) 
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
 	_ = rdb.Publish(ctx, wakeChannel(prefix, queue), "").Err()
+}
+
+// enqueueAndWake enqueues task through c and, when asynq made it runnable
+// at once (pending, not scheduled or parked), wakes its queue's idle
+// workers: every enqueue of boxq's goes through it.
+func enqueueAndWake(ctx context.Context, c *asynq.Client, rdb redis.UniversalClient, prefix string, task *asynq.Task, opts ...asynq.Option) (*asynq.TaskInfo, error) {
+	info, err := c.EnqueueContext(ctx, task, opts...)
+	if err == nil && info.State == asynq.TaskStatePending {
+		wake(ctx, rdb, prefix, info.Queue)
+	}
+	return info, err
 }
 
 // waker is the hook on asynq's own Redis client; see above.

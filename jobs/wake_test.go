@@ -146,7 +146,7 @@ func TestWakeUpFloodIsBounded(t *testing.T) {
 		}
 		sent++
 	}
-	time.Sleep(50 * time.Millisecond) // the last wake-up's round
+	waitFor(t, 5*time.Second, "a round let through by a wake-up", func() bool { return jobs.WokenRounds(w) > before })
 	n := jobs.WokenRounds(w) - before
 	took := time.Since(start)
 	most := int64(took/(5*time.Millisecond)) + 2

@@ -223,7 +223,8 @@ func NewWorker(cfg WorkerConfig) (*Worker, error) {
 	capLog := &everyLog{every: cfg.CapacityLogEvery}
 	// asynq gets a client of its own, whose hook makes an idle worker wait
 	// for a wake-up instead of polling (wake.go).
-	asynqRedis, checkEvery := cfg.Redis, cfg.TaskCheckInterval
+	asynqRedis := cfg.Redis
+	w.pollEvery = cfg.TaskCheckInterval
 	if own, ok := ownClient(cfg.Redis); ok {
 		servedNames := make([]string, 0, len(served))
 		for q := range served {
@@ -232,14 +233,13 @@ func NewWorker(cfg WorkerConfig) (*Worker, error) {
 		w.waker = newWaker(own, cfg.Prefix, servedNames, cfg.TaskCheckInterval, w.stopping)
 		own.AddHook(w.waker)
 		w.asynqRedis = own
-		asynqRedis, checkEvery = own, wakePause
+		asynqRedis, w.pollEvery = own, wakePause
 	} else {
 		if !pollSet {
-			checkEvery = pollWithoutWakeups
+			w.pollEvery = pollWithoutWakeups
 		}
-		log.Info("no wake-ups with this kind of Redis client (a Sentinel failover client, a Ring, or not go-redis's): the worker polls for jobs", "poll_interval", checkEvery)
+		log.Info("no wake-ups with this kind of Redis client (a Sentinel failover client, a Ring, or not go-redis's): the worker polls for jobs", "poll_interval", w.pollEvery)
 	}
-	w.pollEvery = checkEvery
 	w.srv = asynq.NewServerFromRedisClient(asynqRedis, asynq.Config{
 		Concurrency:              cfg.Concurrency,
 		Queues:                   served,

@@ -1,7 +1,6 @@
 package limits
 
 import (
-	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
@@ -190,26 +189,4 @@ func removeStaleFavor(log *slog.Logger) {
 		}
 		_ = os.Remove(d)
 	}
-}
-
-// mountedAt reports whether something is mounted at dir, from mountInfo
-// (/proc/self/mountinfo's format).
-func mountedAt(mountInfo, dir string) (bool, error) {
-	f, err := os.Open(mountInfo)
-	if err != nil {
-		return false, err
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64*1024), 1024*1024)
-	for sc.Scan() {
-		// id parent major:minor root mountpoint ...
-		if fields := strings.Fields(sc.Text()); len(fields) > 4 && unescapeMount(fields[4]) == dir {
-			return true, nil
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return false, fmt.Errorf("read %s: %w", mountInfo, err)
-	}
-	return false, nil
 }

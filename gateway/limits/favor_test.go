@@ -1,12 +1,15 @@
 package limits
 
 import (
+	"bufio"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -219,4 +222,26 @@ func TestFavorStalePidReused(t *testing.T) {
 			}
 		})
 	}
+}
+
+// mountedAt reports whether something is mounted at dir, from mountInfo
+// (/proc/self/mountinfo's format).
+func mountedAt(mountInfo, dir string) (bool, error) {
+	f, err := os.Open(mountInfo)
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64*1024), 1024*1024)
+	for sc.Scan() {
+		// id parent major:minor root mountpoint ...
+		if fields := strings.Fields(sc.Text()); len(fields) > 4 && unescapeMount(fields[4]) == dir {
+			return true, nil
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return false, fmt.Errorf("read %s: %w", mountInfo, err)
+	}
+	return false, nil
 }

@@ -89,6 +89,10 @@ const (
 
 var controllers = []string{"memory", "cpu", "pids"}
 
+// SandboxPath is the PATH a sandbox's commands, and the shim's probe, run
+// with.
+const SandboxPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
 // Controller makes per-sandbox cgroups.
 type Controller struct {
 	cfg   Config
@@ -598,7 +602,7 @@ func (c *Controller) ProbeShim(cred *syscall.Credential) error {
 
 func (c *Controller) runProbe(cred *syscall.Credential) error {
 	cmd := exec.Command("true")
-	cmd.Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+	cmd.Env = []string{"PATH=" + SandboxPath}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
 	// A group in no cgroup: the shim joins nothing and execs true.
 	(&Group{c: c, fd: -1}).Wrap(cmd)

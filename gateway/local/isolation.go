@@ -21,7 +21,7 @@ import (
 
 // sandboxPath is the PATH every command gets: the host's usual one, not
 // the gateway's.
-const sandboxPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+const sandboxPath = limits.SandboxPath
 
 // Inside a sandbox under bubblewrap, its home and its temporary directory
 // are at these paths. Without isolation the same paths, given as a cwd,

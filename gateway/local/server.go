@@ -45,6 +45,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -394,6 +395,15 @@ func (s *Server) chooseIsolation(user *owner) (Isolation, hostView, error) {
 		s.log.Warn("isolation: none: commands run as plain processes with the gateway's rights")
 		return IsolationNone, hostView{}, nil
 	}
+	autoNone := func(err error) (Isolation, hostView, error) {
+		s.log.Warn("isolation: none, because bubblewrap cannot be used here: commands run as plain processes with the gateway's rights", "error", err)
+		return IsolationNone, hostView{}, nil
+	}
+	if _, err := exec.LookPath(s.cfg.BwrapPath); err != nil && s.cfg.Isolation == IsolationAuto {
+		// No bubblewrap to use: no view to work out (its walk of the
+		// host's trees is the slow part of a start).
+		return autoNone(fmt.Errorf("bubblewrap not found: %w", err))
+	}
 	view, viewErr := newHostView(s.log, s.stateDir, s.sandboxesDir)
 	if viewErr != nil && s.cfg.Isolation == IsolationBwrap {
 		return "", hostView{}, fmt.Errorf("local: isolation bwrap: %w", viewErr)
@@ -409,8 +419,7 @@ func (s *Server) chooseIsolation(user *owner) (Isolation, hostView, error) {
 		return IsolationBwrap, view, nil
 	}
 	if err != nil {
-		s.log.Warn("isolation: none, because bubblewrap cannot be used here: commands run as plain processes with the gateway's rights", "error", err)
-		return IsolationNone, hostView{}, nil
+		return autoNone(err)
 	}
 	if viewErr != nil {
 		// bubblewrap works, but over a view that cannot be made safe:
